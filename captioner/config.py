@@ -1,0 +1,347 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable with ``key=value``.
+
+Every tunable constant of the project lives here. A config file may set any subset
+of keys; unknown keys and values of the wrong type are rejected with the key's full
+dotted name, e.g. ``model.units``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a wrong value."""
+
+
+@dataclass
+class ShapesConfig:
+    """Parameters of the synthetic shapes dataset (``data.format: shapes``).
+
+    Example:
+        >>> ShapesConfig(n_images=200).image_size
+        112
+    """
+
+    n_images: int = 6000
+    image_size: int = 112
+    min_objects: int = 1
+    max_objects: int = 3
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    """Where the image-text pairs come from.
+
+    ``format``: ``csv`` (a manifest with an image column and a text column, and an
+    optional split column) or ``shapes`` (generated into ``path`` when missing).
+
+    Example:
+        >>> DataConfig(format="csv", path="pairs.csv").text_column
+        'caption'
+    """
+
+    format: str = "csv"
+    path: str = ""
+    images_dir: str | None = None
+    image_column: str = "image"
+    text_column: str = "caption"
+    split_column: str | None = "split"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    max_length: int = 40
+    limit: int | None = None
+    load_workers: int = 4
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to fit on the training texts (``word``, ``smiles``, ``char``).
+
+    Example:
+        >>> TokenizerConfig(kind="smiles").kind
+        'smiles'
+    """
+
+    kind: str = "word"
+    lower: bool = True
+    strip_punctuation: bool = True
+    max_vocab: int | None = None
+    min_count: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, encoder and attention decoder sizes.
+
+    ``cnn_filters`` sets the from-scratch ``small_cnn``: one stride-2 stage per entry,
+    so the grid side is ``image_size / 2**len(cnn_filters)`` (224 and 5 stages: 7x7).
+
+    Example:
+        >>> ModelConfig(image_size=112, cnn_filters=[32, 64, 96, 128]).attention
+        'additive'
+    """
+
+    backbone: str = "small_cnn"
+    image_size: int = 224
+    weights: str | None = None
+    cnn_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 256])
+    cnn_kernels: list[int] = field(default_factory=lambda: [3, 3])
+    embedding_dim: int = 256
+    units: int = 512
+    attention: str = "additive"
+    attention_units: int = 512
+    dropout: float = 0.3
+    init_state: str = "mean"
+    positional: bool = True
+
+
+@dataclass
+class ScheduledSamplingConfig:
+    """Probability of feeding the model's own previous prediction during training.
+
+    The probability moves from ``start`` to ``end`` between ``from_epoch`` and
+    ``to_epoch`` (``linear``) or along Bengio et al.'s ``inverse_sigmoid`` curve.
+
+    Example:
+        >>> ScheduledSamplingConfig(enabled=True, end=0.25).schedule
+        'linear'
+    """
+
+    enabled: bool = False
+    schedule: str = "linear"
+    start: float = 0.0
+    end: float = 0.25
+    from_epoch: int = 1
+    to_epoch: int = 10
+    greedy: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpoints and validation.
+
+    Example:
+        >>> TrainConfig(epochs=3).batch_size
+        64
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_learning_rate: float = 1e-5
+    decay_rate: float = 0.5
+    clip_norm: float = 5.0
+    attention_reg: float = 1.0
+    scheduled_sampling: ScheduledSamplingConfig = field(
+        default_factory=ScheduledSamplingConfig
+    )
+    val_metric: str = "auto"
+    val_limit: int | None = 500
+    keep_checkpoints: int = 3
+    checkpoint_every: int | None = None
+    precision: str = "float32"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding defaults for ``caption`` and validation.
+
+    Example:
+        >>> DecodeConfig().max_length
+        40
+    """
+
+    max_length: int = 40
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run.
+
+    Example:
+        >>> cfg = apply_overrides(Config(), ["model.units=128", "train.epochs=2"])
+        >>> (cfg.model.units, cfg.train.epochs)
+        (128, 2)
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (valid keys under "
+            f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from nested dicts (missing keys: defaults)."""
+    cfg = _from_dict(Config, values or {})
+    validate(cfg)
+    return cfg
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _override_dict(assignment: str) -> dict[str, Any]:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Return a copy of ``cfg`` with ``key=value`` overrides (values parsed as YAML)."""
+    values = cfg.to_dict()
+    for assignment in overrides or []:
+        values = _merge(values, _override_dict(assignment))
+    return config_from_dict(values)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML (or JSON) config file, apply overrides and validate.
+
+    Relative ``data.path`` / ``data.images_dir`` stay as written: they are resolved
+    against the working directory when the data is read.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    return apply_overrides(cfg, overrides)
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type annotation cannot express."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    _require(d.format in ("csv", "shapes"), "data.format", "must be 'csv' or 'shapes'")
+    _require(cfg.tokenizer.kind in ("word", "smiles", "char"), "tokenizer.kind",
+             "must be word, smiles or char")
+    _require(m.backbone in ("small_cnn",), "model.backbone", "must be 'small_cnn'")
+    _require(m.attention in ("additive", "dot", "general"), "model.attention",
+             "must be additive, dot or general")
+    _require(m.attention != "dot" or m.embedding_dim == m.units, "model.attention",
+             "'dot' scores need model.embedding_dim == model.units")
+    _require(m.init_state in ("mean", "zeros"), "model.init_state", "must be mean or zeros")
+    _require(len(m.cnn_kernels) in (1, 2) and min(m.cnn_kernels) >= 1, "model.cnn_kernels",
+             "one or two kernel sizes (>= 1): the stride-2 conv and the optional second conv")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    side = m.image_size / 2 ** len(m.cnn_filters)
+    _require(side >= 1 and side == int(side), "model.image_size",
+             f"must be divisible by 2**len(model.cnn_filters) = {2 ** len(m.cnn_filters)}")
+    _require(t.lr_schedule in ("constant", "cosine", "exponential"), "train.lr_schedule",
+             "must be constant, cosine or exponential")
+    _require(t.val_metric in ("auto", "exact_match", "bleu4"), "train.val_metric",
+             "must be auto, exact_match or bleu4")
+    _require(t.precision in ("float32", "mixed_bfloat16", "mixed_float16"), "train.precision",
+             "must be float32, mixed_bfloat16 or mixed_float16")
+    _require(t.scheduled_sampling.schedule in ("linear", "inverse_sigmoid"),
+             "train.scheduled_sampling.schedule", "must be linear or inverse_sigmoid")
+    _require(d.max_length >= 3, "data.max_length", "must be at least 3")
+    _require(t.batch_size >= 1, "train.batch_size", "must be positive")

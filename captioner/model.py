@@ -1,0 +1,405 @@
+"""The Show, Attend and Tell model: CNN backbone, dense encoder, GRU + attention decoder.
+
+Shapes used in comments: B images, S image side, G grid cells, C backbone channels,
+E embedding_dim, U GRU units, A attention units, T time steps, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from captioner.config import ModelConfig
+
+
+def _cast(x: Any, dtype: str) -> tf.Tensor:
+    return tf.cast(x, dtype)
+
+
+class SmallCNN(keras.layers.Layer):
+    """A small CNN trained from scratch: one stride-2 stage per entry of ``filters``.
+
+    Each stage is convKxK/2 -> BN -> ReLU -> convKxK -> BN -> ReLU with the kernel sizes
+    of ``kernels`` (default 3 and 3), so a 224x224 image and five stages give a 7x7 grid.
+    Small kernels (e.g. ``[2, 1]``: non-overlapping patches) keep each grid cell's
+    receptive field on its own patch, which makes attention maps easy to read.
+
+    Example:
+        >>> cnn = SmallCNN(filters=[8, 16])
+        >>> cnn(tf.zeros((2, 32, 32, 3))).shape
+        TensorShape([2, 8, 8, 16])
+    """
+
+    def __init__(self, filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
+                 kernels: list[int] | tuple[int, ...] = (3, 3), **kwargs):
+        super().__init__(**kwargs)
+        self.filters = list(filters)
+        self.kernels = list(kernels)
+        layers: list[keras.layers.Layer] = []
+        for i, f in enumerate(self.filters):
+            for j, (kernel, stride) in enumerate(zip(self.kernels, (2, 1))):
+                layers += [
+                    keras.layers.Conv2D(f, kernel, strides=stride, padding="same", use_bias=False,
+                                        name=f"conv{i}_{j}", dtype=self.dtype_policy),
+                    keras.layers.BatchNormalization(name=f"bn{i}_{j}", dtype=self.dtype_policy),
+                    keras.layers.ReLU(dtype=self.dtype_policy),
+                ]
+        self.net = keras.Sequential(layers, name="stages")
+
+    def grid_hw(self, image_size: int) -> tuple[int, int]:
+        side = image_size // 2 ** len(self.filters)
+        return side, side
+
+    @staticmethod
+    def preprocess(images: tf.Tensor) -> tf.Tensor:
+        """uint8 or float pixels in [0, 255] -> floats in [-1, 1]."""
+        return tf.cast(images, "float32") / 127.5 - 1.0  # (B, S, S, 3)
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.net(images, training=training)  # (B, gh, gw, C)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "filters": self.filters, "kernels": self.kernels}
+
+
+class FeatureEncoder(keras.layers.Layer):
+    """Projects every grid cell: dropout -> Dense(E) (+ learned cell position) -> ReLU.
+
+    Example:
+        >>> enc = FeatureEncoder(embedding_dim=16, grid_size=49)
+        >>> enc(tf.zeros((2, 49, 32))).shape
+        TensorShape([2, 49, 16])
+    """
+
+    def __init__(self, embedding_dim: int = 256, grid_size: int = 49, dropout: float = 0.0,
+                 positional: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding_dim = embedding_dim
+        self.grid_size = grid_size
+        self.dropout_rate = dropout
+        self.positional = positional
+        self.dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self.dense = keras.layers.Dense(embedding_dim, name="proj", dtype=self.dtype_policy)
+
+    def build(self, input_shape: Any) -> None:
+        self.dense.build(input_shape)
+        self.position = self.add_weight(
+            name="position", shape=(self.grid_size, self.embedding_dim),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        ) if self.positional else None
+
+    def call(self, grid: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.dense(self.dropout(grid, training=training))  # (B, G, E)
+        if self.position is not None:
+            x = x + _cast(self.position, x.dtype)[None]
+        return tf.nn.relu(x)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "embedding_dim": self.embedding_dim,
+                "grid_size": self.grid_size, "dropout": self.dropout_rate,
+                "positional": self.positional}
+
+
+class GridAttention(keras.layers.Layer):
+    """Attention over grid cells with ``additive`` (Bahdanau), ``dot`` or ``general`` scores.
+
+    ``keys(features)`` depends only on the image, so callers compute it once per image
+    and reuse it at every step; ``weights(keys, hidden)`` is the per-step part.
+
+    Example:
+        >>> att = GridAttention("additive", units=8)
+        >>> feats, h = tf.ones((2, 49, 16)), tf.ones((2, 12))
+        >>> att.build(feats.shape, h.shape)
+        >>> att.weights_for(att.keys(feats), h).shape
+        TensorShape([2, 49])
+    """
+
+    def __init__(self, kind: str = "additive", units: int = 512, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in ("additive", "dot", "general"):
+            raise ValueError(f"attention kind must be additive, dot or general, got {kind!r}")
+        self.kind = kind
+        self.units = units
+
+    def build(self, features_shape: Any, hidden_shape: Any = None) -> None:
+        feat_dim = int(features_shape[-1])
+        hidden_dim = int(hidden_shape[-1]) if hidden_shape is not None else feat_dim
+        if self.kind == "additive":
+            self.w1 = keras.layers.Dense(self.units, name="W1", dtype=self.dtype_policy)
+            self.w2 = keras.layers.Dense(self.units, use_bias=False, name="W2",
+                                         dtype=self.dtype_policy)
+            self.v = keras.layers.Dense(1, name="V", dtype=self.dtype_policy)
+            self.w1.build((None, feat_dim))
+            self.w2.build((None, hidden_dim))
+            self.v.build((None, self.units))
+        elif self.kind == "general":
+            self.wg = keras.layers.Dense(hidden_dim, use_bias=False, name="W",
+                                         dtype=self.dtype_policy)
+            self.wg.build((None, feat_dim))
+        elif feat_dim != hidden_dim:
+            raise ValueError(f"dot attention needs feature dim ({feat_dim}) == hidden ({hidden_dim})")
+        self.built = True
+
+    def keys(self, features: tf.Tensor) -> tf.Tensor:
+        """Per-image part of the score, computed once: (B, G, E) -> (B, G, A|U)."""
+        if self.kind == "additive":
+            return self.w1(features)  # (B, G, A)
+        if self.kind == "general":
+            return self.wg(features)  # (B, G, U)
+        return features  # (B, G, U)
+
+    def weights_for(self, keys: tf.Tensor, hidden: tf.Tensor) -> tf.Tensor:
+        """Softmax attention over cells for one step: -> (B, G) float32."""
+        if self.kind == "additive":
+            query = self.w2(hidden)[:, None, :]  # (B, 1, A)
+            scores = tf.squeeze(self.v(tf.tanh(keys + query)), -1)  # (B, G)
+        else:
+            scores = tf.einsum("bgu,bu->bg", keys, _cast(hidden, keys.dtype))  # (B, G)
+        return tf.nn.softmax(tf.cast(scores, "float32"), axis=-1)
+
+    def call(self, features: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        alpha = self.weights_for(self.keys(features), hidden)  # (B, G)
+        context = tf.einsum("bg,bge->be", _cast(alpha, features.dtype), features)  # (B, E)
+        return context, alpha
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "kind": self.kind, "units": self.units}
+
+
+class AttentionDecoder(keras.layers.Layer):
+    """GRU decoder with attention; the GRU state is carried from step to step.
+
+    Step t: alpha_t = attention(keys, h_{t-1}); context_t = sum_g alpha_tg * features_g;
+    h_t = GRU([embed(y_{t-1}); context_t], h_{t-1}); logits_t = Dense(V)(dropout(Dense(U)(h_t))).
+    The GRU is written out (Keras ``reset_after`` form) so the embedding half of the
+    input projection runs for all steps in one matmul under teacher forcing, and the
+    output head runs once over all steps after the loop.
+
+    Example:
+        >>> dec = AttentionDecoder(vocab_size=10, embedding_dim=8, units=12, attention_units=6)
+        >>> dec.build((None, 49, 8))
+        >>> enc = dec.prepare(tf.ones((2, 49, 8)))
+        >>> logits, alpha = dec(enc, tf.ones((2, 5), "int32"))
+        >>> (logits.shape, alpha.shape)
+        (TensorShape([2, 5, 10]), TensorShape([2, 5, 49]))
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512,
+                 attention: str = "additive", attention_units: int = 512,
+                 dropout: float = 0.0, init_state: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.units = units
+        self.attention_kind = attention
+        self.attention_units = attention_units
+        self.dropout_rate = dropout
+        self.init_state = init_state
+        pol = self.dtype_policy
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding",
+                                                dtype=pol)
+        self.attention = GridAttention(attention, attention_units, name="attention", dtype=pol)
+        self.fc1 = keras.layers.Dense(units, activation="relu", name="fc1", dtype=pol)
+        self.head_dropout = keras.layers.Dropout(dropout, dtype=pol)
+        self.fc2 = keras.layers.Dense(vocab_size, name="logits", dtype=pol)
+        self.init_dense = (keras.layers.Dense(units, activation="tanh", name="init_h", dtype=pol)
+                           if init_state == "mean" else None)
+
+    def build(self, features_shape: Any) -> None:
+        feat_dim, u = int(features_shape[-1]), self.units
+        self.embedding.build((None,))
+        self.attention.build((None, None, feat_dim), (None, u))
+        glorot, orth = keras.initializers.GlorotUniform(), keras.initializers.Orthogonal()
+        self.kernel_emb = self.add_weight(name="gru_kernel_emb", shape=(self.embedding_dim, 3 * u),
+                                          initializer=glorot)
+        self.kernel_ctx = self.add_weight(name="gru_kernel_ctx", shape=(feat_dim, 3 * u),
+                                          initializer=glorot)
+        self.recurrent = self.add_weight(name="gru_recurrent", shape=(u, 3 * u), initializer=orth)
+        self.bias = self.add_weight(name="gru_bias", shape=(2, 3 * u), initializer="zeros")
+        self.fc1.build((None, u))
+        self.fc2.build((None, u))
+        if self.init_dense is not None:
+            self.init_dense.build((None, feat_dim))
+        self.built = True
+
+    # ---- pieces shared by training and decoding -------------------------------------
+    def prepare(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Per-image tensors reused at every step: features and attention keys."""
+        return {"features": features, "keys": self.attention.keys(features)}
+
+    def initial_state(self, enc: dict[str, tf.Tensor]) -> tf.Tensor:
+        features = enc["features"]  # (B, G, E)
+        if self.init_dense is None:
+            return tf.zeros((tf.shape(features)[0], self.units), self.compute_dtype)
+        return self.init_dense(tf.reduce_mean(features, axis=1))  # (B, U)
+
+    def embed_projection(self, tokens: tf.Tensor) -> tf.Tensor:
+        """Embedding half of the GRU input projection: (...,) ids -> (..., 3U)."""
+        emb = self.embedding(tokens)  # (..., E)
+        kernel = _cast(self.kernel_emb, emb.dtype)
+        return tf.tensordot(emb, kernel, axes=1) + _cast(self.bias[0], emb.dtype)
+
+    def cell(self, x_emb: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
+             ) -> tuple[tf.Tensor, tf.Tensor]:
+        """One recurrent step: (B, 3U) projected embedding, (B, U) state -> new state, alpha."""
+        dt = h.dtype
+        alpha = self.attention.weights_for(enc["keys"], h)  # (B, G) float32
+        context = tf.einsum("bg,bge->be", _cast(alpha, dt), enc["features"])  # (B, E)
+        x = x_emb + tf.matmul(context, _cast(self.kernel_ctx, dt))  # (B, 3U)
+        hr = tf.matmul(h, _cast(self.recurrent, dt)) + _cast(self.bias[1], dt)  # (B, 3U)
+        xz, xr, xh = tf.split(x, 3, axis=-1)
+        hz, hr_, hh = tf.split(hr, 3, axis=-1)
+        z = tf.sigmoid(xz + hz)
+        r = tf.sigmoid(xr + hr_)
+        candidate = tf.tanh(xh + r * hh)
+        return z * h + (1.0 - z) * candidate, alpha  # (B, U), (B, G)
+
+    def head(self, h: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """Output head over any leading dims: (..., U) -> (..., V) float32 logits."""
+        logits = self.fc2(self.head_dropout(self.fc1(h), training=training))
+        return tf.cast(logits, "float32")
+
+    def step(self, tokens: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
+             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Inference step: (N,) previous ids -> (N, V) log-probs, (N, U) state, (N, G) alpha."""
+        h_new, alpha = self.cell(self.embed_projection(tokens), h, enc)
+        return tf.nn.log_softmax(self.head(h_new)), h_new, alpha
+
+    # ---- training ---------------------------------------------------------------------
+    def call(self, enc: dict[str, tf.Tensor], tokens_in: tf.Tensor, training: bool = False,
+             sampling_prob: tf.Tensor | None = None, seed: tf.Tensor | None = None,
+             greedy_sampling: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        """Unroll over ``tokens_in`` (B, T) -> logits (B, T, V) float32, alpha (B, T, G).
+
+        With ``sampling_prob`` (scheduled sampling), each row's input at step t > 0 is,
+        with that probability, the model's own prediction from step t - 1.
+        """
+        h0 = self.initial_state(enc)
+        if sampling_prob is None:
+            hs, alphas = self._teacher_forced(enc, tokens_in, h0)
+        else:
+            hs, alphas = self._scheduled(enc, tokens_in, h0, sampling_prob, seed, greedy_sampling)
+        logits = self.head(tf.transpose(hs, [1, 0, 2]), training=training)  # (B, T, V)
+        return logits, tf.transpose(alphas, [1, 0, 2])
+
+    def _teacher_forced(self, enc, tokens_in, h0):
+        x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
+        steps = tf.shape(x_all)[0]
+        hs = tf.TensorArray(h0.dtype, size=steps)
+        alphas = tf.TensorArray("float32", size=steps)
+
+        def body(t, h, hs, alphas):
+            h, alpha = self.cell(x_all[t], h, enc)
+            return t + 1, h, hs.write(t, h), alphas.write(t, alpha)
+
+        _, _, hs, alphas = tf.while_loop(lambda t, *_: t < steps, body,
+                                         (tf.constant(0), h0, hs, alphas))
+        return hs.stack(), alphas.stack()  # (T, B, U), (T, B, G)
+
+    def _scheduled(self, enc, tokens_in, h0, sampling_prob, seed, greedy):
+        tokens_t = tf.transpose(tokens_in)  # (T, B)
+        steps, batch = tf.shape(tokens_t)[0], tf.shape(tokens_t)[1]
+        seed = tf.zeros((2,), "int32") if seed is None else tf.cast(seed, "int32")
+        hs = tf.TensorArray(h0.dtype, size=steps)
+        alphas = tf.TensorArray("float32", size=steps)
+
+        def body(t, prev_pred, h, hs, alphas):
+            step_seed = seed + tf.stack([0, t])
+            coin = tf.random.stateless_uniform((batch,), step_seed) < sampling_prob
+            use_pred = tf.logical_and(coin, t > 0)
+            tok = tf.where(use_pred, prev_pred, tokens_t[t])  # (B,)
+            h, alpha = self.cell(self.embed_projection(tok), h, enc)
+            logits = tf.stop_gradient(self.head(h))  # (B, V)
+            if greedy:
+                pred = tf.argmax(logits, -1, output_type=tokens_t.dtype)
+            else:
+                pred = tf.cast(tf.random.stateless_categorical(
+                    logits, 1, step_seed + tf.constant([1, 0]))[:, 0], tokens_t.dtype)
+            return t + 1, pred, h, hs.write(t, h), alphas.write(t, alpha)
+
+        init = (tf.constant(0), tokens_t[0], h0, hs, alphas)
+        _, _, _, hs, alphas = tf.while_loop(lambda t, *_: t < steps, body, init)
+        return hs.stack(), alphas.stack()
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "vocab_size": self.vocab_size,
+                "embedding_dim": self.embedding_dim, "units": self.units,
+                "attention": self.attention_kind, "attention_units": self.attention_units,
+                "dropout": self.dropout_rate, "init_state": self.init_state}
+
+
+class CaptionModel(keras.Model):
+    """Backbone -> encoder -> attention decoder, rebuilt from ``get_config`` alone.
+
+    Example:
+        >>> model = CaptionModel(vocab_size=20, image_size=32, cnn_filters=[8, 16],
+        ...                      embedding_dim=8, units=8, attention_units=8)
+        >>> logits, alpha = model((tf.zeros((2, 32, 32, 3), "uint8"), tf.ones((2, 4), "int32")))
+        >>> (logits.shape, alpha.shape, model.grid_hw)
+        (TensorShape([2, 4, 20]), TensorShape([2, 4, 64]), (8, 8))
+    """
+
+    def __init__(self, vocab_size: int, image_size: int = 224, backbone: str = "small_cnn",
+                 cnn_filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
+                 cnn_kernels: list[int] | tuple[int, ...] = (3, 3), embedding_dim: int = 256,
+                 units: int = 512, attention: str = "additive",
+                 attention_units: int = 512, dropout: float = 0.3, init_state: str = "mean",
+                 positional: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if backbone != "small_cnn":
+            raise ValueError(f"unknown backbone {backbone!r}; available: small_cnn")
+        self.args = dict(vocab_size=vocab_size, image_size=image_size, backbone=backbone,
+                         cnn_filters=list(cnn_filters), cnn_kernels=list(cnn_kernels),
+                         embedding_dim=embedding_dim, units=units,
+                         attention=attention, attention_units=attention_units, dropout=dropout,
+                         init_state=init_state, positional=positional)
+        pol = self.dtype_policy
+        self.backbone = SmallCNN(cnn_filters, cnn_kernels, name="backbone", dtype=pol)
+        gh, gw = self.backbone.grid_hw(image_size)
+        self.grid_hw = (gh, gw)
+        self.encoder = FeatureEncoder(embedding_dim, gh * gw, dropout, positional,
+                                      name="encoder", dtype=pol)
+        self.decoder = AttentionDecoder(vocab_size, embedding_dim, units, attention,
+                                        attention_units, dropout, init_state,
+                                        name="decoder", dtype=pol)
+        self.decoder.build((None, gh * gw, embedding_dim))
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, vocab_size: int, dtype: Any = None
+                          ) -> CaptionModel:
+        return cls(vocab_size=vocab_size, image_size=cfg.image_size, backbone=cfg.backbone,
+                   cnn_filters=cfg.cnn_filters, cnn_kernels=cfg.cnn_kernels,
+                   embedding_dim=cfg.embedding_dim, units=cfg.units,
+                   attention=cfg.attention, attention_units=cfg.attention_units,
+                   dropout=cfg.dropout, init_state=cfg.init_state, positional=cfg.positional,
+                   dtype=dtype)
+
+    @property
+    def grid_size(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    def encode(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        """uint8 images (B, S, S, 3) -> per-image decoder inputs (features, keys)."""
+        x = _cast(self.backbone.preprocess(images), self.compute_dtype)
+        grid = self.backbone(x, training=training)  # (B, gh, gw, C)
+        grid = tf.reshape(grid, (tf.shape(grid)[0], self.grid_size, grid.shape[-1]))  # (B, G, C)
+        return self.decoder.prepare(self.encoder(grid, training=training))  # (B, G, E)
+
+    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False,
+             sampling_prob: tf.Tensor | None = None, seed: tf.Tensor | None = None,
+             greedy_sampling: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+        images, tokens_in = inputs
+        enc = self.encode(images, training=training)
+        return self.decoder(enc, tokens_in, training=training, sampling_prob=sampling_prob,
+                            seed=seed, greedy_sampling=greedy_sampling)
+
+    def build_weights(self) -> CaptionModel:
+        """Create every weight with one tiny forward pass (needed before restoring)."""
+        size = self.args["image_size"]
+        self((tf.zeros((1, size, size, 3), "uint8"), tf.ones((1, 2), "int32")))
+        return self
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), **self.args}

@@ -1,0 +1,400 @@
+"""Text tokenizers for caption targets: words, SMILES strings and characters.
+
+All tokenizers share the same special tokens (``<pad>``=0, ``<start>``=1, ``<end>``=2,
+``<unk>``=3), a deterministic vocabulary, batch encoding to padded ``int32`` arrays and
+JSON (de)serialisation. This module is pure Python + numpy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import operator
+import os
+import re
+import unicodedata
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name!r} must be a bool, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name!r} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name!r} must be >= {minimum}, got {value!r}")
+    return value
+
+
+class Tokenizer(ABC):
+    """Base class: vocabulary, special tokens, encoding/decoding and serialisation.
+
+    Subclasses implement :meth:`tokenize`, :meth:`detokenize` and :attr:`options`.
+
+    Example:
+        >>> tok = Tokenizer.create("word").fit(["a cat", "a dog"])
+        >>> tok.encode("a cat")
+        [1, 4, 5, 2]
+        >>> tok.decode([1, 4, 5, 2, 0, 0])
+        'a cat'
+    """
+
+    pad_id: ClassVar[int] = 0
+    start_id: ClassVar[int] = 1
+    end_id: ClassVar[int] = 2
+    unk_id: ClassVar[int] = 3
+    special_tokens: ClassVar[tuple[str, ...]] = ("<pad>", "<start>", "<end>", "<unk>")
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._vocab: list[str] = list(self.special_tokens)
+        self._index: dict[str, int] = {tok: i for i, tok in enumerate(self._vocab)}
+        self._fitted = False
+
+    # ----------------------------------------------------------------- abstract API
+    @abstractmethod
+    def tokenize(self, text: str) -> list[str]:
+        """Split ``text`` into string tokens."""
+
+    @abstractmethod
+    def detokenize(self, tokens: list[str]) -> str:
+        """Join string tokens back into text."""
+
+    @property
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Constructor options (JSON-serialisable), keyed by argument name."""
+
+    # ------------------------------------------------------------------- vocabulary
+    @property
+    def vocab(self) -> list[str]:
+        """Copy of the vocabulary; index = token id."""
+        return list(self._vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens in the vocabulary, specials included."""
+        return len(self._vocab)
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether a vocabulary was built by :meth:`fit` or loaded."""
+        return self._fitted
+
+    def fit(self, texts: Iterable[str]) -> Self:
+        """Build the vocabulary from ``texts`` (replacing any previous one)."""
+        counts: Counter[str] = Counter()
+        for i, text in enumerate(texts):
+            try:
+                counts.update(self.tokenize(text))
+            except ValueError as err:
+                raise ValueError(f"text {i}: {err}") from err
+        for special in self.special_tokens:
+            counts.pop(special, None)
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        self._set_vocab(list(self.special_tokens) + self._select(ranked))
+        return self
+
+    def _select(self, ranked: list[tuple[str, int]]) -> list[str]:
+        """Choose the non-special tokens to keep from ``(token, count)`` pairs."""
+        return [tok for tok, _ in ranked]
+
+    def _set_vocab(self, vocab: list[str]) -> None:
+        self._vocab = list(vocab)
+        self._index = {tok: i for i, tok in enumerate(self._vocab)}
+        self._fitted = True
+
+    def token_to_id(self, token: str) -> int:
+        """Id of ``token`` (specials included); unknown tokens give ``unk_id``."""
+        return self._index.get(token, self.unk_id)
+
+    def _text_token_id(self, token: str) -> int:
+        # Literal special strings inside a text are never treated as control tokens.
+        if token in self.special_tokens:
+            return self.unk_id
+        return self._index.get(token, self.unk_id)
+
+    def _require_fitted(self) -> None:
+        if not self._fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit() or load()")
+
+    # ------------------------------------------------------------ encode / decode
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of ``text``, wrapped in ``[start_id, ..., end_id]`` if ``add_special``."""
+        self._require_fitted()
+        ids = [self._text_token_id(tok) for tok in self.tokenize(text)]
+        return [self.start_id, *ids, self.end_id] if add_special else ids
+
+    def ids_to_tokens(self, ids: Iterable[int], strip_special: bool = True) -> list[str]:
+        """Tokens for ``ids``; if ``strip_special``, stop at end_id and skip pad/start."""
+        tokens: list[str] = []
+        for raw in ids:
+            idx = operator.index(raw)
+            if strip_special and idx == self.end_id:
+                break
+            if strip_special and idx in (self.pad_id, self.start_id):
+                continue
+            if not 0 <= idx < len(self._vocab):
+                raise ValueError(f"token id {idx} out of range [0, {len(self._vocab)})")
+            tokens.append(self._vocab[idx])
+        return tokens
+
+    def decode(self, ids: Iterable[int], strip_special: bool = True) -> str:
+        """Text for ``ids`` (see :meth:`ids_to_tokens`); ``unk_id`` renders as ``<unk>``."""
+        return self.detokenize(self.ids_to_tokens(ids, strip_special=strip_special))
+
+    def encode_batch(self, texts: Iterable[str], max_length: int) -> np.ndarray:
+        """``int32`` array ``(N, max_length)`` of ``[start .. end]`` rows, padded with pad_id.
+
+        Longer sequences are truncated so that the last kept position is ``end_id``.
+        """
+        _check_int("max_length", max_length, 2)
+        rows = [self.encode(text) for text in texts]
+        out = np.full((len(rows), max_length), self.pad_id, dtype=np.int32)
+        for i, row in enumerate(rows):
+            if len(row) > max_length:
+                row = row[: max_length - 1] + [self.end_id]
+            out[i, : len(row)] = row
+        return out
+
+    # -------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict with ``kind``, all constructor options and ``vocab``."""
+        self._require_fitted()
+        return {"kind": self.kind, **self.options, "vocab": list(self._vocab)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tokenizer:
+        """Rebuild a tokenizer from :meth:`to_dict` output, dispatching on ``data["kind"]``."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"tokenizer data must be a mapping, got {type(data).__name__}")
+        if "kind" not in data:
+            raise ValueError("missing key 'kind'")
+        sub = cls._class_for(data["kind"], key="kind")
+        if cls not in sub.__mro__:
+            raise ValueError(f"key 'kind': {data['kind']!r} is not a {cls.__name__}")
+        return sub._from_fields(data)
+
+    @classmethod
+    def _option_names(cls) -> tuple[str, ...]:
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(name for name in params if name != "self")
+
+    @classmethod
+    def _from_fields(cls, data: Mapping[str, Any]) -> Tokenizer:
+        names = cls._option_names()
+        expected = ("kind", *names, "vocab")
+        for key in expected:
+            if key not in data:
+                raise ValueError(f"missing key {key!r}")
+        for key in data:
+            if key not in expected:
+                raise ValueError(f"unexpected key {key!r}")
+        try:
+            tok = cls(**{name: data[name] for name in names})
+        except TypeError as err:
+            raise ValueError(f"bad option value: {err}") from err
+        tok._set_vocab(tok._check_vocab(data["vocab"]))
+        return tok
+
+    def _check_vocab(self, vocab: Any) -> list[str]:
+        if not isinstance(vocab, list) or not all(isinstance(t, str) and t for t in vocab):
+            raise ValueError("key 'vocab' must be a list of non-empty strings")
+        if tuple(vocab[: len(self.special_tokens)]) != self.special_tokens:
+            raise ValueError(f"key 'vocab' must start with {list(self.special_tokens)}")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("key 'vocab' contains duplicate tokens")
+        return vocab
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_dict` as UTF-8 JSON (indent 2) to ``path``."""
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+        Path(path).write_text(text + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a tokenizer saved with :meth:`save`; bad content raises ``ValueError``."""
+        name = os.fspath(path)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{name}: invalid JSON: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: invalid tokenizer file: {err}") from err
+
+    # -------------------------------------------------------------------- factory
+    @staticmethod
+    def _registry() -> dict[str, type[Tokenizer]]:
+        return {sub.kind: sub for sub in (WordTokenizer, SmilesTokenizer, CharTokenizer)}
+
+    @classmethod
+    def kinds(cls) -> tuple[str, ...]:
+        """Valid values of ``kind`` for :meth:`create`."""
+        return tuple(cls._registry())
+
+    @classmethod
+    def _class_for(cls, kind: Any, key: str = "kind") -> type[Tokenizer]:
+        registry = cls._registry()
+        if not isinstance(kind, str) or kind not in registry:
+            valid = ", ".join(repr(k) for k in registry)
+            raise ValueError(f"{key} {kind!r} is not a tokenizer kind; valid kinds: {valid}")
+        return registry[kind]
+
+    @classmethod
+    def create(cls, kind: str, **options: Any) -> Tokenizer:
+        """Unfitted tokenizer of ``kind`` (``"word"``, ``"smiles"`` or ``"char"``)."""
+        return cls._class_for(kind)(**options)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        sep = ", " if opts else ""
+        return f"{type(self).__name__}({opts}{sep}vocab_size={self.vocab_size})"
+
+
+class WordTokenizer(Tokenizer):
+    """Whitespace word tokenizer with optional lower-casing and punctuation stripping.
+
+    Punctuation is any character of Unicode category ``P*``; it is replaced by a space.
+    ``max_vocab`` caps the vocabulary size *including* the 4 special tokens, and tokens
+    seen fewer than ``min_count`` times are dropped.
+
+    Example:
+        >>> tok = WordTokenizer(max_vocab=6).fit(["A cat.", "a dog", "a cat"])
+        >>> tok.vocab
+        ['<pad>', '<start>', '<end>', '<unk>', 'a', 'cat']
+        >>> tok.decode(tok.encode("A dog!"))
+        'a <unk>'
+    """
+
+    kind = "word"
+
+    def __init__(
+        self,
+        lower: bool = True,
+        strip_punctuation: bool = True,
+        max_vocab: int | None = None,
+        min_count: int = 1,
+    ) -> None:
+        super().__init__()
+        self.lower = _check_bool("lower", lower)
+        self.strip_punctuation = _check_bool("strip_punctuation", strip_punctuation)
+        minimum = len(self.special_tokens)
+        self.max_vocab = None if max_vocab is None else _check_int("max_vocab", max_vocab, minimum)
+        self.min_count = _check_int("min_count", min_count, 1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {
+            "lower": self.lower,
+            "strip_punctuation": self.strip_punctuation,
+            "max_vocab": self.max_vocab,
+            "min_count": self.min_count,
+        }
+
+    def tokenize(self, text: str) -> list[str]:
+        if self.lower:
+            text = text.lower()
+        if self.strip_punctuation:
+            text = "".join(" " if unicodedata.category(c)[0] == "P" else c for c in text)
+        return text.split()
+
+    def detokenize(self, tokens: list[str]) -> str:
+        return " ".join(tokens)
+
+    def _select(self, ranked: list[tuple[str, int]]) -> list[str]:
+        kept = [tok for tok, count in ranked if count >= self.min_count]
+        if self.max_vocab is not None:
+            kept = kept[: self.max_vocab - len(self.special_tokens)]
+        return kept
+
+    def _check_vocab(self, vocab: Any) -> list[str]:
+        vocab = super()._check_vocab(vocab)
+        if self.max_vocab is not None and len(vocab) > self.max_vocab:
+            raise ValueError(f"key 'vocab' has {len(vocab)} tokens > max_vocab={self.max_vocab}")
+        return vocab
+
+
+class SmilesTokenizer(Tokenizer):
+    """Atom-level SMILES tokenizer (regex of the Molecular Transformer, Schwaller et al. 2019).
+
+    ``''.join(tokenize(s)) == s`` always holds; characters the regex cannot cover raise
+    ``ValueError`` naming the SMILES and the offending position.
+
+    Example:
+        >>> SmilesTokenizer().tokenize("Br/C=C\\\\Cl")
+        ['Br', '/', 'C', '=', 'C', '\\\\', 'Cl']
+        >>> tok = SmilesTokenizer().fit(["CCO", "[Na+].[Cl-]"])
+        >>> tok.decode(tok.encode("OCC"))
+        'OCC'
+    """
+
+    kind = "smiles"
+    pattern: ClassVar[re.Pattern[str]] = re.compile(
+        r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|\/|:|~|@|\?|>|\*|\$"
+        r"|\%[0-9]{2}|[0-9])"
+    )
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens: list[str] = []
+        pos = 0
+        while pos < len(text):
+            match = self.pattern.match(text, pos)
+            if match is None:
+                raise ValueError(
+                    f"cannot tokenize SMILES {text!r}: unexpected character "
+                    f"{text[pos]!r} at position {pos}"
+                )
+            tokens.append(match.group())
+            pos = match.end()
+        return tokens
+
+    def detokenize(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+    def validate(self, smiles: str) -> None:
+        """Raise ``ValueError`` if ``smiles`` cannot be fully tokenized."""
+        self.tokenize(smiles)
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character, with optional lower-casing.
+
+    Example:
+        >>> tok = CharTokenizer().fit(["abba"])
+        >>> tok.vocab[4:]
+        ['a', 'b']
+        >>> tok.decode(tok.encode("abc"))
+        'ab<unk>'
+    """
+
+    kind = "char"
+
+    def __init__(self, lower: bool = False) -> None:
+        super().__init__()
+        self.lower = _check_bool("lower", lower)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"lower": self.lower}
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(text.lower() if self.lower else text)
+
+    def detokenize(self, tokens: list[str]) -> str:
+        return "".join(tokens)

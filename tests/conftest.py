@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny shapes config and one tiny trained run per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TINY = [
+    "data.shapes.n_images=160",
+    "data.shapes.image_size=32",
+    "model.image_size=32",
+    "model.cnn_filters=[8, 16]",
+    "model.embedding_dim=16",
+    "model.units=32",
+    "model.attention_units=16",
+    "model.dropout=0.0",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.max_steps_per_epoch=4",
+    "train.val_limit=8",
+    "train.progress=false",
+    "train.warmup_steps=0",
+    "decode.max_length=16",
+]
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shapes")
+
+
+@pytest.fixture
+def tiny_overrides(shapes_dir) -> list[str]:
+    """Overrides that turn configs/shapes.yaml into a seconds-long run."""
+    return [*TINY, f"data.path={shapes_dir}"]
+
+
+@pytest.fixture
+def tiny_config(project_root, tiny_overrides):
+    from captioner.config import load_config
+
+    return load_config(project_root / "configs" / "shapes.yaml", tiny_overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, project_root, shapes_dir) -> Path:
+    """A tiny run trained once for the session (2 epochs)."""
+    from captioner.config import load_config
+    from captioner.training import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(project_root / "configs" / "shapes.yaml",
+                      [*TINY, f"data.path={shapes_dir}", "train.epochs=2"])
+    train(cfg, run_dir, log=lambda _msg: None)
+    return run_dir

@@ -1,0 +1,78 @@
+"""The command line, end to end on a tiny config in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "captioner", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, project_root):
+    from tests.conftest import TINY
+
+    work = tmp_path_factory.mktemp("cli")
+    sets = [x for item in TINY for x in ("--set", item)]
+    proc = run_cli("train", "--config", str(project_root / "configs" / "shapes.yaml"),
+                   "--run-dir", str(work / "run"), "--set", f"data.path={work / 'shapes'}",
+                   *sets, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, proc
+
+
+def test_train_writes_a_run(cli_run):
+    work, proc = cli_run
+    assert "epoch 1/1" in proc.stdout
+    assert (work / "run" / "config.json").is_file()
+    cfg = json.loads((work / "run" / "config.json").read_text())
+    assert cfg["model"]["image_size"] == 32 and cfg["train"]["epochs"] == 1
+
+
+def test_caption_prints_text_and_json(cli_run):
+    work, _ = cli_run
+    images = sorted((work / "shapes" / "images").glob("*.png"))[:3]
+    proc = run_cli("caption", "--run", str(work / "run"), *map(str, images), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith(str(images[0]))
+
+    proc = run_cli("caption", "--run", str(work / "run"), "--json", "--max-length", "6",
+                   *map(str, images), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["image"] for r in recs] == list(map(str, images))
+    for r in recs:
+        assert set(r) == {"image", "text", "tokens", "score", "attention"}
+        assert len(r["attention"]) == len(r["tokens"]) <= 6
+        assert all(len(row) == 64 for row in r["attention"])  # 8x8 grid
+        assert r["score"] <= 0.0
+        assert r["text"] == " ".join(r["tokens"])
+
+
+def test_resume_a_finished_run_from_its_directory(cli_run):
+    work, _ = cli_run
+    proc = run_cli("train", "--run-dir", str(work / "run"), "--set", "train.epochs=2", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "epoch 2/2" in proc.stdout
+    history = json.loads((work / "run" / "history.json").read_text())
+    assert history["epoch"] == [1, 2]
+
+
+def test_errors_are_clear(cli_run, project_root):
+    work, _ = cli_run
+    proc = run_cli("train", "--config", str(project_root / "configs" / "shapes.yaml"),
+                   "--set", "model.unitz=3", cwd=work)
+    assert proc.returncode == 2 and "model.unitz" in proc.stderr
+    proc = run_cli("caption", "--run", str(work / "run"), str(work / "nope.png"), cwd=work)
+    assert proc.returncode != 0 and "nope.png" in proc.stderr
+    proc = run_cli("caption", "--run", str(work / "missing-run"), "x.png", cwd=work)
+    assert proc.returncode == 2 and "config.json" in proc.stderr

@@ -1,0 +1,83 @@
+"""Config loading, overrides and validation errors that name the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from captioner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+
+
+def test_every_shipped_config_loads(project_root):
+    paths = sorted((project_root / "configs").glob("*.yaml"))
+    assert paths, "configs/ holds no YAML file"
+    for path in paths:
+        cfg = load_config(path)
+        assert isinstance(cfg, Config)
+
+
+def test_yaml_values_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  units: 64\ntrain:\n  learning_rate: 1\n")
+    cfg = load_config(path, ["train.epochs=3", "model.cnn_filters=[4, 8]",
+                             "data.limit=null", "train.scheduled_sampling.enabled=true"])
+    assert cfg.model.units == 64
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.epochs == 3
+    assert cfg.model.cnn_filters == [4, 8]
+    assert cfg.data.limit is None
+    assert cfg.train.scheduled_sampling.enabled is True
+
+
+def test_unknown_key_names_full_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  unitz: 64\n")
+    with pytest.raises(ConfigError, match=r"model\.unitz"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"train\.scheduled_sampling\.nope"):
+        apply_overrides(Config(), ["train.scheduled_sampling.nope=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.units=many", "model.units"),
+    ("train.epochs=2.5", "train.epochs"),
+    ("train.tensorboard=3", "train.tensorboard"),
+    ("model.cnn_filters=[8, x]", r"model.cnn_filters\[1\]"),
+    ("model.attention=cosine", "model.attention"),
+    ("train.precision=float8", "train.precision"),
+])
+def test_wrong_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        apply_overrides(Config(), [override])
+
+
+def test_dot_attention_needs_equal_sizes():
+    with pytest.raises(ConfigError, match="model.attention"):
+        apply_overrides(Config(), ["model.attention=dot", "model.units=128",
+                                   "model.embedding_dim=64"])
+    cfg = apply_overrides(Config(), ["model.attention=dot", "model.units=64",
+                                     "model.embedding_dim=64"])
+    assert cfg.model.attention == "dot"
+
+
+def test_image_size_must_fit_the_cnn():
+    with pytest.raises(ConfigError, match="model.image_size"):
+        apply_overrides(Config(), ["model.image_size=100"])
+
+
+def test_json_round_trip(tmp_path):
+    cfg = apply_overrides(Config(), ["model.units=32", "train.seed=7"])
+    cfg.save(tmp_path / "config.json")
+    again = config_from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert again == cfg
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(Config(), ["model.units"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "nowhere.yaml")

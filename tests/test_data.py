@@ -1,0 +1,146 @@
+"""Manifests, robust image loading, splits and batching (eager and inside tf.data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from captioner.data import (DataError, LoadReport, Record, assign_splits, build_split,
+                            gather_batch, load_image, read_csv_manifest, train_batches)
+
+
+def write_manifest(path, rows, header="image,caption,split"):
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows))
+    return path
+
+
+def test_manifest_paths_resolve_against_its_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    m = write_manifest(tmp_path / "sub" / "m.csv", ["a.png,a cat,train", "/abs/b.png,a dog,"])
+    recs = read_csv_manifest(m)
+    assert recs[0].image == str(tmp_path / "sub" / "a.png")
+    assert recs[1].image == "/abs/b.png" and recs[1].split is None
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    m = write_manifest(tmp_path / "m.csv", ["a.png,a cat,train", "b.png,,train"])
+    with pytest.raises(DataError, match=r"m\.csv:3"):
+        read_csv_manifest(m)
+    m = write_manifest(tmp_path / "m2.csv", ["a.png,a cat,holdout"])
+    with pytest.raises(DataError, match=r"m2\.csv:2: unknown split 'holdout'"):
+        read_csv_manifest(m)
+    with pytest.raises(DataError, match="no column 'text'"):
+        read_csv_manifest(m, text_column="text")
+
+
+def test_extra_json_columns_become_meta(tmp_path):
+    m = write_manifest(tmp_path / "m.csv", ['a.png,a cat,train,"[1, 2]",x'],
+                       header="image,caption,split,boxes,note")
+    rec = read_csv_manifest(m)[0]
+    assert rec.meta == {"boxes": [1, 2], "note": "x"}
+
+
+def test_splits_are_by_image_and_never_leak():
+    recs = [Record(f"img{i // 5}.png", f"text {i}") for i in range(500)]
+    assign_splits(recs, 0.1, 0.2, seed=3)
+    split_of = {}
+    for r in recs:
+        assert split_of.setdefault(r.image, r.split) == r.split
+    counts = {s: sum(v == s for v in split_of.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 70, "val": 10, "test": 20}
+
+
+def make_images(tmp_path):
+    paths = {}
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = (255, 0, 0)
+    paths["rgb"] = tmp_path / "rgb.png"
+    Image.fromarray(rgb).save(paths["rgb"])
+    paths["gray"] = tmp_path / "gray.png"
+    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(paths["gray"])
+    paths["rgba"] = tmp_path / "rgba.png"
+    Image.fromarray(np.zeros((20, 20, 4), np.uint8)).save(paths["rgba"])  # fully transparent
+    paths["palette"] = tmp_path / "palette.png"
+    Image.fromarray(rgb).convert("P").save(paths["palette"])
+    paths["16bit"] = tmp_path / "deep.png"
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(paths["16bit"])
+    paths["cmyk"] = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(paths["cmyk"])
+    paths["corrupt"] = tmp_path / "corrupt.jpg"
+    paths["corrupt"].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths["text"] = tmp_path / "notes.png"
+    paths["text"].write_text("hello")
+    return paths
+
+
+def test_load_image_handles_modes(tmp_path):
+    p = make_images(tmp_path)
+    for key in ("rgb", "gray", "rgba", "palette", "16bit", "cmyk"):
+        arr = load_image(p[key], 16)
+        assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8, key
+    assert load_image(p["rgb"], 16)[8, 2].tolist() == [255, 0, 0]
+    assert load_image(p["rgba"], 8).min() == 255  # transparent -> white background
+    assert load_image(p["16bit"], 8).min() == 255  # 16-bit scaled, not clipped to garbage
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((10, 20, 3), np.uint8)  # wide image, left half white
+    arr[:, :10] = 255
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    out = load_image(tmp_path / "rot.jpg", 20)
+    assert out[2, 10].mean() > 200 and out[18, 10].mean() < 50  # top white, bottom black
+
+
+def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path):
+    p = make_images(tmp_path)
+    recs = [Record(str(p["rgb"]), "a b", "train"), Record(str(p["corrupt"]), "c d", "train"),
+            Record(str(p["text"]), "e f", "train"), Record(str(tmp_path / "gone.png"), "g", "train"),
+            Record(str(p["rgb"]), "a c", "train")]
+    report = LoadReport()
+    split = build_split(recs, 16, workers=2, report=report)
+    assert split.num_images == 1 and split.num_pairs == 2
+    assert split.references == [["a b", "a c"]]
+    assert report.count == 3
+    reasons = dict(report.failures)
+    assert reasons[str(tmp_path / "gone.png")] == "missing file"
+    assert reasons[str(p["corrupt"])].startswith("unreadable")
+    report.write(tmp_path / "skipped.txt")
+    assert len((tmp_path / "skipped.txt").read_text().splitlines()) == 3
+
+
+def test_gather_batch_same_eagerly_and_in_tf_data():
+    images = tf.constant(np.arange(4 * 2 * 2 * 3).reshape(4, 2, 2, 3), tf.uint8)
+    tokens = tf.constant(np.arange(6 * 3).reshape(6, 3), tf.int32)
+    pair_image = tf.constant([0, 0, 1, 2, 3, 3])
+    idx = tf.constant([5, 2, 0])
+    eager = gather_batch(images, tokens, pair_image, idx)
+    ds = tf.data.Dataset.from_tensors(idx).map(lambda i: gather_batch(images, tokens,
+                                                                      pair_image, i))
+    graph = next(iter(ds))
+    for a, b in zip(eager, graph):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert eager[0].numpy()[0].tolist() == images.numpy()[3].tolist()
+
+
+def test_train_batches_are_deterministic_and_skip(tmp_path):
+    from captioner.data import SplitData
+
+    n = 40
+    split = SplitData(np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
+                      [str(i) for i in range(n)], [[str(i)] for i in range(n)], [{}] * n,
+                      np.arange(n), [str(i) for i in range(n)])
+    tokens = np.arange(n, dtype=np.int32)[:, None].repeat(3, 1)
+    full = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 1)]
+    again = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 1)]
+    skipped = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 1, 2)]
+    other = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 2)]
+    assert full == again and len(full) == 5 and skipped == full[2:]
+    assert full != other
+    assert sorted(sum(full, [])) == list(range(n))
+    capped = list(train_batches(split, tokens, 8, 0, 1, max_steps=3))
+    assert len(capped) == 3

@@ -1,0 +1,151 @@
+"""Shapes of every layer, config round trips, attention variants and the GRU state."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from captioner.model import (AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention,
+                             SmallCNN)
+
+SMALL = dict(vocab_size=11, image_size=32, cnn_filters=[8, 16], embedding_dim=12, units=20,
+             attention_units=10, dropout=0.0)
+
+
+def small_model(**kw):
+    return CaptionModel(**{**SMALL, **kw}).build_weights()
+
+
+def test_small_cnn_grid_shape():
+    cnn = SmallCNN([8, 16, 24, 32, 32])
+    assert cnn.grid_hw(224) == (7, 7)
+    out = cnn(tf.zeros((2, 224, 224, 3)))
+    assert out.shape == (2, 7, 7, 32)
+
+
+def test_encoder_shape_and_relu():
+    enc = FeatureEncoder(embedding_dim=6, grid_size=49)
+    out = enc(tf.random.normal((3, 49, 10)))
+    assert out.shape == (3, 49, 6)
+    assert float(tf.reduce_min(out)) >= 0.0
+
+
+@pytest.mark.parametrize("kind, key_dim", [("additive", 7), ("general", 12), ("dot", 12)])
+def test_attention_shapes_and_softmax(kind, key_dim):
+    att = GridAttention(kind, units=7)
+    feats, h = tf.random.normal((2, 49, 12)), tf.random.normal((2, 12))
+    att.build(feats.shape, h.shape)
+    keys = att.keys(feats)
+    assert keys.shape == (2, 49, key_dim)
+    alpha = att.weights_for(keys, h)
+    assert alpha.shape == (2, 49)
+    np.testing.assert_allclose(tf.reduce_sum(alpha, -1).numpy(), [1.0, 1.0], rtol=1e-5)
+    context, alpha2 = att(feats, h)
+    assert context.shape == (2, 12)
+    np.testing.assert_allclose(alpha2.numpy(), alpha.numpy(), rtol=1e-6)
+
+
+def test_dot_attention_rejects_mismatched_sizes():
+    att = GridAttention("dot", units=4)
+    with pytest.raises(ValueError, match="dot attention"):
+        att.build((None, 49, 12), (None, 20))
+
+
+def test_decoder_shapes():
+    dec = AttentionDecoder(vocab_size=9, embedding_dim=12, units=20, attention_units=10)
+    dec.build((None, 49, 12))
+    enc = dec.prepare(tf.random.normal((3, 49, 12)))
+    logits, alpha = dec(enc, tf.ones((3, 5), tf.int32))
+    assert logits.shape == (3, 5, 9) and alpha.shape == (3, 5, 49)
+    h0 = dec.initial_state(enc)
+    log_probs, h1, a1 = dec.step(tf.ones((3,), tf.int32), h0, enc)
+    assert log_probs.shape == (3, 9) and h1.shape == (3, 20) and a1.shape == (3, 49)
+    np.testing.assert_allclose(tf.reduce_sum(tf.exp(log_probs), -1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_teacher_forcing_equals_stepwise_decoding():
+    """The unrolled training loop and the inference step compute the same thing,
+    which also shows the GRU state is carried from step to step."""
+    model = small_model()
+    images = tf.random.uniform((2, 32, 32, 3), 0, 255, tf.int32)
+    images = tf.cast(images, tf.uint8)
+    tokens = tf.constant([[1, 4, 5, 6], [1, 7, 4, 4]])
+    logits, alphas = model((images, tokens))
+    enc = model.encode(images)
+    h = model.decoder.initial_state(enc)
+    for t in range(tokens.shape[1]):
+        log_probs, h, alpha = model.decoder.step(tokens[:, t], h, enc)
+        np.testing.assert_allclose(log_probs.numpy(), tf.nn.log_softmax(logits[:, t]).numpy(),
+                                   atol=1e-5)
+        np.testing.assert_allclose(alpha.numpy(), alphas[:, t].numpy(), atol=1e-6)
+
+
+def test_state_carries_history():
+    """Changing an early token changes later outputs: the state is not dropped."""
+    model = small_model()
+    images = tf.zeros((1, 32, 32, 3), tf.uint8)
+    a, _ = model((images, tf.constant([[1, 4, 5, 5]])))
+    b, _ = model((images, tf.constant([[1, 7, 5, 5]])))
+    assert not np.allclose(a[0, 3].numpy(), b[0, 3].numpy())
+
+
+def test_keys_computed_once_per_image(monkeypatch):
+    model = small_model()
+    calls = []
+    original = model.decoder.attention.keys
+    monkeypatch.setattr(model.decoder.attention, "keys",
+                        lambda f: calls.append(1) or original(f))
+    model((tf.zeros((2, 32, 32, 3), tf.uint8), tf.ones((2, 6), tf.int32)))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("init_state", ["mean", "zeros"])
+def test_initial_state_choice(init_state):
+    model = small_model(init_state=init_state)
+    enc = model.encode(tf.random.uniform((2, 32, 32, 3), 0, 255).numpy().astype("uint8"))
+    h0 = model.decoder.initial_state(enc).numpy()
+    assert h0.shape == (2, 20)
+    assert (np.all(h0 == 0)) == (init_state == "zeros")
+
+
+@pytest.mark.parametrize("attention", ["additive", "general", "dot"])
+def test_model_rebuilds_from_config(attention):
+    kw = {"attention": attention, "units": 12} if attention == "dot" else {"attention": attention}
+    model = small_model(**kw)
+    clone = CaptionModel.from_config(model.get_config()).build_weights()
+    assert clone.count_params() == model.count_params()
+    clone.set_weights(model.get_weights())
+    x = (tf.random.uniform((2, 32, 32, 3), 0, 255, tf.int32), tf.ones((2, 3), tf.int32))
+    np.testing.assert_allclose(model(x)[0].numpy(), clone(x)[0].numpy(), atol=1e-6)
+
+
+def test_layer_configs_hold_init_arguments():
+    assert SmallCNN([4, 8]).get_config()["filters"] == [4, 8]
+    enc_cfg = FeatureEncoder(5, 16, 0.2, False).get_config()
+    assert (enc_cfg["embedding_dim"], enc_cfg["grid_size"], enc_cfg["dropout"],
+            enc_cfg["positional"]) == (5, 16, 0.2, False)
+    assert GridAttention("general", 3).get_config()["kind"] == "general"
+    dec_cfg = AttentionDecoder(9, 4, 6, "dot", 2, 0.1, "zeros").get_config()
+    assert (dec_cfg["vocab_size"], dec_cfg["attention"], dec_cfg["init_state"]) == (9, "dot",
+                                                                                    "zeros")
+
+
+def test_scheduled_sampling_path_shapes_and_zero_prob_equals_teacher_forcing():
+    model = small_model()
+    x = (tf.zeros((2, 32, 32, 3), tf.uint8), tf.constant([[1, 4, 5, 6], [1, 7, 4, 4]]))
+    tf_logits, _ = model(x)
+    ss_logits, ss_alpha = model(x, sampling_prob=tf.constant(0.0), seed=tf.constant([1, 2]))
+    assert ss_alpha.shape == (2, 4, 64)
+    np.testing.assert_allclose(ss_logits.numpy(), tf_logits.numpy(), atol=1e-5)
+    always, _ = model(x, sampling_prob=tf.constant(1.0), seed=tf.constant([1, 2]),
+                      greedy_sampling=True)
+    assert not np.allclose(always.numpy(), tf_logits.numpy())
+
+
+def test_mixed_bfloat16_policy_runs():
+    model = CaptionModel(**SMALL, dtype=keras.DTypePolicy("mixed_bfloat16")).build_weights()
+    logits, alpha = model((tf.zeros((1, 32, 32, 3), tf.uint8), tf.ones((1, 3), tf.int32)))
+    assert logits.dtype == tf.float32 and alpha.dtype == tf.float32
+    assert model.decoder.kernel_emb.dtype == "float32"

@@ -1,0 +1,174 @@
+"""Loss, train step, checkpoints, resume and save -> load round trips."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from captioner.config import ConfigError
+from captioner.inference import Captioner
+from captioner.model import CaptionModel
+from captioner.training import (Trainer, caption_loss, make_optimizer, make_train_step,
+                                sampling_probability)
+
+
+def test_caption_loss_by_hand():
+    logits = tf.math.log(tf.constant([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3] * 3]]))
+    targets = tf.constant([[1, 1, 0]])  # last position is padding (pad_id 0)
+    alphas = tf.constant([[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]])
+    loss, nll, reg = caption_loss(logits, targets, alphas, pad_id=0, attention_reg=2.0)
+    expected_nll = (-np.log(0.25) - np.log(0.8)) / 2
+    # coverage over real steps: [1.5, 0.5] -> (1-1.5)^2 + (1-0.5)^2 = 0.5; x2 / 2 tokens
+    np.testing.assert_allclose(nll.numpy(), expected_nll, rtol=1e-6)
+    np.testing.assert_allclose(reg.numpy(), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(loss.numpy(), expected_nll + 0.5, rtol=1e-6)
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
+    model = CaptionModel.from_model_config(tiny_config.model, vocab_size=12).build_weights()
+    opt = make_optimizer(tiny_config, total_steps=100)
+    step = make_train_step(model, opt, pad_id=0, attention_reg=1.0)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 255, (8, 32, 32, 3)), tf.uint8)
+    tokens = tf.constant(np.concatenate([np.ones((8, 1)), rng.integers(4, 12, (8, 5)),
+                                         np.full((8, 1), 2), np.zeros((8, 2))], 1), tf.int32)
+    args = (tf.constant(0.0), tf.constant([0, 0]))
+    first = float(step(images, tokens, *args)["nll"])
+    for _ in range(30):
+        last = float(step(images, tokens, *args)["nll"])
+    assert last < 0.5 * first
+    assert int(opt.iterations.numpy()) == 31
+
+
+def test_scheduled_sampling_probability_schedule(tiny_config):
+    from captioner.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, ["train.scheduled_sampling.enabled=true",
+                                        "train.scheduled_sampling.start=0.0",
+                                        "train.scheduled_sampling.end=0.5",
+                                        "train.scheduled_sampling.from_epoch=1",
+                                        "train.scheduled_sampling.to_epoch=5"])
+    probs = [sampling_probability(cfg, e) for e in range(1, 7)]
+    assert probs[0] == 0.0 and probs[-1] == 0.5
+    assert probs == sorted(probs)
+    np.testing.assert_allclose(probs[2], 0.25)
+    assert sampling_probability(tiny_config, 3) == 0.0
+
+
+def test_training_writes_the_run_directory(trained_run):
+    for name in ("config.json", "tokenizer.json", "model.json", "history.json", "history.png",
+                 "skipped_images.txt"):
+        assert (trained_run / name).is_file(), name
+    assert tf.train.latest_checkpoint(str(trained_run / "checkpoints"))
+    assert tf.train.latest_checkpoint(str(trained_run / "best"))
+    assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    history = json.loads((trained_run / "history.json").read_text())
+    assert history["epoch"] == [1, 2]
+    assert all(np.isfinite(history["loss"])) and all(np.isfinite(history["val_loss"]))
+    assert history["val_metric_name"] == ["exact_match", "exact_match"]
+
+
+def test_save_load_gives_identical_generations(trained_run, shapes_dir):
+    images = sorted((shapes_dir / "images").glob("*.png"))[:6]
+    a = Captioner.load(trained_run).generate(images)
+    b = Captioner.load(trained_run).generate(images)
+    assert a.texts == b.texts and a.tokens == b.tokens
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+    np.testing.assert_allclose(a.attention, b.attention, atol=1e-7)
+    assert a.attention.shape[0] == 6 and a.attention.shape[2] == 64  # 8x8 grid at 32 px
+
+
+def test_generation_stops_at_end_and_attention_is_aligned(trained_run, shapes_dir):
+    cap = Captioner.load(trained_run)
+    images = sorted((shapes_dir / "images").glob("*.png"))[:6]
+    out = cap.generate(images, max_length=5)
+    assert out.attention.shape[1] <= 5
+    for ids, att in zip(out.tokens, out.attention):
+        assert cap.tokenizer.end_id not in ids and cap.tokenizer.pad_id not in ids
+        assert len(ids) <= 5
+        np.testing.assert_allclose(att[: len(ids)].sum(-1), 1.0, rtol=1e-4)
+
+
+def test_loaded_model_matches_trained_weights(trained_run):
+    cap = Captioner.load(trained_run, checkpoint="latest")
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(trained_run / "checkpoints")))
+    keys = [k for k in reader.get_variable_to_shape_map() if "gru_recurrent" in k
+            and "OPTIMIZER" not in k]
+    assert keys
+    np.testing.assert_array_equal(reader.get_tensor(keys[0]),
+                                  cap.model.decoder.recurrent.numpy())
+
+
+def _weights(model):
+    return [w.numpy() for w in model.weights]
+
+
+def test_resume_continues_at_the_saved_step(tiny_config, tmp_path, monkeypatch):
+    from captioner.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, ["train.epochs=2", "train.max_steps_per_epoch=4",
+                                        "train.checkpoint_every=1"])
+    straight = Trainer(cfg, tmp_path / "straight", log=lambda _: None)
+    straight.fit()
+    assert int(straight.optimizer.iterations.numpy()) == 8
+
+    # interrupt the same training after 6 steps (epoch 2, step 2) ...
+    run = tmp_path / "interrupted"
+    first = Trainer(cfg, run, log=lambda _: None)
+    original = first.step_in_epoch.assign_add
+
+    def stop_after_six(value):
+        out = original(value)
+        if int(first.optimizer.iterations.numpy()) == 6:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(first.step_in_epoch, "assign_add", stop_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    monkeypatch.undo()
+
+    # ... and resume: it starts at epoch 2, step 2, and ends where the straight run did.
+    second = Trainer(cfg, run, log=lambda _: None)
+    assert int(second.epoch.numpy()) == 1 and int(second.step_in_epoch.numpy()) == 2
+    assert int(second.optimizer.iterations.numpy()) == 6
+    second.fit()
+    assert int(second.optimizer.iterations.numpy()) == 8
+    for a, b in zip(_weights(straight.model), _weights(second.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    history = json.loads((run / "history.json").read_text())
+    assert history["epoch"] == [1, 2]
+
+
+def test_more_epochs_on_a_finished_run_continue_it(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+
+    Trainer(tiny_config, tmp_path, log=lambda _: None).fit()
+    more = Trainer(apply_overrides(tiny_config, ["train.epochs=2"]), tmp_path,
+                   log=lambda _: None)
+    assert int(more.epoch.numpy()) == 1
+    more.fit()
+    assert json.loads((tmp_path / "history.json").read_text())["epoch"] == [1, 2]
+
+
+def test_changed_model_on_existing_run_is_refused(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+
+    Trainer(tiny_config, tmp_path, log=lambda _: None).fit()
+    with pytest.raises(ConfigError, match="model"):
+        Trainer(apply_overrides(tiny_config, ["model.units=48"]), tmp_path, log=lambda _: None)
+
+
+def test_mixed_bfloat16_training_step_runs(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, ["train.precision=mixed_bfloat16"])
+    trainer = Trainer(cfg, tmp_path, log=lambda _: None)
+    history = trainer.fit()
+    assert np.isfinite(history["loss"][0])
+    assert trainer.model.decoder.compute_dtype == "bfloat16"
+    assert isinstance(trainer.model.dtype_policy, keras.DTypePolicy)
