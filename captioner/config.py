@@ -100,6 +100,7 @@ class ModelConfig:
     weights: str | None = None
     cnn_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 256])
     cnn_kernels: list[int] = field(default_factory=lambda: [3, 3])
+    cnn_padding: str = "same"
     embedding_dim: int = 256
     units: int = 512
     attention: str = "additive"
@@ -107,6 +108,7 @@ class ModelConfig:
     dropout: float = 0.3
     init_state: str = "mean"
     positional: bool = True
+    attend: str = "before"
 
 
 @dataclass
@@ -328,9 +330,12 @@ def validate(cfg: Config) -> None:
              "must be additive, dot or general")
     _require(m.attention != "dot" or m.embedding_dim == m.units, "model.attention",
              "'dot' scores need model.embedding_dim == model.units")
+    _require(m.attend in ("before", "after"), "model.attend",
+             "must be before (Show, Attend and Tell) or after (Lu et al. 2017)")
     _require(m.init_state in ("mean", "zeros"), "model.init_state", "must be mean or zeros")
     _require(len(m.cnn_kernels) in (1, 2) and min(m.cnn_kernels) >= 1, "model.cnn_kernels",
              "one or two kernel sizes (>= 1): the stride-2 conv and the optional second conv")
+    _require(m.cnn_padding in ("same", "reflect"), "model.cnn_padding", "must be same or reflect")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     side = m.image_size / 2 ** len(m.cnn_filters)
     _require(side >= 1 and side == int(side), "model.image_size",

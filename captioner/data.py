@@ -10,15 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from captioner.config import DataConfig
+
 
 class DataError(ValueError):
     """A manifest or image problem, with the file (and line) that caused it."""
@@ -271,21 +273,43 @@ def gather_batch(images: tf.Tensor, tokens: tf.Tensor, pair_image: tf.Tensor, id
     return tf.gather(images, tf.gather(pair_image, idx)), tf.gather(tokens, idx)
 
 
-def train_batches(split: SplitData, tokens: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  skip: int = 0, max_steps: int | None = None) -> tf.data.Dataset:
-    """The batches of one epoch, in a fixed order, starting after ``skip`` batches.
+def epoch_batches(num_pairs: int, batch_size: int, seed: int, epoch: int, skip: int = 0,
+                  max_steps: int | None = None) -> np.ndarray:
+    """Pair indices of one epoch's batches after the first ``skip``: (steps, batch_size).
 
     Only full batches are used (a fixed shape means one compiled train step).
     """
-    order = epoch_order(split.num_pairs, seed, epoch)
-    steps = len(order) // batch_size
-    if max_steps:
-        steps = min(steps, max_steps)
-    order = order[skip * batch_size: steps * batch_size]
-    images, toks = tf.constant(split.images), tf.constant(tokens)
-    pair_image = tf.constant(split.pair_image)
-    ds = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=True)
-    return ds.map(lambda idx: gather_batch(images, toks, pair_image, idx)).prefetch(2)
+    steps = steps_per_epoch(num_pairs, batch_size, max_steps)
+    order = epoch_order(num_pairs, seed, epoch)[: steps * batch_size]
+    return order.reshape(steps, batch_size)[skip:]
+
+
+@dataclass
+class PairTensors:
+    """A split's images, targets and pair->image index as tensors, built once per run.
+
+    Example:
+        >>> t = PairTensors.from_arrays(np.zeros((2, 4, 4, 3), "uint8"), np.ones((3, 5)),
+        ...                             np.array([0, 1, 1]))
+        >>> [x.shape for x in t.batches(np.array([[2, 0]]))][0]
+        (TensorShape([2, 4, 4, 3]), TensorShape([2, 5]))
+    """
+
+    images: tf.Tensor  # (N_img, S, S, 3) uint8
+    tokens: tf.Tensor  # (N_pairs, L) int32
+    pair_image: tf.Tensor  # (N_pairs,) int64
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, tokens: np.ndarray, pair_image: np.ndarray
+                    ) -> PairTensors:
+        return cls(tf.constant(images, tf.uint8), tf.constant(tokens, tf.int32),
+                   tf.constant(pair_image, tf.int64))
+
+    def batches(self, batch_indices: np.ndarray) -> tf.data.Dataset:
+        """A dataset of (images, tokens) batches for rows of pair indices (steps, B)."""
+        ds = tf.data.Dataset.from_tensor_slices(batch_indices)
+        return ds.map(lambda idx: gather_batch(self.images, self.tokens, self.pair_image, idx)
+                      ).prefetch(2)
 
 
 def steps_per_epoch(num_pairs: int, batch_size: int, max_steps: int | None) -> int:

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -128,7 +129,8 @@ class Captioner:
             self._compiled[strategy] = make_generate_function(self.model, self.tokenizer, strategy)
         return self._compiled[strategy]
 
-    def load_images(self, images: Sequence[str | Path] | np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def load_images(self, images: Sequence[str | Path] | np.ndarray
+                    ) -> tuple[np.ndarray, list[str]]:
         """Paths or an array -> (uint8 (B, S, S, 3) at the model's input size, names)."""
         if isinstance(images, np.ndarray):
             if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):

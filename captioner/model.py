@@ -18,6 +18,30 @@ def _cast(x: Any, dtype: str) -> tf.Tensor:
     return tf.cast(x, dtype)
 
 
+class ReflectPad(keras.layers.Layer):
+    """Pads height and width by mirroring: ``before`` pixels at the top/left, ``after`` at
+    the bottom/right, so convolutions see no artificial dark frame at the image border.
+
+    Example:
+        >>> ReflectPad(1, 1)(tf.reshape(tf.range(4.0), (1, 2, 2, 1)))[0, :, :, 0].numpy()
+        array([[3., 2., 3., 2.],
+               [1., 0., 1., 0.],
+               [3., 2., 3., 2.],
+               [1., 0., 1., 0.]], dtype=float32)
+    """
+
+    def __init__(self, before: int = 1, after: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.before, self.after = before, after
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        pad = [[0, 0], [self.before, self.after], [self.before, self.after], [0, 0]]
+        return tf.pad(x, pad, mode="REFLECT")  # (B, H + before + after, W + ..., C)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "before": self.before, "after": self.after}
+
+
 class SmallCNN(keras.layers.Layer):
     """A small CNN trained from scratch: one stride-2 stage per entry of ``filters``.
 
@@ -25,6 +49,8 @@ class SmallCNN(keras.layers.Layer):
     of ``kernels`` (default 3 and 3), so a 224x224 image and five stages give a 7x7 grid.
     Small kernels (e.g. ``[2, 1]``: non-overlapping patches) keep each grid cell's
     receptive field on its own patch, which makes attention maps easy to read.
+    ``padding="reflect"`` mirrors the border instead of padding with zeros, so cells at
+    the image border do not stand out just for being at the border.
 
     Example:
         >>> cnn = SmallCNN(filters=[8, 16])
@@ -33,20 +59,35 @@ class SmallCNN(keras.layers.Layer):
     """
 
     def __init__(self, filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
-                 kernels: list[int] | tuple[int, ...] = (3, 3), **kwargs):
+                 kernels: list[int] | tuple[int, ...] = (3, 3), padding: str = "same",
+                 **kwargs):
         super().__init__(**kwargs)
+        if padding not in ("same", "reflect"):
+            raise ValueError(f"padding must be 'same' or 'reflect', got {padding!r}")
         self.filters = list(filters)
         self.kernels = list(kernels)
+        self.padding = padding
         layers: list[keras.layers.Layer] = []
         for i, f in enumerate(self.filters):
             for j, (kernel, stride) in enumerate(zip(self.kernels, (2, 1))):
+                layers += self._conv(f, kernel, stride, f"{i}_{j}")
                 layers += [
-                    keras.layers.Conv2D(f, kernel, strides=stride, padding="same", use_bias=False,
-                                        name=f"conv{i}_{j}", dtype=self.dtype_policy),
-                    keras.layers.BatchNormalization(name=f"bn{i}_{j}", dtype=self.dtype_policy),
+                    keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}_{j}",
+                                                    dtype=self.dtype_policy),
                     keras.layers.ReLU(dtype=self.dtype_policy),
                 ]
         self.net = keras.Sequential(layers, name="stages")
+
+    def _conv(self, filters: int, kernel: int, stride: int, name: str) -> list[keras.layers.Layer]:
+        pad = []
+        if self.padding == "reflect" and kernel > 1:
+            before = (kernel - 1) // 2
+            pad = [ReflectPad(before, kernel - 1 - before, name=f"pad{name}",
+                              dtype=self.dtype_policy)]
+        mode = "valid" if self.padding == "reflect" else "same"
+        return pad + [keras.layers.Conv2D(filters, kernel, strides=stride, padding=mode,
+                                          use_bias=False, name=f"conv{name}",
+                                          dtype=self.dtype_policy)]
 
     def grid_hw(self, image_size: int) -> tuple[int, int]:
         side = image_size // 2 ** len(self.filters)
@@ -61,7 +102,8 @@ class SmallCNN(keras.layers.Layer):
         return self.net(images, training=training)  # (B, gh, gw, C)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "filters": self.filters, "kernels": self.kernels}
+        return {**super().get_config(), "filters": self.filters, "kernels": self.kernels,
+                "padding": self.padding}
 
 
 class FeatureEncoder(keras.layers.Layer):
@@ -139,7 +181,8 @@ class GridAttention(keras.layers.Layer):
                                          dtype=self.dtype_policy)
             self.wg.build((None, feat_dim))
         elif feat_dim != hidden_dim:
-            raise ValueError(f"dot attention needs feature dim ({feat_dim}) == hidden ({hidden_dim})")
+            raise ValueError(
+                f"dot attention needs feature dim ({feat_dim}) == hidden ({hidden_dim})")
         self.built = True
 
     def keys(self, features: tf.Tensor) -> tf.Tensor:
@@ -151,12 +194,19 @@ class GridAttention(keras.layers.Layer):
         return features  # (B, G, U)
 
     def weights_for(self, keys: tf.Tensor, hidden: tf.Tensor) -> tf.Tensor:
-        """Softmax attention over cells for one step: -> (B, G) float32."""
+        """Softmax attention over cells: hidden (B, U) -> (B, G), or for all steps at
+        once hidden (B, T, U) -> (B, T, G); float32."""
+        steps = hidden.shape.rank == 3
         if self.kind == "additive":
-            query = self.w2(hidden)[:, None, :]  # (B, 1, A)
-            scores = tf.squeeze(self.v(tf.tanh(keys + query)), -1)  # (B, G)
+            query = self.w2(hidden)  # (B, A) or (B, T, A)
+            if steps:
+                query, keys = query[:, :, None, :], keys[:, None, :, :]  # (B,T,1,A), (B,1,G,A)
+            else:
+                query = query[:, None, :]  # (B, 1, A)
+            scores = tf.squeeze(self.v(tf.tanh(keys + query)), -1)  # (B, G) or (B, T, G)
         else:
-            scores = tf.einsum("bgu,bu->bg", keys, _cast(hidden, keys.dtype))  # (B, G)
+            pattern = "bgu,btu->btg" if steps else "bgu,bu->bg"
+            scores = tf.einsum(pattern, keys, _cast(hidden, keys.dtype))
         return tf.nn.softmax(tf.cast(scores, "float32"), axis=-1)
 
     def call(self, features: tf.Tensor, hidden: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -171,8 +221,16 @@ class GridAttention(keras.layers.Layer):
 class AttentionDecoder(keras.layers.Layer):
     """GRU decoder with attention; the GRU state is carried from step to step.
 
-    Step t: alpha_t = attention(keys, h_{t-1}); context_t = sum_g alpha_tg * features_g;
+    ``attend="before"`` (Show, Attend and Tell, the default), step t:
+    alpha_t = attention(keys, h_{t-1}); context_t = sum_g alpha_tg * features_g;
     h_t = GRU([embed(y_{t-1}); context_t], h_{t-1}); logits_t = Dense(V)(dropout(Dense(U)(h_t))).
+
+    ``attend="after"`` (the spatial attention of Lu et al. 2017, "Knowing When to Look"):
+    h_t = GRU(embed(y_{t-1}), h_{t-1}); alpha_t = attention(keys, h_t);
+    logits_t = Dense(V)(dropout(Dense(U)([h_t; context_t]))). The state then holds only
+    the words so far, so every word must look at the image when it is emitted; under
+    teacher forcing the attention for all steps runs as one batched op after the loop.
+
     The GRU is written out (Keras ``reset_after`` form) so the embedding half of the
     input projection runs for all steps in one matmul under teacher forcing, and the
     output head runs once over all steps after the loop.
@@ -188,8 +246,12 @@ class AttentionDecoder(keras.layers.Layer):
 
     def __init__(self, vocab_size: int, embedding_dim: int = 256, units: int = 512,
                  attention: str = "additive", attention_units: int = 512,
-                 dropout: float = 0.0, init_state: str = "mean", **kwargs):
+                 dropout: float = 0.0, init_state: str = "mean", attend: str = "before",
+                 **kwargs):
         super().__init__(**kwargs)
+        if attend not in ("before", "after"):
+            raise ValueError(f"attend must be 'before' or 'after', got {attend!r}")
+        self.attend = attend
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.units = units
@@ -214,11 +276,11 @@ class AttentionDecoder(keras.layers.Layer):
         glorot, orth = keras.initializers.GlorotUniform(), keras.initializers.Orthogonal()
         self.kernel_emb = self.add_weight(name="gru_kernel_emb", shape=(self.embedding_dim, 3 * u),
                                           initializer=glorot)
-        self.kernel_ctx = self.add_weight(name="gru_kernel_ctx", shape=(feat_dim, 3 * u),
-                                          initializer=glorot)
+        self.kernel_ctx = (self.add_weight(name="gru_kernel_ctx", shape=(feat_dim, 3 * u),
+                                           initializer=glorot) if self.attend == "before" else None)
         self.recurrent = self.add_weight(name="gru_recurrent", shape=(u, 3 * u), initializer=orth)
         self.bias = self.add_weight(name="gru_bias", shape=(2, 3 * u), initializer="zeros")
-        self.fc1.build((None, u))
+        self.fc1.build((None, u if self.attend == "before" else u + feat_dim))
         self.fc2.build((None, u))
         if self.init_dense is not None:
             self.init_dense.build((None, feat_dim))
@@ -241,31 +303,44 @@ class AttentionDecoder(keras.layers.Layer):
         kernel = _cast(self.kernel_emb, emb.dtype)
         return tf.tensordot(emb, kernel, axes=1) + _cast(self.bias[0], emb.dtype)
 
-    def cell(self, x_emb: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
-             ) -> tuple[tf.Tensor, tf.Tensor]:
-        """One recurrent step: (B, 3U) projected embedding, (B, U) state -> new state, alpha."""
-        dt = h.dtype
-        alpha = self.attention.weights_for(enc["keys"], h)  # (B, G) float32
-        context = tf.einsum("bg,bge->be", _cast(alpha, dt), enc["features"])  # (B, E)
-        x = x_emb + tf.matmul(context, _cast(self.kernel_ctx, dt))  # (B, 3U)
-        hr = tf.matmul(h, _cast(self.recurrent, dt)) + _cast(self.bias[1], dt)  # (B, 3U)
+    def gru(self, x: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
+        """GRU update from a projected input (B, 3U) and the state (B, U) -> (B, U)."""
+        hr = tf.matmul(h, _cast(self.recurrent, h.dtype)) + _cast(self.bias[1], h.dtype)
         xz, xr, xh = tf.split(x, 3, axis=-1)
         hz, hr_, hh = tf.split(hr, 3, axis=-1)
         z = tf.sigmoid(xz + hz)
         r = tf.sigmoid(xr + hr_)
-        candidate = tf.tanh(xh + r * hh)
-        return z * h + (1.0 - z) * candidate, alpha  # (B, U), (B, G)
+        return z * h + (1.0 - z) * tf.tanh(xh + r * hh)
+
+    def attend_to(self, enc: dict[str, tf.Tensor], query: tf.Tensor
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Attention for (B, U) or (B, T, U) queries -> context (.., E), alpha (.., G)."""
+        alpha = self.attention.weights_for(enc["keys"], query)  # (B, G) or (B, T, G)
+        pattern = "btg,bge->bte" if query.shape.rank == 3 else "bg,bge->be"
+        return tf.einsum(pattern, _cast(alpha, query.dtype), enc["features"]), alpha
+
+    def cell(self, x_emb: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
+             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """One step: (B, 3U) projected embedding, (B, U) state -> new state (B, U),
+        alpha (B, G) and the head's input (B, U) or (B, U + E)."""
+        if self.attend == "after":
+            h_new = self.gru(x_emb, h)
+            context, alpha = self.attend_to(enc, h_new)
+            return h_new, alpha, tf.concat([h_new, context], -1)
+        context, alpha = self.attend_to(enc, h)  # (B, E), (B, G)
+        h_new = self.gru(x_emb + tf.matmul(context, _cast(self.kernel_ctx, h.dtype)), h)
+        return h_new, alpha, h_new
 
     def head(self, h: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """Output head over any leading dims: (..., U) -> (..., V) float32 logits."""
+        """Output head over any leading dims: (..., U[+E]) -> (..., V) float32 logits."""
         logits = self.fc2(self.head_dropout(self.fc1(h), training=training))
         return tf.cast(logits, "float32")
 
     def step(self, tokens: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Inference step: (N,) previous ids -> (N, V) log-probs, (N, U) state, (N, G) alpha."""
-        h_new, alpha = self.cell(self.embed_projection(tokens), h, enc)
-        return tf.nn.log_softmax(self.head(h_new)), h_new, alpha
+        h_new, alpha, out = self.cell(self.embed_projection(tokens), h, enc)
+        return tf.nn.log_softmax(self.head(out)), h_new, alpha
 
     # ---- training ---------------------------------------------------------------------
     def call(self, enc: dict[str, tf.Tensor], tokens_in: tf.Tensor, training: bool = False,
@@ -277,12 +352,15 @@ class AttentionDecoder(keras.layers.Layer):
         with that probability, the model's own prediction from step t - 1.
         """
         h0 = self.initial_state(enc)
-        if sampling_prob is None:
-            hs, alphas = self._teacher_forced(enc, tokens_in, h0)
+        if sampling_prob is not None:
+            outs, alphas = self._scheduled(enc, tokens_in, h0, sampling_prob, seed,
+                                           greedy_sampling)
+        elif self.attend == "after":
+            outs, alphas = self._attend_after_all(enc, tokens_in, h0)
         else:
-            hs, alphas = self._scheduled(enc, tokens_in, h0, sampling_prob, seed, greedy_sampling)
-        logits = self.head(tf.transpose(hs, [1, 0, 2]), training=training)  # (B, T, V)
-        return logits, tf.transpose(alphas, [1, 0, 2])
+            outs, alphas = self._teacher_forced(enc, tokens_in, h0)
+        logits = self.head(outs, training=training)  # (B, T, V)
+        return logits, alphas
 
     def _teacher_forced(self, enc, tokens_in, h0):
         x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
@@ -291,43 +369,54 @@ class AttentionDecoder(keras.layers.Layer):
         alphas = tf.TensorArray("float32", size=steps)
 
         def body(t, h, hs, alphas):
-            h, alpha = self.cell(x_all[t], h, enc)
+            h, alpha, _ = self.cell(x_all[t], h, enc)
             return t + 1, h, hs.write(t, h), alphas.write(t, alpha)
 
         _, _, hs, alphas = tf.while_loop(lambda t, *_: t < steps, body,
                                          (tf.constant(0), h0, hs, alphas))
-        return hs.stack(), alphas.stack()  # (T, B, U), (T, B, G)
+        return (tf.transpose(hs.stack(), [1, 0, 2]),  # (B, T, U)
+                tf.transpose(alphas.stack(), [1, 0, 2]))  # (B, T, G)
+
+    def _attend_after_all(self, enc, tokens_in, h0):
+        """attend="after": the GRU alone in the loop, then attention for all steps at once."""
+        x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
+        hs = tf.scan(lambda h, x: self.gru(x, h), x_all, initializer=h0)  # (T, B, U)
+        hs = tf.transpose(hs, [1, 0, 2])  # (B, T, U)
+        context, alphas = self.attend_to(enc, hs)  # (B, T, E), (B, T, G)
+        return tf.concat([hs, context], -1), alphas
 
     def _scheduled(self, enc, tokens_in, h0, sampling_prob, seed, greedy):
         tokens_t = tf.transpose(tokens_in)  # (T, B)
         steps, batch = tf.shape(tokens_t)[0], tf.shape(tokens_t)[1]
         seed = tf.zeros((2,), "int32") if seed is None else tf.cast(seed, "int32")
-        hs = tf.TensorArray(h0.dtype, size=steps)
+        outs = tf.TensorArray(h0.dtype, size=steps)
         alphas = tf.TensorArray("float32", size=steps)
 
-        def body(t, prev_pred, h, hs, alphas):
+        def body(t, prev_pred, h, outs, alphas):
             step_seed = seed + tf.stack([0, t])
             coin = tf.random.stateless_uniform((batch,), step_seed) < sampling_prob
             use_pred = tf.logical_and(coin, t > 0)
             tok = tf.where(use_pred, prev_pred, tokens_t[t])  # (B,)
-            h, alpha = self.cell(self.embed_projection(tok), h, enc)
-            logits = tf.stop_gradient(self.head(h))  # (B, V)
+            h, alpha, out = self.cell(self.embed_projection(tok), h, enc)
+            logits = tf.stop_gradient(self.head(out))  # (B, V)
             if greedy:
                 pred = tf.argmax(logits, -1, output_type=tokens_t.dtype)
             else:
                 pred = tf.cast(tf.random.stateless_categorical(
                     logits, 1, step_seed + tf.constant([1, 0]))[:, 0], tokens_t.dtype)
-            return t + 1, pred, h, hs.write(t, h), alphas.write(t, alpha)
+            return t + 1, pred, h, outs.write(t, out), alphas.write(t, alpha)
 
-        init = (tf.constant(0), tokens_t[0], h0, hs, alphas)
-        _, _, _, hs, alphas = tf.while_loop(lambda t, *_: t < steps, body, init)
-        return hs.stack(), alphas.stack()
+        init = (tf.constant(0), tokens_t[0], h0, outs, alphas)
+        _, _, _, outs, alphas = tf.while_loop(lambda t, *_: t < steps, body, init)
+        return (tf.transpose(outs.stack(), [1, 0, 2]),  # (B, T, U[+E])
+                tf.transpose(alphas.stack(), [1, 0, 2]))  # (B, T, G)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "vocab_size": self.vocab_size,
                 "embedding_dim": self.embedding_dim, "units": self.units,
                 "attention": self.attention_kind, "attention_units": self.attention_units,
-                "dropout": self.dropout_rate, "init_state": self.init_state}
+                "dropout": self.dropout_rate, "init_state": self.init_state,
+                "attend": self.attend}
 
 
 class CaptionModel(keras.Model):
@@ -343,26 +432,29 @@ class CaptionModel(keras.Model):
 
     def __init__(self, vocab_size: int, image_size: int = 224, backbone: str = "small_cnn",
                  cnn_filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
-                 cnn_kernels: list[int] | tuple[int, ...] = (3, 3), embedding_dim: int = 256,
+                 cnn_kernels: list[int] | tuple[int, ...] = (3, 3), cnn_padding: str = "same",
+                 embedding_dim: int = 256,
                  units: int = 512, attention: str = "additive",
                  attention_units: int = 512, dropout: float = 0.3, init_state: str = "mean",
-                 positional: bool = True, **kwargs):
+                 positional: bool = True, attend: str = "before", **kwargs):
         super().__init__(**kwargs)
         if backbone != "small_cnn":
             raise ValueError(f"unknown backbone {backbone!r}; available: small_cnn")
         self.args = dict(vocab_size=vocab_size, image_size=image_size, backbone=backbone,
                          cnn_filters=list(cnn_filters), cnn_kernels=list(cnn_kernels),
+                         cnn_padding=cnn_padding,
                          embedding_dim=embedding_dim, units=units,
                          attention=attention, attention_units=attention_units, dropout=dropout,
-                         init_state=init_state, positional=positional)
+                         init_state=init_state, positional=positional, attend=attend)
         pol = self.dtype_policy
-        self.backbone = SmallCNN(cnn_filters, cnn_kernels, name="backbone", dtype=pol)
+        self.backbone = SmallCNN(cnn_filters, cnn_kernels, cnn_padding, name="backbone",
+                                 dtype=pol)
         gh, gw = self.backbone.grid_hw(image_size)
         self.grid_hw = (gh, gw)
         self.encoder = FeatureEncoder(embedding_dim, gh * gw, dropout, positional,
                                       name="encoder", dtype=pol)
         self.decoder = AttentionDecoder(vocab_size, embedding_dim, units, attention,
-                                        attention_units, dropout, init_state,
+                                        attention_units, dropout, init_state, attend,
                                         name="decoder", dtype=pol)
         self.decoder.build((None, gh * gw, embedding_dim))
 
@@ -371,10 +463,11 @@ class CaptionModel(keras.Model):
                           ) -> CaptionModel:
         return cls(vocab_size=vocab_size, image_size=cfg.image_size, backbone=cfg.backbone,
                    cnn_filters=cfg.cnn_filters, cnn_kernels=cfg.cnn_kernels,
+                   cnn_padding=cfg.cnn_padding,
                    embedding_dim=cfg.embedding_dim, units=cfg.units,
                    attention=cfg.attention, attention_units=cfg.attention_units,
                    dropout=cfg.dropout, init_state=cfg.init_state, positional=cfg.positional,
-                   dtype=dtype)
+                   attend=cfg.attend, dtype=dtype)
 
     @property
     def grid_size(self) -> int:

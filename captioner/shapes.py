@@ -27,10 +27,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 1
-MANIFEST_COLUMNS = ("image", "caption", "split", "objects", "word_objects")
-_LAYOUT = 3
-
 
 @dataclass(frozen=True)
 class ShapesSpec:
@@ -62,6 +58,9 @@ class ShapesSpec:
     position_jitter: float = 0.035
     min_gap: float = 0.03
     min_dominance: float = 1.25
+    layout: int = 3
+    format_version: int = 1
+    manifest_columns: tuple[str, ...] = ("image", "caption", "split", "objects", "word_objects")
 
     @property
     def color_names(self) -> tuple[str, ...]:
@@ -104,11 +103,11 @@ def max_caption_words(max_objects: int = 3, spec: ShapesSpec | None = None) -> i
 # --------------------------------------------------------------------------- layout
 
 
-def _sample_cells(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+def _sample_cells(rng: np.random.Generator, n: int, layout: int) -> list[tuple[int, int]]:
     """Distinct layout cells in row-major order, no two consecutive ones diagonal."""
     while True:
-        flat = np.sort(rng.choice(_LAYOUT * _LAYOUT, size=n, replace=False))
-        cells = [(int(c) // _LAYOUT, int(c) % _LAYOUT) for c in flat]
+        flat = np.sort(rng.choice(layout * layout, size=n, replace=False))
+        cells = [(int(c) // layout, int(c) % layout) for c in flat]
         pairs = itertools.pairwise(cells)
         if all(abs(b[0] - a[0]) != abs(b[1] - a[1]) for a, b in pairs):
             return cells
@@ -122,7 +121,7 @@ def _sample_box(
     jitter = spec.position_jitter * size
     box = []
     for index in (cell[1], cell[0]):  # x from column, y from row
-        centre = size * (index + 0.5) / _LAYOUT + rng.uniform(-jitter, jitter)
+        centre = size * (index + 0.5) / spec.layout + rng.uniform(-jitter, jitter)
         start = round(float(centre) - side / 2)
         box.append(min(max(start, 1), size - 1 - side))
     return [box[0], box[1], box[0] + side - 1, box[1] + side - 1]
@@ -158,7 +157,7 @@ def _sample_layout(
 ) -> tuple[list[tuple[int, int]], list[list[int]]]:
     """Cells and non-overlapping boxes for ``n`` objects, in canonical order."""
     while True:
-        cells = _sample_cells(rng, n)
+        cells = _sample_cells(rng, n, spec.layout)
         for _ in range(50):
             boxes = [_sample_box(rng, cell, size, spec) for cell in cells]
             if _layout_ok(boxes, size, spec):
@@ -267,9 +266,10 @@ def render_sample(
         ((112, 112), True)
     """
     spec = spec or ShapesSpec()
-    if not 1 <= min_objects <= max_objects <= _LAYOUT * _LAYOUT:
+    if not 1 <= min_objects <= max_objects <= spec.layout**2:
         raise ValueError(
-            f"need 1 <= min_objects <= max_objects <= 9, got {min_objects}, {max_objects}"
+            f"need 1 <= min_objects <= max_objects <= {spec.layout**2}, "
+            f"got {min_objects}, {max_objects}"
         )
     n = int(rng.integers(min_objects, max_objects + 1))
     cells, boxes = _sample_layout(rng, n, image_size, spec)
@@ -348,11 +348,12 @@ def assign_splits(n_images: int, seed: int, val_fraction: float, test_fraction: 
     return splits
 
 
-def _write_manifest(path: Path, rows: list[tuple], splits: list[str]) -> None:
+def _write_manifest(path: Path, rows: list[tuple], splits: list[str], columns: tuple[str, ...]
+                    ) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerow(columns)
         for index, ((caption, objects, word_objects), split) in enumerate(zip(rows, splits)):
             writer.writerow(
                 [
@@ -406,7 +407,7 @@ def generate_shapes(
     params = json.loads(
         json.dumps(
             {
-                "version": FORMAT_VERSION,
+                "version": spec.format_version,
                 "n_images": n_images,
                 "image_size": image_size,
                 "min_objects": min_objects,
@@ -427,7 +428,7 @@ def generate_shapes(
         old.unlink()
     job = _Job(str(out), seed, image_size, min_objects, max_objects, spec)
     rows = _render_all(job, n_images, workers or min(os.cpu_count() or 1, 8))
-    _write_manifest(manifest, rows, splits)
+    _write_manifest(manifest, rows, splits, spec.manifest_columns)
     params_path.write_text(json.dumps(params, indent=2), encoding="utf-8")
     return manifest
 

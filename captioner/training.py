@@ -11,17 +11,26 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from captioner.config import Config, ConfigError, config_from_dict
-from captioner.data import (LoadReport, SplitData, build_split, epoch_order, image_batches,
-                            read_records, steps_per_epoch, train_batches)
+from captioner.data import (
+    LoadReport,
+    PairTensors,
+    SplitData,
+    build_split,
+    epoch_batches,
+    image_batches,
+    read_records,
+    steps_per_epoch,
+)
 from captioner.inference import Captioner
 from captioner.metrics import validation_metric
 from captioner.model import CaptionModel
@@ -284,8 +293,11 @@ class Trainer:
         epoch = int(self.epoch.numpy()) + 1
         skip = int(self.step_in_epoch.numpy())
         prob = sampling_probability(self.cfg, epoch)
-        batches = train_batches(self.data.train, self.data.tokens, t.batch_size, t.seed, epoch,
-                                skip, t.max_steps_per_epoch)
+        if not hasattr(self, "_pairs"):
+            self._pairs = PairTensors.from_arrays(self.data.train.images, self.data.tokens,
+                                                  self.data.train.pair_image)
+        batches = self._pairs.batches(epoch_batches(self.data.train.num_pairs, t.batch_size,
+                                                    t.seed, epoch, skip, t.max_steps_per_epoch))
         started, losses = time.perf_counter(), []
         bar = self._progress(epoch, skip)
         for images, tokens in batches:
@@ -397,11 +409,6 @@ def train(cfg: Config, run_dir: str | Path, log: Callable[[str], None] = print
           ) -> dict[str, list[Any]]:
     """Train (or resume) a run; returns the history."""
     return Trainer(cfg, run_dir, log).fit()
-
-
-def epoch_pairs(trainer: Trainer, epoch: int) -> np.ndarray:
-    """The training-pair order of ``epoch`` (exposed for tests of resuming)."""
-    return epoch_order(trainer.data.train.num_pairs, trainer.cfg.train.seed, epoch)
 
 
 def caption_split(captioner: Captioner, split: SplitData, batch_size: int

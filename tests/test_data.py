@@ -7,8 +7,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioner.data import (DataError, LoadReport, Record, assign_splits, build_split,
-                            gather_batch, load_image, read_csv_manifest, train_batches)
+from captioner.data import (
+    DataError,
+    LoadReport,
+    PairTensors,
+    Record,
+    assign_splits,
+    build_split,
+    epoch_batches,
+    gather_batch,
+    load_image,
+    read_csv_manifest,
+)
 
 
 def write_manifest(path, rows, header="image,caption,split"):
@@ -99,8 +109,8 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_unreadable_and_missing_images_are_skipped_and_counted(tmp_path):
     p = make_images(tmp_path)
     recs = [Record(str(p["rgb"]), "a b", "train"), Record(str(p["corrupt"]), "c d", "train"),
-            Record(str(p["text"]), "e f", "train"), Record(str(tmp_path / "gone.png"), "g", "train"),
-            Record(str(p["rgb"]), "a c", "train")]
+            Record(str(p["text"]), "e f", "train"),
+            Record(str(tmp_path / "gone.png"), "g", "train"), Record(str(p["rgb"]), "a c", "train")]
     report = LoadReport()
     split = build_split(recs, 16, workers=2, report=report)
     assert split.num_images == 1 and split.num_pairs == 2
@@ -127,20 +137,22 @@ def test_gather_batch_same_eagerly_and_in_tf_data():
     assert eager[0].numpy()[0].tolist() == images.numpy()[3].tolist()
 
 
-def test_train_batches_are_deterministic_and_skip(tmp_path):
-    from captioner.data import SplitData
+def test_epoch_batches_are_deterministic_and_skip():
+    full = epoch_batches(40, 8, seed=0, epoch=1)
+    assert full.shape == (5, 8)
+    np.testing.assert_array_equal(full, epoch_batches(40, 8, seed=0, epoch=1))
+    np.testing.assert_array_equal(epoch_batches(40, 8, 0, 1, skip=2), full[2:])
+    assert not np.array_equal(full, epoch_batches(40, 8, seed=0, epoch=2))
+    assert sorted(full.ravel().tolist()) == list(range(40))
+    assert epoch_batches(43, 8, 0, 1).shape == (5, 8)  # only full batches
+    assert epoch_batches(40, 8, 0, 1, max_steps=3).shape == (3, 8)
 
-    n = 40
-    split = SplitData(np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1).repeat(3, -1),
-                      [str(i) for i in range(n)], [[str(i)] for i in range(n)], [{}] * n,
-                      np.arange(n), [str(i) for i in range(n)])
-    tokens = np.arange(n, dtype=np.int32)[:, None].repeat(3, 1)
-    full = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 1)]
-    again = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 1)]
-    skipped = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 1, 2)]
-    other = [t.numpy()[:, 0].tolist() for _, t in train_batches(split, tokens, 8, 0, 2)]
-    assert full == again and len(full) == 5 and skipped == full[2:]
-    assert full != other
-    assert sorted(sum(full, [])) == list(range(n))
-    capped = list(train_batches(split, tokens, 8, 0, 1, max_steps=3))
-    assert len(capped) == 3
+
+def test_pair_tensors_batches_gather_the_right_rows():
+    images = np.arange(4, dtype=np.uint8)[:, None, None, None].repeat(3, -1)  # image i = i
+    tokens = np.arange(6, dtype=np.int32)[:, None].repeat(2, 1)  # pair j = j
+    pair_image = np.array([0, 0, 1, 2, 3, 3])
+    pairs = PairTensors.from_arrays(images, tokens, pair_image)
+    got = [(im.numpy()[:, 0, 0, 0].tolist(), tok.numpy()[:, 0].tolist())
+           for im, tok in pairs.batches(np.array([[5, 2], [0, 3]]))]
+    assert got == [([3, 1], [5, 2]), ([0, 2], [0, 3])]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.model import (AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention,
-                             SmallCNN)
+from captioner.model import AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention, SmallCNN
 
 SMALL = dict(vocab_size=11, image_size=32, cnn_filters=[8, 16], embedding_dim=12, units=20,
              attention_units=10, dropout=0.0)
@@ -65,10 +64,11 @@ def test_decoder_shapes():
     np.testing.assert_allclose(tf.reduce_sum(tf.exp(log_probs), -1).numpy(), 1.0, rtol=1e-5)
 
 
-def test_teacher_forcing_equals_stepwise_decoding():
+@pytest.mark.parametrize("attend", ["before", "after"])
+def test_teacher_forcing_equals_stepwise_decoding(attend):
     """The unrolled training loop and the inference step compute the same thing,
     which also shows the GRU state is carried from step to step."""
-    model = small_model()
+    model = small_model(attend=attend)
     images = tf.random.uniform((2, 32, 32, 3), 0, 255, tf.int32)
     images = tf.cast(images, tf.uint8)
     tokens = tf.constant([[1, 4, 5, 6], [1, 7, 4, 4]])
@@ -82,17 +82,19 @@ def test_teacher_forcing_equals_stepwise_decoding():
         np.testing.assert_allclose(alpha.numpy(), alphas[:, t].numpy(), atol=1e-6)
 
 
-def test_state_carries_history():
+@pytest.mark.parametrize("attend", ["before", "after"])
+def test_state_carries_history(attend):
     """Changing an early token changes later outputs: the state is not dropped."""
-    model = small_model()
+    model = small_model(attend=attend)
     images = tf.zeros((1, 32, 32, 3), tf.uint8)
     a, _ = model((images, tf.constant([[1, 4, 5, 5]])))
     b, _ = model((images, tf.constant([[1, 7, 5, 5]])))
     assert not np.allclose(a[0, 3].numpy(), b[0, 3].numpy())
 
 
-def test_keys_computed_once_per_image(monkeypatch):
-    model = small_model()
+@pytest.mark.parametrize("attend", ["before", "after"])
+def test_keys_computed_once_per_image(monkeypatch, attend):
+    model = small_model(attend=attend)
     calls = []
     original = model.decoder.attention.keys
     monkeypatch.setattr(model.decoder.attention, "keys",
@@ -110,9 +112,12 @@ def test_initial_state_choice(init_state):
     assert (np.all(h0 == 0)) == (init_state == "zeros")
 
 
-@pytest.mark.parametrize("attention", ["additive", "general", "dot"])
-def test_model_rebuilds_from_config(attention):
-    kw = {"attention": attention, "units": 12} if attention == "dot" else {"attention": attention}
+@pytest.mark.parametrize("attention, attend", [("additive", "before"), ("general", "before"),
+                                               ("dot", "before"), ("additive", "after")])
+def test_model_rebuilds_from_config(attention, attend):
+    kw = {"attention": attention, "attend": attend}
+    if attention == "dot":
+        kw["units"] = 12
     model = small_model(**kw)
     clone = CaptionModel.from_config(model.get_config()).build_weights()
     assert clone.count_params() == model.count_params()
@@ -127,13 +132,25 @@ def test_layer_configs_hold_init_arguments():
     assert (enc_cfg["embedding_dim"], enc_cfg["grid_size"], enc_cfg["dropout"],
             enc_cfg["positional"]) == (5, 16, 0.2, False)
     assert GridAttention("general", 3).get_config()["kind"] == "general"
-    dec_cfg = AttentionDecoder(9, 4, 6, "dot", 2, 0.1, "zeros").get_config()
-    assert (dec_cfg["vocab_size"], dec_cfg["attention"], dec_cfg["init_state"]) == (9, "dot",
-                                                                                    "zeros")
+    dec_cfg = AttentionDecoder(9, 4, 6, "dot", 2, 0.1, "zeros", "after").get_config()
+    assert (dec_cfg["vocab_size"], dec_cfg["attention"], dec_cfg["init_state"],
+            dec_cfg["attend"]) == (9, "dot", "zeros", "after")
 
 
-def test_scheduled_sampling_path_shapes_and_zero_prob_equals_teacher_forcing():
-    model = small_model()
+def test_attention_for_all_steps_matches_per_step():
+    att = GridAttention("additive", units=5)
+    feats, hs = tf.random.normal((2, 49, 6)), tf.random.normal((2, 3, 8))
+    att.build(feats.shape, (None, 8))
+    keys = att.keys(feats)
+    together = att.weights_for(keys, hs).numpy()  # (B, T, G)
+    for t in range(3):
+        np.testing.assert_allclose(together[:, t], att.weights_for(keys, hs[:, t]).numpy(),
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("attend", ["before", "after"])
+def test_scheduled_sampling_path_shapes_and_zero_prob_equals_teacher_forcing(attend):
+    model = small_model(attend=attend)
     x = (tf.zeros((2, 32, 32, 3), tf.uint8), tf.constant([[1, 4, 5, 6], [1, 7, 4, 4]]))
     tf_logits, _ = model(x)
     ss_logits, ss_alpha = model(x, sampling_prob=tf.constant(0.0), seed=tf.constant([1, 2]))

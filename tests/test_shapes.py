@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from captioner.shapes import (
-    MANIFEST_COLUMNS,
     ShapesSpec,
     assign_splits,
     box_center,
@@ -186,7 +185,7 @@ def test_vocabulary() -> None:
 def test_manifest_columns_and_content(dataset: Path) -> None:
     with open(dataset, newline="") as handle:
         reader = csv.DictReader(handle)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
+        assert tuple(reader.fieldnames) == ShapesSpec().manifest_columns
         rows = list(reader)
     assert len(rows) == 200
     assert rows[0]["image"] == "images/shape_00000.png"

@@ -12,8 +12,13 @@ import tensorflow as tf
 from captioner.config import ConfigError
 from captioner.inference import Captioner
 from captioner.model import CaptionModel
-from captioner.training import (Trainer, caption_loss, make_optimizer, make_train_step,
-                                sampling_probability)
+from captioner.training import (
+    Trainer,
+    caption_loss,
+    make_optimizer,
+    make_train_step,
+    sampling_probability,
+)
 
 
 def test_caption_loss_by_hand():
@@ -29,19 +34,20 @@ def test_caption_loss_by_hand():
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
+    keras.utils.set_random_seed(0)
     model = CaptionModel.from_model_config(tiny_config.model, vocab_size=12).build_weights()
-    opt = make_optimizer(tiny_config, total_steps=100)
-    step = make_train_step(model, opt, pad_id=0, attention_reg=1.0)
+    opt = make_optimizer(tiny_config, total_steps=1000)
+    step = make_train_step(model, opt, pad_id=0, attention_reg=0.0)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.integers(0, 255, (8, 32, 32, 3)), tf.uint8)
     tokens = tf.constant(np.concatenate([np.ones((8, 1)), rng.integers(4, 12, (8, 5)),
                                          np.full((8, 1), 2), np.zeros((8, 2))], 1), tf.int32)
     args = (tf.constant(0.0), tf.constant([0, 0]))
     first = float(step(images, tokens, *args)["nll"])
-    for _ in range(30):
+    for _ in range(80):
         last = float(step(images, tokens, *args)["nll"])
-    assert last < 0.5 * first
-    assert int(opt.iterations.numpy()) == 31
+    assert last < 0.3 * first
+    assert int(opt.iterations.numpy()) == 81
 
 
 def test_scheduled_sampling_probability_schedule(tiny_config):
@@ -94,13 +100,18 @@ def test_generation_stops_at_end_and_attention_is_aligned(trained_run, shapes_di
 
 
 def test_loaded_model_matches_trained_weights(trained_run):
+    """Every trainable variable of the loaded model equals a tensor in the checkpoint,
+    and the restored weights differ from a fresh initialisation."""
     cap = Captioner.load(trained_run, checkpoint="latest")
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(trained_run / "checkpoints")))
-    keys = [k for k in reader.get_variable_to_shape_map() if "gru_recurrent" in k
-            and "OPTIMIZER" not in k]
-    assert keys
-    np.testing.assert_array_equal(reader.get_tensor(keys[0]),
-                                  cap.model.decoder.recurrent.numpy())
+    saved = [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+             if "OPTIMIZER_SLOT" not in k and k.endswith("VARIABLE_VALUE")]
+    for var in cap.model.trainable_variables:
+        value = var.numpy()
+        assert any(s.shape == value.shape and np.array_equal(s, value) for s in saved), var.path
+    fresh = CaptionModel.from_config(cap.model.get_config()).build_weights()
+    assert any(not np.array_equal(a.numpy(), b.numpy())
+               for a, b in zip(fresh.trainable_variables, cap.model.trainable_variables))
 
 
 def _weights(model):
