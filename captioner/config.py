@@ -230,6 +230,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _from_dict(tp, value, key + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -302,9 +307,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            text = path.read_text()
+            values = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     try:

@@ -291,8 +291,8 @@ class PairTensors:
     Example:
         >>> t = PairTensors.from_arrays(np.zeros((2, 4, 4, 3), "uint8"), np.ones((3, 5)),
         ...                             np.array([0, 1, 1]))
-        >>> [x.shape for x in t.batches(np.array([[2, 0]]))][0]
-        (TensorShape([2, 4, 4, 3]), TensorShape([2, 5]))
+        >>> [(im.shape, tok.shape) for im, tok in t.batches(np.array([[2, 0]]))]
+        [(TensorShape([2, 4, 4, 3]), TensorShape([2, 5]))]
     """
 
     images: tf.Tensor  # (N_img, S, S, 3) uint8

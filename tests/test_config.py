@@ -73,6 +73,21 @@ def test_json_round_trip(tmp_path):
     assert again == cfg
 
 
+def test_float_keys_accept_exponent_notation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  min_learning_rate: 1e-5\n")  # YAML 1.1 reads this as a string
+    assert load_config(path).train.min_learning_rate == 1e-5
+    assert apply_overrides(Config(), ["train.learning_rate=3e-4"]).train.learning_rate == 3e-4
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        apply_overrides(Config(), ["train.learning_rate=fast"])
+
+
+def test_saved_json_config_loads_again(tmp_path):
+    cfg = apply_overrides(Config(), ["train.min_learning_rate=1e-5"])
+    cfg.save(tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(Config(), ["model.units"])

@@ -166,3 +166,23 @@ def test_mixed_bfloat16_policy_runs():
     logits, alpha = model((tf.zeros((1, 32, 32, 3), tf.uint8), tf.ones((1, 3), tf.int32)))
     assert logits.dtype == tf.float32 and alpha.dtype == tf.float32
     assert model.decoder.kernel_emb.dtype == "float32"
+
+
+@pytest.mark.parametrize("kernels, padding", [([3, 3], "reflect"), ([2, 1], "same"), ([3], "same")])
+def test_cnn_kernels_and_padding_keep_the_grid(kernels, padding):
+    cnn = SmallCNN([4, 8, 8, 8], kernels, padding)
+    assert cnn(tf.zeros((1, 112, 112, 3))).shape == (1, 7, 7, 8)
+    n_convs = sum(isinstance(layer, keras.layers.Conv2D) for layer in cnn.net.layers)
+    assert n_convs == 4 * len(kernels)
+    assert SmallCNN.from_config(cnn.get_config()).padding == padding
+
+
+def test_reflect_padding_has_no_border_artifact():
+    """A constant image gives identical features in every cell with reflect padding,
+    but not with zero padding."""
+    images = tf.fill((1, 32, 32, 3), 200.0)
+    for padding, uniform in (("reflect", True), ("same", False)):
+        keras.utils.set_random_seed(1)
+        cnn = SmallCNN([4, 8], padding=padding)
+        out = cnn(SmallCNN.preprocess(images)).numpy()[0]  # (8, 8, C)
+        assert np.allclose(out, out[3, 3], atol=1e-5) == uniform, padding
