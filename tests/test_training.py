@@ -183,3 +183,15 @@ def test_mixed_bfloat16_training_step_runs(tiny_config, tmp_path):
     assert np.isfinite(history["loss"][0])
     assert trainer.model.decoder.compute_dtype == "bfloat16"
     assert isinstance(trainer.model.dtype_policy, keras.DTypePolicy)
+
+
+def test_scheduled_sampling_trains_in_the_compiled_step(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, ["train.epochs=2", "train.scheduled_sampling.enabled=true",
+                                        "train.scheduled_sampling.start=0.1",
+                                        "train.scheduled_sampling.end=0.5",
+                                        "train.scheduled_sampling.to_epoch=2"])
+    history = Trainer(cfg, tmp_path, log=lambda _: None).fit()
+    assert history["sampling_prob"] == [0.1, 0.5]
+    assert all(np.isfinite(history["loss"]))
