@@ -166,7 +166,12 @@ class TrainConfig:
 
 @dataclass
 class DecodeConfig:
-    """Decoding defaults for ``caption`` and validation.
+    """Decoding defaults for ``caption``, ``evaluate`` and validation.
+
+    ``strategy``: greedy, beam or sample. Beam search keeps ``beam_size`` hypotheses and
+    returns ``n_best`` with a GNMT ``length_penalty`` (0 = raw log-prob sums); sampling
+    uses ``temperature`` and ``top_k`` (0 = all tokens). For SMILES,
+    ``rerank_valid_smiles`` puts the best candidate RDKit can parse first.
 
     Example:
         >>> DecodeConfig().max_length
@@ -175,6 +180,13 @@ class DecodeConfig:
 
     max_length: int = 40
     batch_size: int = 64
+    strategy: str = "greedy"
+    beam_size: int = 3
+    n_best: int = 1
+    length_penalty: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+    rerank_valid_smiles: bool = True
 
 
 @dataclass
@@ -354,5 +366,11 @@ def validate(cfg: Config) -> None:
              "must be float32, mixed_bfloat16 or mixed_float16")
     _require(t.scheduled_sampling.schedule in ("linear", "inverse_sigmoid"),
              "train.scheduled_sampling.schedule", "must be linear or inverse_sigmoid")
+    dc = cfg.decode
+    _require(dc.strategy in ("greedy", "beam", "sample"), "decode.strategy",
+             "must be greedy, beam or sample")
+    _require(1 <= dc.n_best <= dc.beam_size, "decode.n_best", "must be in 1..decode.beam_size")
+    _require(dc.temperature > 0, "decode.temperature", "must be positive")
+    _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")
     _require(d.max_length >= 3, "data.max_length", "must be at least 3")
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")

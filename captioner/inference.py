@@ -16,38 +16,118 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.config import Config, config_from_dict
+from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data import image_batches, load_image
-from captioner.decoding import greedy_search
+from captioner.decoding import beam_search, greedy_search, sample_search, tile_for_beams
 from captioner.model import CaptionModel
 from captioner.tokenizers import Tokenizer
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """One decoding path: each distinct value compiles one function, built once and cached.
+
+    Example:
+        >>> DecodeOptions("beam", beam_size=3, n_best=2).candidates
+        2
+    """
+
+    strategy: str = "greedy"  # greedy | beam | sample
+    beam_size: int = 3
+    n_best: int = 1
+    length_penalty: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError(f"decoding strategy must be greedy, beam or sample, "
+                             f"got {self.strategy!r}")
+        if self.strategy == "beam" and not 1 <= self.n_best <= self.beam_size:
+            raise ValueError(f"n_best ({self.n_best}) must be between 1 and beam_size "
+                             f"({self.beam_size})")
+
+    @property
+    def candidates(self) -> int:
+        """Sequences returned per image."""
+        return self.n_best if self.strategy == "beam" else 1
+
+    @classmethod
+    def from_config(cls, cfg: DecodeConfig, **overrides: Any) -> DecodeOptions:
+        values = {"strategy": cfg.strategy, "beam_size": cfg.beam_size, "n_best": cfg.n_best,
+                  "length_penalty": cfg.length_penalty, "temperature": cfg.temperature,
+                  "top_k": cfg.top_k}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["strategy"] == "beam":
+            values["n_best"] = min(values["n_best"], values["beam_size"])
+        return cls(**values)
+
+
+def _run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf.Tensor],
+                  ids: tuple[int, int, int], max_length: tf.Tensor, seed: tf.Tensor
+                  ) -> dict[str, tf.Tensor]:
+    """Decode from encoder outputs; every strategy returns (B, n, ...) shaped results."""
+    start_id, end_id, pad_id = ids
+    batch = tf.shape(enc["features"])[0]
+    if options.strategy == "beam":
+        k = options.beam_size
+        enc = tile_for_beams(enc, k)  # (B*K, G, E), computed once, never gathered
+        h0 = model.decoder.initial_state(enc)  # (B*K, U)
+        out = beam_search(lambda t, h: model.decoder.step(t, h, enc), h0,
+                          tf.fill([batch * k], start_id), end_id, pad_id, max_length, k,
+                          options.n_best, options.length_penalty)
+        return {key: out[key] for key in ("tokens", "lengths", "scores", "attention")}
+    h0 = model.decoder.initial_state(enc)  # (B, U)
+    start = tf.fill([batch], start_id)
+
+    def step(tokens: tf.Tensor, h: tf.Tensor):
+        return model.decoder.step(tokens, h, enc)
+
+    if options.strategy == "sample":
+        out = sample_search(step, h0, start, end_id, pad_id, max_length, seed,
+                            options.temperature, options.top_k)
+    else:
+        out = greedy_search(step, h0, start, end_id, pad_id, max_length)
+    return {key: tf.expand_dims(value, 1) for key, value in out.items()}  # n = 1
+
+
 def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tokenizer,
-                           strategy: str = "greedy") -> Callable[..., dict[str, tf.Tensor]]:
-    """Compile ``images (B, S, S, 3) uint8, max_length () -> decoded dict`` once.
+                           options: DecodeOptions | None = None
+                           ) -> Callable[..., dict[str, tf.Tensor]]:
+    """Compile ``images (B, S, S, 3) uint8, max_length (), seed (2,) -> decoded dict`` once.
 
     The step function closes over the per-image encoder outputs, so attention keys are
-    computed once per image, never per step.
+    computed once per image, never per step. Results are shaped (B, n, ...) with n the
+    number of candidates (``n_best`` for beam search, else 1): ``tokens`` (B, n, T),
+    ``lengths`` (B, n), ``scores`` (B, n), ``attention`` (B, n, T, G).
     """
-    if strategy != "greedy":
-        raise ValueError(f"unknown decoding strategy {strategy!r}")
+    options = options or DecodeOptions()
     size = model.args["image_size"]
-    start_id, end_id, pad_id = tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id
+    ids = (tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id)
 
     @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8),
-                                  tf.TensorSpec((), tf.int32)])
-    def generate(images: tf.Tensor, max_length: tf.Tensor) -> dict[str, tf.Tensor]:
+                                  tf.TensorSpec((), tf.int32), tf.TensorSpec((2,), tf.int32)])
+    def generate(images: tf.Tensor, max_length: tf.Tensor, seed: tf.Tensor
+                 ) -> dict[str, tf.Tensor]:
         enc = model.encode(images, training=False)  # features (B, G, E), keys (B, G, A)
-        h0 = model.decoder.initial_state(enc)  # (B, U)
-
-        def step(tokens: tf.Tensor, h: tf.Tensor):
-            return model.decoder.step(tokens, h, enc)
-
-        start = tf.fill([tf.shape(images)[0]], start_id)  # (B,)
-        return greedy_search(step, h0, start, end_id, pad_id, max_length)
+        return _run_strategy(options, model, enc, ids, max_length, seed)
 
     return generate
+
+
+@dataclass
+class Candidate:
+    """One decoded sequence: text, token ids (no ``<end>``), score and its attention.
+
+    Example:
+        >>> Candidate("a b", [4, 5], -0.5, np.zeros((2, 49))).attention.shape
+        (2, 49)
+    """
+
+    text: str
+    tokens: list[int]
+    score: float
+    attention: np.ndarray  # (len(tokens), G)
 
 
 @dataclass
@@ -56,8 +136,10 @@ class Generation:
 
     ``tokens[i]`` are the ids generated for image i without ``<end>``; ``attention`` is
     (B, T, G) with ``attention[i, t]`` the weights used to emit ``tokens[i][t]``
-    (zero rows past each sequence); ``scores`` are sums of token log-probs
-    (``<end>`` included).
+    (zero rows past each sequence); ``scores`` are sums of token log-probs (``<end>``
+    included; length-normalised when beam search uses a length penalty).
+    ``candidates[i]`` holds the n-best list of image i (one entry unless beam search
+    was asked for more), best first.
 
     Example:
         >>> g = Generation(["a b"], [[4, 5]], np.zeros(1), np.zeros((1, 3, 49)), ["x.png"])
@@ -70,17 +152,27 @@ class Generation:
     scores: np.ndarray  # (B,)
     attention: np.ndarray  # (B, T, G)
     images: list[str]
+    candidates: list[list[Candidate]] | None = None
 
     def records(self, tokenizer: Tokenizer) -> list[dict[str, Any]]:
         """One JSON-ready dict per image (the ``caption --json`` output)."""
         out = []
         for i, text in enumerate(self.texts):
             n = len(self.tokens[i])
-            out.append({"image": self.images[i], "text": text,
-                        "tokens": tokenizer.ids_to_tokens(self.tokens[i]),
-                        "score": float(self.scores[i]),
-                        "attention": np.round(self.attention[i, :n], 5).tolist()})
+            rec = {"image": self.images[i], "text": text,
+                   "tokens": tokenizer.ids_to_tokens(self.tokens[i]),
+                   "score": float(self.scores[i]),
+                   "attention": np.round(self.attention[i, :n], 5).tolist()}
+            if self.candidates and len(self.candidates[i]) > 1:
+                rec["n_best"] = [{"text": c.text, "score": c.score} for c in self.candidates[i]]
+            out.append(rec)
         return out
+
+
+def _valid_smiles(text: str) -> bool:
+    from captioner.metrics import canonical_smiles
+
+    return bool(text) and canonical_smiles(text) is not None
 
 
 class Captioner:
@@ -91,13 +183,14 @@ class Captioner:
         >>> out = cap.generate(["runs/data/shapes/images/shape_00001.png"])  # doctest: +SKIP
         >>> out.texts[0], out.attention.shape                      # doctest: +SKIP
         ('a red circle above a blue square', (1, 8, 49))
+        >>> cap.generate(images, strategy="beam", beam_size=5, n_best=3)  # doctest: +SKIP
     """
 
     def __init__(self, config: Config, tokenizer: Tokenizer, model: CaptionModel):
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
-        self._compiled: dict[str, Callable[..., dict[str, tf.Tensor]]] = {}
+        self._compiled: dict[DecodeOptions, Callable[..., dict[str, tf.Tensor]]] = {}
 
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str = "best") -> Captioner:
@@ -124,10 +217,12 @@ class Captioner:
     def grid_hw(self) -> tuple[int, int]:
         return self.model.grid_hw
 
-    def compiled(self, strategy: str = "greedy") -> Callable[..., dict[str, tf.Tensor]]:
-        if strategy not in self._compiled:
-            self._compiled[strategy] = make_generate_function(self.model, self.tokenizer, strategy)
-        return self._compiled[strategy]
+    def compiled(self, options: DecodeOptions) -> Callable[..., dict[str, tf.Tensor]]:
+        """The compiled function of one decoding path (built on first use, then cached)."""
+        if options not in self._compiled:
+            self._compiled[options] = make_generate_function(self.model, self.tokenizer,
+                                                             options)
+        return self._compiled[options]
 
     def load_images(self, images: Sequence[str | Path] | np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:
@@ -140,34 +235,68 @@ class Captioner:
         arrays = [load_image(p, self.image_size) for p in images]
         return np.stack(arrays), [str(p) for p in images]
 
+    def options(self, **overrides: Any) -> DecodeOptions:
+        """Decoding options from the run's ``decode`` config with keyword overrides."""
+        options = DecodeOptions.from_config(self.config.decode, **overrides)
+        if self._reranks(options):  # search all beams, choose among them after
+            options = DecodeOptions(**{**options.__dict__, "n_best": options.beam_size})
+        return options
+
+    def _reranks(self, options: DecodeOptions) -> bool:
+        return (options.strategy == "beam" and self.config.decode.rerank_valid_smiles
+                and self.tokenizer.kind == "smiles")
+
     def generate(self, images: Sequence[str | Path] | np.ndarray, max_length: int | None = None,
-                 batch_size: int | None = None) -> Generation:
-        """Greedy captions, token ids, scores and attention (B, T, G) for ``images``."""
+                 batch_size: int | None = None, seed: int = 0, **decode: Any) -> Generation:
+        """Captions, token ids, scores and attention (B, T, G) for ``images``.
+
+        ``decode`` overrides the run's decode config: ``strategy`` (greedy, beam,
+        sample), ``beam_size``, ``n_best``, ``length_penalty``, ``temperature``, ``top_k``.
+        """
         pixels, names = self.load_images(images)
         max_length = max_length or self.config.decode.max_length
         batch_size = batch_size or self.config.decode.batch_size
-        fn = self.compiled("greedy")
-        parts = [{k: v.numpy() for k, v in fn(tf.constant(b), tf.constant(max_length)).items()}
-                 for b in image_batches(pixels, batch_size)]
-        return self._collect(parts, names)
+        options = self.options(**decode)
+        fn = self.compiled(options)
+        parts = [{k: v.numpy() for k, v in fn(tf.constant(b), tf.constant(max_length),
+                                              tf.constant([seed, i], tf.int32)).items()}
+                 for i, b in enumerate(image_batches(pixels, batch_size))]
+        n_best = decode.get("n_best") or self.config.decode.n_best
+        return self._collect(parts, names, self._reranks(options), n_best)
 
-    def _collect(self, parts: list[dict[str, np.ndarray]], names: list[str]) -> Generation:
-        steps = max(p["attention"].shape[1] for p in parts)
-        grid = self.model.grid_size
-        attention = np.concatenate([np.pad(p["attention"], ((0, 0), (0, steps - p["attention"]
-                                    .shape[1]), (0, 0))) for p in parts]).reshape(-1, steps, grid)
-        tokens, texts = [], []
+    def _candidates(self, parts: list[dict[str, np.ndarray]]) -> list[list[Candidate]]:
+        out = []
         for p in parts:
-            for row, length in zip(p["tokens"], p["lengths"]):
-                ids = [int(t) for t in row[:length] if t != self.tokenizer.end_id]
-                tokens.append(ids)
-                texts.append(self.tokenizer.decode(ids))
-        scores = np.concatenate([p["scores"] for p in parts])
-        return Generation(texts, tokens, scores, attention, names)
+            for b in range(p["tokens"].shape[0]):
+                row = []
+                for n in range(p["tokens"].shape[1]):
+                    length = int(p["lengths"][b, n])
+                    ids = [int(t) for t in p["tokens"][b, n, :length]]
+                    ids = ids[:-1] if ids and ids[-1] == self.tokenizer.end_id else ids
+                    row.append(Candidate(self.tokenizer.decode(ids), ids,
+                                         float(p["scores"][b, n]),
+                                         p["attention"][b, n, :len(ids)]))
+                out.append(row)
+        return out
 
-    def caption(self, images: Sequence[str | Path] | np.ndarray) -> list[str]:
+    def _collect(self, parts: list[dict[str, np.ndarray]], names: list[str], rerank: bool,
+                 n_best: int) -> Generation:
+        candidates = self._candidates(parts)
+        if rerank:  # the best-scoring candidate that RDKit parses goes first
+            candidates = [sorted(c, key=lambda x: not _valid_smiles(x.text)) for c in candidates]
+        candidates = [c[:max(1, n_best)] for c in candidates]
+        best = [c[0] for c in candidates]
+        steps = max([len(c.tokens) for c in best] + [1])
+        attention = np.zeros((len(best), steps, self.model.grid_size), np.float32)
+        for i, c in enumerate(best):
+            attention[i, :len(c.tokens)] = c.attention
+        return Generation([c.text for c in best], [c.tokens for c in best],
+                          np.array([c.score for c in best], np.float32), attention, names,
+                          candidates)
+
+    def caption(self, images: Sequence[str | Path] | np.ndarray, **decode: Any) -> list[str]:
         """Just the texts."""
-        return self.generate(images).texts
+        return self.generate(images, **decode).texts
 
 
 def model_from_run(run_dir: Path, config: Config) -> CaptionModel:

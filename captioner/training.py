@@ -355,7 +355,7 @@ class Trainer:
             totals += eval_step(tf.constant(val.images[val.pair_image[sel]]),
                                 tf.constant(self.data.val_tokens[sel])).numpy()
         limit = t.val_limit or val.num_images
-        texts = self.captioner().generate(val.images[:limit]).texts
+        texts = self.captioner().generate(val.images[:limit], strategy="greedy").texts
         split = self.tokenizer.tokenize
         metric = validation_metric(self.val_metric_name, texts, val.references[:limit], split)
         return {"val_loss": float(totals[0] / max(totals[1], 1.0)), "val_metric": metric,
