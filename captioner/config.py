@@ -44,8 +44,13 @@ class ShapesConfig:
 class DataConfig:
     """Where the image-text pairs come from.
 
-    ``format``: ``csv`` (a manifest with an image column and a text column, and an
-    optional split column) or ``shapes`` (generated into ``path`` when missing).
+    ``format``: ``csv`` or ``jsonl`` (an image column/key and a text column/key, optional
+    split column), ``coco`` (captions JSON, several files allowed), ``karpathy`` (split
+    JSON), ``flickr8k`` (``Flickr8k.token.txt`` with the official split files beside it),
+    ``captions_csv`` (the ``image,caption`` layout), ``auto`` (sniffed from the file) or
+    ``shapes`` (generated into ``path`` when missing). ``split_by``: ``image``, ``smiles``
+    (canonical SMILES) or ``auto`` (SMILES for SMILES targets). ``only_existing`` drops
+    pairs whose image file is missing (counted) instead of reporting each one.
 
     Example:
         >>> DataConfig(format="csv", path="pairs.csv").text_column
@@ -53,7 +58,7 @@ class DataConfig:
     """
 
     format: str = "csv"
-    path: str = ""
+    path: str | list[str] = ""
     images_dir: str | None = None
     image_column: str = "image"
     text_column: str = "caption"
@@ -61,6 +66,8 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 0
+    split_by: str = "auto"
+    only_existing: bool = False
     max_length: int = 40
     limit: int | None = None
     load_workers: int = 4
@@ -340,7 +347,10 @@ def _require(cond: bool, key: str, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type annotation cannot express."""
     m, t, d = cfg.model, cfg.train, cfg.data
-    _require(d.format in ("csv", "shapes"), "data.format", "must be 'csv' or 'shapes'")
+    formats = ("csv", "jsonl", "coco", "karpathy", "flickr8k", "captions_csv", "auto", "shapes")
+    _require(d.format in formats, "data.format", f"must be one of {', '.join(formats)}")
+    _require(d.split_by in ("auto", "image", "smiles"), "data.split_by",
+             "must be auto, image or smiles")
     _require(cfg.tokenizer.kind in ("word", "smiles", "char"), "tokenizer.kind",
              "must be word, smiles or char")
     _require(m.backbone in ("small_cnn",), "model.backbone", "must be 'small_cnn'")

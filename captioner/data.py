@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -137,7 +136,7 @@ def read_csv_manifest(path: str | Path, image_column: str = "image", text_column
             image, text = row.get(image_column), row.get(text_column)
             if not image or text is None or not text.strip():
                 raise DataError(f"{path}:{line}: empty {image_column!r} or {text_column!r}")
-            split = _normalise_split(row.get(split_column), path, line) if has_split else None
+            split = normalise_split(row.get(split_column), path, line) if has_split else None
             records.append(Record(_resolve_image(image, base), text.strip(), split,
                                   _parse_meta(row, used)))
     if not records:
@@ -145,7 +144,7 @@ def read_csv_manifest(path: str | Path, image_column: str = "image", text_column
     return records
 
 
-def _normalise_split(value: str | None, path: Path, line: int) -> str | None:
+def normalise_split(value: str | None, path: Path, line: int) -> str | None:
     if not value:
         return None
     aliases = {"train": "train", "restval": "train", "val": "val", "valid": "val",
@@ -156,22 +155,14 @@ def _normalise_split(value: str | None, path: Path, line: int) -> str | None:
     return split
 
 
-def assign_splits(records: list[Record], val_fraction: float, test_fraction: float,
-                  seed: int = 0) -> list[Record]:
-    """Give records without a split one, by image, so no image crosses splits."""
-    images = sorted({r.image for r in records if r.split is None})
-    random.Random(seed).shuffle(images)
-    n_val, n_test = round(len(images) * val_fraction), round(len(images) * test_fraction)
-    chosen = {img: "val" for img in images[:n_val]}
-    chosen.update({img: "test" for img in images[n_val:n_val + n_test]})
-    for r in records:
-        if r.split is None:
-            r.split = chosen.get(r.image, "train")
-    return records
+def read_records(cfg: DataConfig, smiles_targets: bool = False) -> list[Record]:
+    """All records of the configured data source, each with a split.
 
+    Splits are by image; with ``data.split_by: smiles`` (or ``auto`` and SMILES targets)
+    by canonical SMILES, so no molecule lands in two splits.
+    """
+    from captioner.datasets import canonical_smiles_key, drop_missing, group_splits, read_any
 
-def read_records(cfg: DataConfig) -> list[Record]:
-    """All records of the configured data source, each with a split."""
     if cfg.format == "shapes":
         from captioner.shapes import generate_shapes
 
@@ -182,14 +173,17 @@ def read_records(cfg: DataConfig) -> list[Record]:
         records = read_csv_manifest(manifest)
     else:
         if not cfg.path:
-            raise DataError("data.path is empty: name a CSV manifest with image and text columns")
-        records = read_csv_manifest(cfg.path, cfg.image_column, cfg.text_column,
-                                    cfg.split_column, cfg.images_dir)
+            raise DataError("data.path is empty: name a manifest, caption file or annotations")
+        records = read_any(cfg.format, cfg.path, cfg.images_dir, cfg.image_column,
+                           cfg.text_column, cfg.split_column)
+    if cfg.only_existing:
+        records = drop_missing(records).records
     if cfg.limit:
-        keep = sorted({r.image for r in records})[: cfg.limit]
-        keep_set = set(keep)
-        records = [r for r in records if r.image in keep_set]
-    return assign_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+        keep = set(sorted({r.image for r in records})[: cfg.limit])
+        records = [r for r in records if r.image in keep]
+    by_smiles = cfg.split_by == "smiles" or (cfg.split_by == "auto" and smiles_targets)
+    return group_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                        key=canonical_smiles_key if by_smiles else None)
 
 
 # ---- images ------------------------------------------------------------------------------

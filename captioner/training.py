@@ -214,7 +214,7 @@ class Trainer:
     def _prepare_data(self) -> tuple[PreparedData, Tokenizer]:
         """Read and split the records, load the images once, fit (or reload) the tokenizer."""
         cfg = self.cfg
-        records = read_records(cfg.data)
+        records = read_records(cfg.data, smiles_targets=cfg.tokenizer.kind == "smiles")
         by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
         if not by_split["train"]:
             raise ConfigError(f"no training pairs in {cfg.data.path}")

@@ -12,7 +12,6 @@ from captioner.data import (
     LoadReport,
     PairTensors,
     Record,
-    assign_splits,
     build_split,
     epoch_batches,
     gather_batch,
@@ -53,8 +52,10 @@ def test_extra_json_columns_become_meta(tmp_path):
 
 
 def test_splits_are_by_image_and_never_leak():
-    recs = [Record(f"img{i // 5}.png", f"text {i}") for i in range(500)]
-    assign_splits(recs, 0.1, 0.2, seed=3)
+    from captioner.datasets import group_splits
+
+    recs = group_splits([Record(f"img{i // 5}.png", f"text {i}") for i in range(500)],
+                        0.1, 0.2, seed=3)
     split_of = {}
     for r in recs:
         assert split_of.setdefault(r.image, r.split) == r.split
