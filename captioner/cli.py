@@ -18,6 +18,27 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
 
+def _add_decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", choices=["greedy", "beam", "sample"],
+                   help="default: the run's decode.strategy (beam when --beam-size > 1)")
+    p.add_argument("--beam-size", type=int, help="beam width K")
+    p.add_argument("--n-best", type=int, help="hypotheses kept per image (beam search)")
+    p.add_argument("--length-penalty", type=float, help="GNMT alpha (0 = none)")
+    p.add_argument("--temperature", type=float, help="sampling temperature")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--max-length", type=int, help="maximum tokens per sequence")
+    p.add_argument("--batch-size", type=int, help="images per compiled call")
+
+
+def _decode_args(args: argparse.Namespace) -> dict:
+    out = {k: getattr(args, k) for k in ("strategy", "beam_size", "n_best", "length_penalty",
+                                         "temperature", "top_k", "max_length", "batch_size")
+           if getattr(args, k) is not None}
+    if "strategy" not in out and out.get("beam_size", 1) > 1:
+        out["strategy"] = "beam"
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=(
         "Show, Attend and Tell image-to-sequence models: captions or SMILES, with attention."))
@@ -30,10 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("caption", help="caption images with a trained run")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--max-length", type=int, help="maximum tokens per caption")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--out", help="write results to a .jsonl or .csv file")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    _add_decode(p)
+
+    p = sub.add_parser("evaluate", help="decode a split and write metrics and predictions")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", help="config YAML or manifest (default: the run's own data)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="at most this many images")
+    p.add_argument("--metrics", choices=["caption", "smiles"], help="default: by tokenizer")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_decode(p)
+
+    p = sub.add_parser("render-molecules", help="draw SMILES into PNGs plus a manifest")
+    p.add_argument("--smiles", required=True, help="CSV with a SMILES column")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--augment", action="store_true", help="seeded drawing-style augmentation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--column", default="smiles", help="name of the SMILES column")
+    p.add_argument("--selfies", action="store_true", help="add a SELFIES column")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
 
     p = sub.add_parser("demo", help="shapes data -> train -> caption -> metrics (runs/demo)")
     p.add_argument("--run-dir", default="runs/demo")
@@ -64,19 +106,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from captioner.inference import Captioner
+    from captioner.inference import Captioner, expand_images, write_results
 
     cap = Captioner.load(args.run, args.checkpoint)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise SystemExit(f"caption: no such image file: {', '.join(missing)}")
-    gen = cap.generate(args.images, max_length=args.max_length)
-    if args.json:
-        for rec in gen.records(cap.tokenizer):
+    paths = expand_images(args.images)
+    gen = cap.generate(paths, **_decode_args(args))
+    records = gen.records(cap.tokenizer)
+    if args.out:
+        write_results(records, args.out)
+        print(f"{len(records)} images -> {args.out}", file=sys.stderr)
+    elif args.json:
+        for rec in records:
             print(json.dumps(rec))
     else:
-        for name, text in zip(gen.images, gen.texts):
-            print(f"{name}\t{text}")
+        for rec in records:
+            print(f"{rec['image']}\t{rec['text']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluation import evaluate
+
+    evaluate(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
+             metrics=args.metrics, **_decode_args(args))
+    print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md, predictions.csv")
+    return 0
+
+
+def cmd_render_molecules(args: argparse.Namespace) -> int:
+    from captioner.molecules import render_molecules
+
+    summary = render_molecules(args.smiles, args.out, size=args.size, augment=args.augment,
+                               seed=args.seed, limit=args.limit, workers=args.workers,
+                               smiles_column=args.column, selfies=args.selfies)
+    cached = " (already rendered)" if summary.cached else ""
+    print(f"rendered {summary.rendered} molecules{cached}, skipped {len(summary.skipped)}; "
+          f"manifest: {summary.manifest}")
     return 0
 
 
@@ -101,13 +166,14 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "caption": cmd_caption, "demo": cmd_demo,
-                "make-shapes": cmd_make_shapes}
+    commands = {"train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
+                "demo": cmd_demo, "make-shapes": cmd_make_shapes,
+                "render-molecules": cmd_render_molecules}
     from captioner.config import ConfigError
     from captioner.data import DataError
 
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -299,6 +299,50 @@ class Captioner:
         return self.generate(images, **decode).texts
 
 
+def expand_images(specs: Sequence[str]) -> list[str]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths.
+
+    Raises FileNotFoundError naming every spec that matched nothing.
+    """
+    import glob
+
+    suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+    paths, missing = [], []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in suffixes)
+        elif p.is_file():
+            found = [spec]
+        else:
+            found = sorted(glob.glob(spec, recursive=True))
+        paths += found
+        if not found:
+            missing.append(spec)
+    if missing:
+        raise FileNotFoundError(f"no image file matches: {', '.join(missing)}")
+    return paths
+
+
+def write_results(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write ``caption`` results as JSON lines (``.jsonl``) or CSV (``.csv``)."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image", "text", "score", "tokens"])
+            for r in records:
+                writer.writerow([r["image"], r["text"], f"{r['score']:.5f}", " ".join(r["tokens"])])
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        raise ValueError(f"--out must end in .jsonl or .csv, got {path}")
+    return path
+
+
 def model_from_run(run_dir: Path, config: Config) -> CaptionModel:
     """Rebuild the model from ``model.json`` (its ``get_config``) with the run's precision."""
     args = json.loads((Path(run_dir) / "model.json").read_text())

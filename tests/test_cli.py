@@ -76,3 +76,40 @@ def test_errors_are_clear(cli_run, project_root):
     assert proc.returncode != 0 and "nope.png" in proc.stderr
     proc = run_cli("caption", "--run", str(work / "missing-run"), "x.png", cwd=work)
     assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def test_caption_folders_globs_and_output_files(cli_run):
+    work, _ = cli_run
+    folder = work / "shapes" / "images"
+    n = len(list(folder.glob("*.png")))
+    proc = run_cli("caption", "--run", str(work / "run"), str(folder), "--out",
+                   str(work / "all.csv"), "--max-length", "4", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (work / "all.csv").read_text().strip().splitlines()
+    assert rows[0] == "image,text,score,tokens" and len(rows) == n + 1
+    proc = run_cli("caption", "--run", str(work / "run"), str(folder / "shape_0000*.png"),
+                   "--beam-size", "2", "--n-best", "2", "--out", str(work / "few.jsonl"),
+                   cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (work / "few.jsonl").read_text().splitlines()]
+    assert len(recs) == 10 and all(len(r["n_best"]) == 2 for r in recs)
+    assert all(r["n_best"][0]["score"] >= r["n_best"][1]["score"] for r in recs)
+    proc = run_cli("caption", "--run", str(work / "run"), str(work / "nothing*.png"), cwd=work)
+    assert proc.returncode == 2 and "nothing*.png" in proc.stderr
+
+
+def test_evaluate_writes_metrics_and_predictions(cli_run):
+    work, _ = cli_run
+    out = work / "eval"
+    proc = run_cli("evaluate", "--run", str(work / "run"), "--out", str(out), "--limit", "6",
+                   "--beam-size", "2", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == 6 and metrics["split"] == "test"
+    assert metrics["decode"]["strategy"] == "beam" and metrics["decode"]["beam_size"] == 2
+    for key in ("bleu1", "bleu4", "cider_d", "rouge_l", "exact_match"):
+        assert 0.0 <= metrics[key] <= 10.0, key
+    assert "| BLEU-4 |" in (out / "metrics.md").read_text()
+    lines = (out / "predictions.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("image,references,prediction,score") and len(lines) == 7
+    assert "test (6 images)" in proc.stdout

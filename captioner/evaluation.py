@@ -1,0 +1,145 @@
+"""``evaluate``: decode a split, score it, and write metrics and per-example predictions.
+
+Writes ``metrics.json``, ``metrics.md`` and ``predictions.csv`` (image, references,
+prediction, score and per-example metrics) into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from captioner.config import DataConfig, load_config
+from captioner.data import LoadReport, Record, SplitData, build_split, read_records
+from captioner.inference import Captioner, Generation
+
+
+@dataclass
+class EvalData:
+    """The images of one split with their references, as read for evaluation.
+
+    Example:
+        >>> EvalData.__name__
+        'EvalData'
+    """
+
+    split: SplitData
+    source: str
+    report: LoadReport
+
+
+def _manifest_config(path: Path, base: DataConfig) -> DataConfig:
+    """A data config for an arbitrary manifest, keeping the run's column names where the
+    file has them and falling back to ``smiles``/``caption``/``text`` columns."""
+    cfg = replace(base, format="auto", path=str(path), images_dir=None, limit=None,
+                  only_existing=False)
+    if path.suffix.lower() == ".csv":
+        header = path.open(encoding="utf-8").readline().strip().split(",")
+        if cfg.text_column not in header:
+            for name in ("smiles", "caption", "text"):
+                if name in header:
+                    return replace(cfg, format="csv", text_column=name)
+        return replace(cfg, format="csv") if cfg.image_column in header else cfg
+    return cfg
+
+
+def _records(cap: Captioner, data: str | None, split: str) -> tuple[list[Record], str]:
+    smiles = cap.tokenizer.kind == "smiles"
+    if data is None:
+        return read_records(cap.config.data, smiles), "run config"
+    path = Path(data)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return read_records(load_config(path).data, smiles), str(path)
+    from captioner.datasets import read_any
+
+    cfg = _manifest_config(path, cap.config.data)
+    records = read_any(cfg.format, cfg.path, None, cfg.image_column, cfg.text_column,
+                       cfg.split_column)
+    if not any(r.split for r in records):  # a manifest without splits: evaluate it all
+        records = [replace(r, split=split) for r in records]
+    return records, str(path)
+
+
+def load_eval_data(cap: Captioner, data: str | None = None, split: str = "test",
+                   limit: int | None = None) -> EvalData:
+    """Read a config's or manifest's split and load its images at the model's size."""
+    records, source = _records(cap, data, split)
+    chosen = [r for r in records if r.split == split]
+    if not chosen:
+        raise ValueError(f"no '{split}' pairs in {source}")
+    if limit:
+        keep = set(list(dict.fromkeys(r.image for r in chosen))[:limit])
+        chosen = [r for r in chosen if r.image in keep]
+    report = LoadReport()
+    return EvalData(build_split(chosen, cap.image_size, cap.config.data.load_workers, report),
+                    source, report)
+
+
+def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[str, Any]]:
+    from captioner.metrics import per_example_caption_metrics, per_example_smiles_metrics
+
+    if family == "smiles":
+        heavy = [m.get("heavy_atoms") for m in split.meta]
+        heavy = [int(h) for h in heavy] if all(h not in (None, "") for h in heavy) else None
+        rows = per_example_smiles_metrics(preds, split.references, heavy)
+    else:
+        rows = per_example_caption_metrics(preds, split.references)
+    return rows
+
+
+def _write_predictions(path: Path, gen: Generation, split: SplitData,
+                       rows: list[dict[str, Any]]) -> None:
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))] if rows else []
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "references", "prediction", "score", *keys])
+        for i, row in enumerate(rows):
+            writer.writerow([split.paths[i], json.dumps(split.references[i]), gen.texts[i],
+                             f"{gen.scores[i]:.5f}", *[row[k] for k in keys]])
+
+
+def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
+             split: str = "test", limit: int | None = None, metrics: str | None = None,
+             log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
+    """Decode ``split`` of ``data`` (the run's own data by default) and score it.
+
+    ``decode`` takes the :meth:`Captioner.generate` options (``strategy``, ``beam_size``,
+    ``n_best``, ``max_length``, ...). The metric family follows the tokenizer (words ->
+    caption metrics, SMILES -> SMILES metrics) unless ``metrics`` says.
+    """
+    from captioner.metrics import compute_metrics, metric_family, metrics_markdown
+
+    cap = Captioner.load(run_dir)
+    ev = load_eval_data(cap, data, split, limit)
+    started = time.perf_counter()
+    gen = cap.generate(ev.split.images, **decode)
+    seconds = time.perf_counter() - started
+    family = metrics or metric_family(cap.tokenizer.kind)
+    result = compute_metrics(family, gen.texts, ev.split.references)
+    result.update({"split": split, "data": ev.source, "images": ev.split.num_images,
+                   "skipped_images": ev.report.count, "decode": cap.options(**{
+                       k: v for k, v in decode.items() if k != "max_length"}).__dict__,
+                   "images_per_s": ev.split.num_images / max(seconds, 1e-9)})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "metrics.md").write_text(metrics_markdown(result))
+    ev.report.write(out / "skipped_images.txt")
+    _write_predictions(out / "predictions.csv", gen, ev.split,
+                       _per_example(family, gen.texts, ev.split))
+    log(headline(result))
+    return result
+
+
+def headline(result: dict[str, Any]) -> str:
+    """One line with the main numbers of a metrics dict."""
+    keys = (("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D"),
+            ("rouge_l", "ROUGE-L"), ("meteor", "METEOR"), ("exact_match", "exact"),
+            ("validity", "valid"), ("tanimoto", "Tanimoto"))
+    parts = [f"{label} {result[k]:.4f}" for k, label in keys if isinstance(result.get(k), float)]
+    return f"{result['split']} ({result['images']} images): " + ", ".join(parts)
