@@ -254,6 +254,103 @@ class PretrainedBackbone(keras.layers.Layer):
                 "fine_tune_from": self.fine_tune_from}
 
 
+class ReflectPad(keras.layers.Layer):
+    """Pads height and width by mirroring: ``before`` pixels at the top/left, ``after`` at
+    the bottom/right, so convolutions see no artificial dark frame at the image border.
+
+    Example:
+        >>> ReflectPad(1, 1)(tf.reshape(tf.range(4.0), (1, 2, 2, 1)))[0, :, :, 0].numpy()
+        array([[3., 2., 3., 2.],
+               [1., 0., 1., 0.],
+               [3., 2., 3., 2.],
+               [1., 0., 1., 0.]], dtype=float32)
+    """
+
+    def __init__(self, before: int = 1, after: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.before, self.after = before, after
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        pad = [[0, 0], [self.before, self.after], [self.before, self.after], [0, 0]]
+        return tf.pad(x, pad, mode="REFLECT")  # (B, H + before + after, W + ..., C)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "before": self.before, "after": self.after}
+
+
+class SmallCNN(keras.layers.Layer):
+    """A small CNN trained from scratch: one stride-2 stage per entry of ``filters``.
+
+    Each stage is convKxK/2 -> BN -> ReLU -> convKxK -> BN -> ReLU with the kernel sizes
+    of ``kernels`` (default 3 and 3), so a 224x224 image and five stages give a 7x7 grid.
+    Small kernels (e.g. ``[2, 1]``: non-overlapping patches) keep each grid cell's
+    receptive field on its own patch, which makes attention maps easy to read.
+    ``padding="reflect"`` mirrors the border instead of padding with zeros, so cells at
+    the image border do not stand out just for being at the border.
+
+    Example:
+        >>> cnn = SmallCNN(filters=[8, 16])
+        >>> cnn(tf.zeros((2, 32, 32, 3))).shape
+        TensorShape([2, 8, 8, 16])
+    """
+
+    def __init__(self, filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
+                 kernels: list[int] | tuple[int, ...] = (3, 3), padding: str = "same",
+                 **kwargs):
+        super().__init__(**kwargs)
+        if padding not in ("same", "reflect"):
+            raise ValueError(f"padding must be 'same' or 'reflect', got {padding!r}")
+        self.filters = list(filters)
+        self.kernels = list(kernels)
+        self.padding = padding
+        layers: list[keras.layers.Layer] = []
+        for i, f in enumerate(self.filters):
+            for j, (kernel, stride) in enumerate(zip(self.kernels, (2, 1))):
+                layers += self._conv(f, kernel, stride, f"{i}_{j}")
+                layers += [
+                    keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}_{j}",
+                                                    dtype=self.dtype_policy),
+                    keras.layers.ReLU(dtype=self.dtype_policy),
+                ]
+        self.net = keras.Sequential(layers, name="stages")
+
+    def _conv(self, filters: int, kernel: int, stride: int, name: str) -> list[keras.layers.Layer]:
+        pad = []
+        if self.padding == "reflect" and kernel > 1:
+            before = (kernel - 1) // 2
+            pad = [ReflectPad(before, kernel - 1 - before, name=f"pad{name}",
+                              dtype=self.dtype_policy)]
+        mode = "valid" if self.padding == "reflect" else "same"
+        return pad + [keras.layers.Conv2D(filters, kernel, strides=stride, padding=mode,
+                                          use_bias=False, name=f"conv{name}",
+                                          dtype=self.dtype_policy)]
+
+    def grid_hw(self, image_size: int) -> tuple[int, int]:
+        side = image_size // 2 ** len(self.filters)
+        return side, side
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels C of the grid: the last stage's filters."""
+        return self.filters[-1]
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        gh, gw = self.grid_hw(int(input_shape[1]))
+        return (input_shape[0], gh, gw, self.filters[-1])
+
+    @staticmethod
+    def preprocess(images: tf.Tensor) -> tf.Tensor:
+        """uint8 or float pixels in [0, 255] -> floats in [-1, 1]."""
+        return tf.cast(images, "float32") / 127.5 - 1.0  # (B, S, S, 3)
+
+    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.net(images, training=training)  # (B, gh, gw, C)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "filters": self.filters, "kernels": self.kernels,
+                "padding": self.padding}
+
+
 def build_backbone(name: str, image_size: int, weights: str | None = None,
                    trainable: str = "full", fine_tune_from: str | None = None,
                    cnn_filters: Sequence[int] = (32, 64, 128, 256, 256),
@@ -282,9 +379,6 @@ def build_backbone(name: str, image_size: int, weights: str | None = None,
 def _build_small_cnn(image_size: int, weights: str | None, trainable: str,
                      fine_tune_from: str | None, filters: Sequence[int],
                      kernels: Sequence[int], padding: str, dtype: Any) -> keras.layers.Layer:
-    # Imported here: captioner.model may import this module at its top.
-    from captioner.model import SmallCNN
-
     if weights == "imagenet":
         raise ValueError("small_cnn is trained from scratch and has no 'imagenet' weights; "
                          "set model.weights to null or a file from save_backbone_weights")

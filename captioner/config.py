@@ -51,6 +51,8 @@ class DataConfig:
     ``shapes`` (generated into ``path`` when missing). ``split_by``: ``image``, ``smiles``
     (canonical SMILES) or ``auto`` (SMILES for SMILES targets). ``only_existing`` drops
     pairs whose image file is missing (counted) instead of reporting each one.
+    ``feature_cache``: a folder where a frozen backbone's grids are extracted once
+    (sharded TFRecords of ``feature_dtype``) and read back by training.
 
     Example:
         >>> DataConfig(format="csv", path="pairs.csv").text_column
@@ -71,6 +73,9 @@ class DataConfig:
     max_length: int = 40
     limit: int | None = None
     load_workers: int = 4
+    feature_cache: str | None = None
+    feature_dtype: str = "float16"
+    shard_size: int = 1024
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -94,6 +99,13 @@ class TokenizerConfig:
 class ModelConfig:
     """Backbone, encoder and attention decoder sizes.
 
+    ``backbone``: ``small_cnn`` (from scratch) or a ``keras.applications`` network
+    (``efficientnet_b0``, ``mobilenet_v2``, ``resnet50``, ``inception_v3``) with its own
+    preprocessing; the grid size G follows from the network and ``image_size``.
+    ``weights``: ``imagenet`` (downloaded by Keras where a network exists), a local file,
+    or null. ``trainable``: ``frozen``, ``full`` or ``fine_tune`` (from the layer named
+    ``fine_tune_from``; its learning rate is ``train.backbone_learning_rate``).
+
     ``cnn_filters`` sets the from-scratch ``small_cnn``: one stride-2 stage per entry,
     so the grid side is ``image_size / 2**len(cnn_filters)`` (224 and 5 stages: 7x7).
 
@@ -105,6 +117,8 @@ class ModelConfig:
     backbone: str = "small_cnn"
     image_size: int = 224
     weights: str | None = None
+    trainable: str = "full"
+    fine_tune_from: str | None = None
     cnn_filters: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 256])
     cnn_kernels: list[int] = field(default_factory=lambda: [3, 3])
     cnn_padding: str = "same"
@@ -153,6 +167,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     seed: int = 0
     learning_rate: float = 1e-3
+    backbone_learning_rate: float | None = None
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_learning_rate: float = 1e-5
@@ -349,11 +364,18 @@ def validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     formats = ("csv", "jsonl", "coco", "karpathy", "flickr8k", "captions_csv", "auto", "shapes")
     _require(d.format in formats, "data.format", f"must be one of {', '.join(formats)}")
+    _require(d.feature_dtype in ("float16", "float32"), "data.feature_dtype",
+             "must be float16 or float32")
     _require(d.split_by in ("auto", "image", "smiles"), "data.split_by",
              "must be auto, image or smiles")
     _require(cfg.tokenizer.kind in ("word", "smiles", "char"), "tokenizer.kind",
              "must be word, smiles or char")
-    _require(m.backbone in ("small_cnn",), "model.backbone", "must be 'small_cnn'")
+    backbones = ("small_cnn", "efficientnet_b0", "mobilenet_v2", "resnet50", "inception_v3")
+    _require(m.backbone in backbones, "model.backbone", f"must be one of {', '.join(backbones)}")
+    _require(m.trainable in ("frozen", "full", "fine_tune"), "model.trainable",
+             "must be frozen, full or fine_tune")
+    _require((m.trainable == "fine_tune") == (m.fine_tune_from is not None),
+             "model.fine_tune_from", "names the first trainable layer, with trainable: fine_tune")
     _require(m.attention in ("additive", "dot", "general"), "model.attention",
              "must be additive, dot or general")
     _require(m.attention != "dot" or m.embedding_dim == m.units, "model.attention",
@@ -366,7 +388,7 @@ def validate(cfg: Config) -> None:
     _require(m.cnn_padding in ("same", "reflect"), "model.cnn_padding", "must be same or reflect")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     side = m.image_size / 2 ** len(m.cnn_filters)
-    _require(side >= 1 and side == int(side), "model.image_size",
+    _require(m.backbone != "small_cnn" or (side >= 1 and side == int(side)), "model.image_size",
              f"must be divisible by 2**len(model.cnn_filters) = {2 ** len(m.cnn_filters)}")
     _require(t.lr_schedule in ("constant", "cosine", "exponential"), "train.lr_schedule",
              "must be constant, cosine or exponential")

@@ -53,7 +53,7 @@ class SplitData:
         (2, 1)
     """
 
-    images: np.ndarray  # (N_img, S, S, 3) uint8
+    images: np.ndarray | None  # (N_img, S, S, 3) uint8, or cached grids (N_img, G, C)
     paths: list[str]
     references: list[list[str]]
     meta: list[dict[str, Any]]
@@ -234,15 +234,23 @@ def load_images(paths: list[str], size: int, workers: int = 4
 
 
 def build_split(records: list[Record], size: int, workers: int = 4,
-                report: LoadReport | None = None) -> SplitData:
-    """Group records by image, load each image once, drop pairs of unreadable images."""
+                report: LoadReport | None = None, load: bool = True,
+                skip: set[str] | None = None) -> SplitData:
+    """Group records by image, load each image once, drop pairs of unreadable images.
+
+    With ``load=False`` no pixel is read (``images`` is None: the model's inputs come
+    from a feature cache) and the images in ``skip`` are dropped instead.
+    """
     by_image: dict[str, list[Record]] = {}
     for r in records:
         by_image.setdefault(r.image, []).append(r)
     paths = list(by_image)
-    images, ok, rep = load_images(paths, size, workers)
-    if report is not None:
-        report.failures.extend(rep.failures)
+    if load:
+        images, ok, rep = load_images(paths, size, workers)
+        if report is not None:
+            report.failures.extend(rep.failures)
+    else:
+        images, ok = None, np.array([p not in (skip or set()) for p in paths], bool)
     kept = [p for p, good in zip(paths, ok) if good]
     pair_image, pair_text = [], []
     for idx, p in enumerate(kept):

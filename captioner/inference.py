@@ -92,9 +92,10 @@ def _run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf
 
 
 def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tokenizer,
-                           options: DecodeOptions | None = None
+                           options: DecodeOptions | None = None, grids: bool = False
                            ) -> Callable[..., dict[str, tf.Tensor]]:
-    """Compile ``images (B, S, S, 3) uint8, max_length (), seed (2,) -> decoded dict`` once.
+    """Compile ``images (B, S, S, 3) uint8, max_length (), seed (2,) -> decoded dict`` once
+    (or, with ``grids``, from cached backbone grids (B, G, C) float32).
 
     The step function closes over the per-image encoder outputs, so attention keys are
     computed once per image, never per step. Results are shaped (B, n, ...) with n the
@@ -104,9 +105,11 @@ def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tok
     options = options or DecodeOptions()
     size = model.args["image_size"]
     ids = (tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id)
+    inputs = (tf.TensorSpec((None, model.grid_size, model.feature_dim), tf.float32) if grids
+              else tf.TensorSpec((None, size, size, 3), tf.uint8))
 
-    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8),
-                                  tf.TensorSpec((), tf.int32), tf.TensorSpec((2,), tf.int32)])
+    @tf.function(input_signature=[inputs, tf.TensorSpec((), tf.int32),
+                                  tf.TensorSpec((2,), tf.int32)])
     def generate(images: tf.Tensor, max_length: tf.Tensor, seed: tf.Tensor
                  ) -> dict[str, tf.Tensor]:
         enc = model.encode(images, training=False)  # features (B, G, E), keys (B, G, A)
@@ -190,7 +193,7 @@ class Captioner:
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
-        self._compiled: dict[DecodeOptions, Callable[..., dict[str, tf.Tensor]]] = {}
+        self._compiled: dict[tuple[DecodeOptions, bool], Callable[..., dict[str, tf.Tensor]]] = {}
 
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str = "best") -> Captioner:
@@ -217,21 +220,31 @@ class Captioner:
     def grid_hw(self) -> tuple[int, int]:
         return self.model.grid_hw
 
-    def compiled(self, options: DecodeOptions) -> Callable[..., dict[str, tf.Tensor]]:
+    def compiled(self, options: DecodeOptions, grids: bool = False
+                 ) -> Callable[..., dict[str, tf.Tensor]]:
         """The compiled function of one decoding path (built on first use, then cached)."""
-        if options not in self._compiled:
-            self._compiled[options] = make_generate_function(self.model, self.tokenizer,
-                                                             options)
-        return self._compiled[options]
+        key = (options, grids)
+        if key not in self._compiled:
+            self._compiled[key] = make_generate_function(self.model, self.tokenizer, options,
+                                                         grids)
+        return self._compiled[key]
 
     def load_images(self, images: Sequence[str | Path] | np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:
-        """Paths or an array -> (uint8 (B, S, S, 3) at the model's input size, names)."""
+        """Paths or an array -> (uint8 (B, S, S, 3) at the model's input size, names).
+
+        An array of cached backbone grids (B, G, C) passes through as float32.
+        """
         if isinstance(images, np.ndarray):
+            names = [f"array[{i}]" for i in range(len(images))]
+            if images.ndim == 3 and images.shape[1:] == (self.model.grid_size,
+                                                         self.model.feature_dim):
+                return images.astype(np.float32), names
             if images.ndim != 4 or images.shape[1:3] != (self.image_size, self.image_size):
                 raise ValueError(f"image array must be (B, {self.image_size}, "
-                                 f"{self.image_size}, 3), got {images.shape}")
-            return images.astype(np.uint8), [f"array[{i}]" for i in range(len(images))]
+                                 f"{self.image_size}, 3) or grids (B, {self.model.grid_size}, "
+                                 f"{self.model.feature_dim}), got {images.shape}")
+            return images.astype(np.uint8), names
         arrays = [load_image(p, self.image_size) for p in images]
         return np.stack(arrays), [str(p) for p in images]
 
@@ -257,7 +270,7 @@ class Captioner:
         max_length = max_length or self.config.decode.max_length
         batch_size = batch_size or self.config.decode.batch_size
         options = self.options(**decode)
-        fn = self.compiled(options)
+        fn = self.compiled(options, grids=pixels.ndim == 3)
         parts = [{k: v.numpy() for k, v in fn(tf.constant(b), tf.constant(max_length),
                                               tf.constant([seed, i], tf.int32)).items()}
                  for i, b in enumerate(image_batches(pixels, batch_size))]
@@ -347,4 +360,5 @@ def model_from_run(run_dir: Path, config: Config) -> CaptionModel:
     """Rebuild the model from ``model.json`` (its ``get_config``) with the run's precision."""
     args = json.loads((Path(run_dir) / "model.json").read_text())
     args["dtype"] = keras.DTypePolicy(config.train.precision)
+    args["weights"] = None  # the checkpoint holds every weight: never download or read files
     return CaptionModel.from_config(args).build_weights()

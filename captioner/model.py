@@ -11,99 +11,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from captioner.backbones import build_backbone
 from captioner.config import ModelConfig
 
 
 def _cast(x: Any, dtype: str) -> tf.Tensor:
     return tf.cast(x, dtype)
-
-
-class ReflectPad(keras.layers.Layer):
-    """Pads height and width by mirroring: ``before`` pixels at the top/left, ``after`` at
-    the bottom/right, so convolutions see no artificial dark frame at the image border.
-
-    Example:
-        >>> ReflectPad(1, 1)(tf.reshape(tf.range(4.0), (1, 2, 2, 1)))[0, :, :, 0].numpy()
-        array([[3., 2., 3., 2.],
-               [1., 0., 1., 0.],
-               [3., 2., 3., 2.],
-               [1., 0., 1., 0.]], dtype=float32)
-    """
-
-    def __init__(self, before: int = 1, after: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        self.before, self.after = before, after
-
-    def call(self, x: tf.Tensor) -> tf.Tensor:
-        pad = [[0, 0], [self.before, self.after], [self.before, self.after], [0, 0]]
-        return tf.pad(x, pad, mode="REFLECT")  # (B, H + before + after, W + ..., C)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "before": self.before, "after": self.after}
-
-
-class SmallCNN(keras.layers.Layer):
-    """A small CNN trained from scratch: one stride-2 stage per entry of ``filters``.
-
-    Each stage is convKxK/2 -> BN -> ReLU -> convKxK -> BN -> ReLU with the kernel sizes
-    of ``kernels`` (default 3 and 3), so a 224x224 image and five stages give a 7x7 grid.
-    Small kernels (e.g. ``[2, 1]``: non-overlapping patches) keep each grid cell's
-    receptive field on its own patch, which makes attention maps easy to read.
-    ``padding="reflect"`` mirrors the border instead of padding with zeros, so cells at
-    the image border do not stand out just for being at the border.
-
-    Example:
-        >>> cnn = SmallCNN(filters=[8, 16])
-        >>> cnn(tf.zeros((2, 32, 32, 3))).shape
-        TensorShape([2, 8, 8, 16])
-    """
-
-    def __init__(self, filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
-                 kernels: list[int] | tuple[int, ...] = (3, 3), padding: str = "same",
-                 **kwargs):
-        super().__init__(**kwargs)
-        if padding not in ("same", "reflect"):
-            raise ValueError(f"padding must be 'same' or 'reflect', got {padding!r}")
-        self.filters = list(filters)
-        self.kernels = list(kernels)
-        self.padding = padding
-        layers: list[keras.layers.Layer] = []
-        for i, f in enumerate(self.filters):
-            for j, (kernel, stride) in enumerate(zip(self.kernels, (2, 1))):
-                layers += self._conv(f, kernel, stride, f"{i}_{j}")
-                layers += [
-                    keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}_{j}",
-                                                    dtype=self.dtype_policy),
-                    keras.layers.ReLU(dtype=self.dtype_policy),
-                ]
-        self.net = keras.Sequential(layers, name="stages")
-
-    def _conv(self, filters: int, kernel: int, stride: int, name: str) -> list[keras.layers.Layer]:
-        pad = []
-        if self.padding == "reflect" and kernel > 1:
-            before = (kernel - 1) // 2
-            pad = [ReflectPad(before, kernel - 1 - before, name=f"pad{name}",
-                              dtype=self.dtype_policy)]
-        mode = "valid" if self.padding == "reflect" else "same"
-        return pad + [keras.layers.Conv2D(filters, kernel, strides=stride, padding=mode,
-                                          use_bias=False, name=f"conv{name}",
-                                          dtype=self.dtype_policy)]
-
-    def grid_hw(self, image_size: int) -> tuple[int, int]:
-        side = image_size // 2 ** len(self.filters)
-        return side, side
-
-    @staticmethod
-    def preprocess(images: tf.Tensor) -> tf.Tensor:
-        """uint8 or float pixels in [0, 255] -> floats in [-1, 1]."""
-        return tf.cast(images, "float32") / 127.5 - 1.0  # (B, S, S, 3)
-
-    def call(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return self.net(images, training=training)  # (B, gh, gw, C)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "filters": self.filters, "kernels": self.kernels,
-                "padding": self.padding}
 
 
 class FeatureEncoder(keras.layers.Layer):
@@ -422,33 +335,35 @@ class AttentionDecoder(keras.layers.Layer):
 class CaptionModel(keras.Model):
     """Backbone -> encoder -> attention decoder, rebuilt from ``get_config`` alone.
 
+    Inputs are uint8 images (B, S, S, 3), or grids (B, G, C) that the backbone already
+    produced (a feature cache of a frozen backbone); the rank tells which.
+
     Example:
         >>> model = CaptionModel(vocab_size=20, image_size=32, cnn_filters=[8, 16],
         ...                      embedding_dim=8, units=8, attention_units=8)
         >>> logits, alpha = model((tf.zeros((2, 32, 32, 3), "uint8"), tf.ones((2, 4), "int32")))
-        >>> (logits.shape, alpha.shape, model.grid_hw)
-        (TensorShape([2, 4, 20]), TensorShape([2, 4, 64]), (8, 8))
+        >>> (logits.shape, alpha.shape, model.grid_hw, model.feature_dim)
+        (TensorShape([2, 4, 20]), TensorShape([2, 4, 64]), (8, 8), 16)
     """
 
     def __init__(self, vocab_size: int, image_size: int = 224, backbone: str = "small_cnn",
+                 weights: str | None = None, trainable: str = "full",
+                 fine_tune_from: str | None = None,
                  cnn_filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
                  cnn_kernels: list[int] | tuple[int, ...] = (3, 3), cnn_padding: str = "same",
-                 embedding_dim: int = 256,
-                 units: int = 512, attention: str = "additive",
+                 embedding_dim: int = 256, units: int = 512, attention: str = "additive",
                  attention_units: int = 512, dropout: float = 0.3, init_state: str = "mean",
                  positional: bool = True, attend: str = "before", **kwargs):
         super().__init__(**kwargs)
-        if backbone != "small_cnn":
-            raise ValueError(f"unknown backbone {backbone!r}; available: small_cnn")
         self.args = dict(vocab_size=vocab_size, image_size=image_size, backbone=backbone,
+                         weights=weights, trainable=trainable, fine_tune_from=fine_tune_from,
                          cnn_filters=list(cnn_filters), cnn_kernels=list(cnn_kernels),
-                         cnn_padding=cnn_padding,
-                         embedding_dim=embedding_dim, units=units,
+                         cnn_padding=cnn_padding, embedding_dim=embedding_dim, units=units,
                          attention=attention, attention_units=attention_units, dropout=dropout,
                          init_state=init_state, positional=positional, attend=attend)
         pol = self.dtype_policy
-        self.backbone = SmallCNN(cnn_filters, cnn_kernels, cnn_padding, name="backbone",
-                                 dtype=pol)
+        self.backbone = build_backbone(backbone, image_size, weights, trainable, fine_tune_from,
+                                       cnn_filters, cnn_kernels, cnn_padding, dtype=pol)
         gh, gw = self.backbone.grid_hw(image_size)
         self.grid_hw = (gh, gw)
         self.encoder = FeatureEncoder(embedding_dim, gh * gw, dropout, positional,
@@ -462,8 +377,9 @@ class CaptionModel(keras.Model):
     def from_model_config(cls, cfg: ModelConfig, vocab_size: int, dtype: Any = None
                           ) -> CaptionModel:
         return cls(vocab_size=vocab_size, image_size=cfg.image_size, backbone=cfg.backbone,
-                   cnn_filters=cfg.cnn_filters, cnn_kernels=cfg.cnn_kernels,
-                   cnn_padding=cfg.cnn_padding,
+                   weights=cfg.weights, trainable=cfg.trainable,
+                   fine_tune_from=cfg.fine_tune_from, cnn_filters=cfg.cnn_filters,
+                   cnn_kernels=cfg.cnn_kernels, cnn_padding=cfg.cnn_padding,
                    embedding_dim=cfg.embedding_dim, units=cfg.units,
                    attention=cfg.attention, attention_units=cfg.attention_units,
                    dropout=cfg.dropout, init_state=cfg.init_state, positional=cfg.positional,
@@ -473,11 +389,21 @@ class CaptionModel(keras.Model):
     def grid_size(self) -> int:
         return self.grid_hw[0] * self.grid_hw[1]
 
-    def encode(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
-        """uint8 images (B, S, S, 3) -> per-image decoder inputs (features, keys)."""
+    @property
+    def feature_dim(self) -> int:
+        """Channels C of the backbone's grid."""
+        return int(self.backbone.feature_dim)
+
+    def grid(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """uint8 images (B, S, S, 3) -> backbone grid (B, G, C)."""
         x = _cast(self.backbone.preprocess(images), self.compute_dtype)
         grid = self.backbone(x, training=training)  # (B, gh, gw, C)
-        grid = tf.reshape(grid, (tf.shape(grid)[0], self.grid_size, grid.shape[-1]))  # (B, G, C)
+        return tf.reshape(grid, (tf.shape(grid)[0], self.grid_size, grid.shape[-1]))
+
+    def encode(self, inputs: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        """Images (B, S, S, 3) or cached grids (B, G, C) -> decoder inputs (features, keys)."""
+        grid = self.grid(inputs, training) if len(inputs.shape) == 4 else inputs  # (B, G, C)
+        grid = _cast(grid, self.compute_dtype)
         return self.decoder.prepare(self.encoder(grid, training=training))  # (B, G, E)
 
     def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False,

@@ -24,6 +24,7 @@ from captioner.config import Config, ConfigError, config_from_dict
 from captioner.data import (
     LoadReport,
     PairTensors,
+    Record,
     SplitData,
     build_split,
     epoch_batches,
@@ -31,6 +32,7 @@ from captioner.data import (
     read_records,
     steps_per_epoch,
 )
+from captioner.features import FeatureCache
 from captioner.inference import Captioner
 from captioner.metrics import validation_metric
 from captioner.model import CaptionModel
@@ -63,26 +65,46 @@ def _trim(tokens: tf.Tensor, pad_id: int) -> tf.Tensor:
 
 def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, pad_id: int,
                     attention_reg: float, scheduled_sampling: bool = False,
-                    greedy_sampling: bool = False) -> Callable[..., dict[str, tf.Tensor]]:
-    """Compile one training step (teacher forcing, or scheduled sampling when enabled)."""
+                    greedy_sampling: bool = False,
+                    backbone_optimizer: keras.optimizers.Optimizer | None = None
+                    ) -> Callable[..., dict[str, tf.Tensor]]:
+    """Compile one training step (teacher forcing, or scheduled sampling when enabled).
+
+    ``inputs`` are uint8 images or cached grids. With ``backbone_optimizer`` the backbone's
+    trainable variables get their own optimizer (and learning rate).
+    """
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
 
     @tf.function(reduce_retracing=True)
-    def train_step(images, tokens, sampling_prob, seed):
+    def train_step(inputs, tokens, sampling_prob, seed):
         tokens = _trim(tokens, pad_id)
         inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (B, T), (B, T)
         with tf.GradientTape() as tape:
-            logits, alphas = model((images, inp), training=True,
+            logits, alphas = model((inputs, inp), training=True,
                                    sampling_prob=sampling_prob if scheduled_sampling else None,
                                    seed=seed, greedy_sampling=greedy_sampling)
             loss, nll, reg = caption_loss(logits, tgt, alphas, pad_id, attention_reg)
             scaled = optimizer.scale_loss(loss) if loss_scaled else loss
-        variables = model.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        optimizer.apply_gradients(zip(grads, variables))
+        grads = tape.gradient(scaled, main_vars + backbone_vars)
+        optimizer.apply_gradients(zip(grads[:len(main_vars)], main_vars))
+        if backbone_vars:
+            backbone_optimizer.apply_gradients(zip(grads[len(main_vars):], backbone_vars))
         return {"loss": loss, "nll": nll, "reg": reg}
 
     return train_step
+
+
+def split_variables(model: CaptionModel, separate_backbone: bool
+                    ) -> tuple[list[Any], list[Any]]:
+    """Trainable variables -> (the rest, the backbone's) or (all, []) when not separate."""
+    if not separate_backbone:
+        return list(model.trainable_variables), []
+    from captioner.backbones import backbone_variables
+
+    ids = {id(v) for v in backbone_variables(model.backbone)}
+    main = [v for v in model.trainable_variables if id(v) not in ids]
+    return main, [v for v in model.trainable_variables if id(v) in ids]
 
 
 def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]:
@@ -99,19 +121,23 @@ def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]
     return eval_step
 
 
-def make_optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = None
+                   ) -> keras.optimizers.Optimizer:
+    """Adam with global-norm clipping and the configured schedule (peak ``learning_rate``,
+    default ``train.learning_rate``); loss scaling for ``mixed_float16``."""
     t = cfg.train
-    lr: Any = t.learning_rate
+    peak = learning_rate or t.learning_rate
+    lr: Any = peak
     if t.lr_schedule == "cosine":
         decay_steps = max(1, total_steps - t.warmup_steps)
         lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if t.warmup_steps else t.learning_rate, decay_steps,
-            alpha=t.min_learning_rate / t.learning_rate,
-            warmup_target=t.learning_rate if t.warmup_steps else None,
+            0.0 if t.warmup_steps else peak, decay_steps,
+            alpha=min(1.0, t.min_learning_rate / peak),
+            warmup_target=peak if t.warmup_steps else None,
             warmup_steps=t.warmup_steps)
     elif t.lr_schedule == "exponential":
         per_epoch = max(1, total_steps // max(1, t.epochs))
-        lr = keras.optimizers.schedules.ExponentialDecay(t.learning_rate, per_epoch, t.decay_rate)
+        lr = keras.optimizers.schedules.ExponentialDecay(peak, per_epoch, t.decay_rate)
     opt = keras.optimizers.Adam(learning_rate=lr, global_clipnorm=t.clip_norm)
     if t.precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -174,24 +200,35 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.log = log
         self.cfg = self._resolve_config(cfg)
+        self._validate_config()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         keras.utils.set_random_seed(self.cfg.train.seed)
-        self.data, self.tokenizer = self._prepare_data()
+        records = self._read_splits()
+        self.tokenizer = self._tokenizer([r.text for r in records["train"]])
         self.model = self._build_model()
+        self.cache = self._feature_cache(records) if self.cfg.data.feature_cache else None
+        self.data = self._prepare_data(records)
         t = self.cfg.train
         self.steps_per_epoch = steps_per_epoch(self.data.train.num_pairs, t.batch_size,
                                                t.max_steps_per_epoch)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"train.batch_size={t.batch_size} exceeds the "
                               f"{self.data.train.num_pairs} training pairs")
-        self.optimizer = make_optimizer(self.cfg, self.steps_per_epoch * t.epochs)
-        self.optimizer.build(self.model.trainable_variables)
+        total = self.steps_per_epoch * t.epochs
+        main_vars, backbone_vars = split_variables(self.model, bool(t.backbone_learning_rate))
+        self.optimizer = make_optimizer(self.cfg, total)
+        self.optimizer.build(main_vars)
+        self.backbone_optimizer = None
+        if backbone_vars:
+            self.backbone_optimizer = make_optimizer(self.cfg, total, t.backbone_learning_rate)
+            self.backbone_optimizer.build(backbone_vars)
         self.epoch = tf.Variable(0, dtype="int64", trainable=False)  # completed epochs
         self.step_in_epoch = tf.Variable(0, dtype="int64", trainable=False)
         self.best = tf.Variable(-np.inf, dtype="float64", trainable=False)
+        extra = {"backbone_optimizer": self.backbone_optimizer} if backbone_vars else {}
         self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                         epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                                        best=self.best)
+                                        best=self.best, **extra)
         self.manager = tf.train.CheckpointManager(self.ckpt, str(self.run_dir / "checkpoints"),
                                                   max_to_keep=t.keep_checkpoints)
         self.best_manager = tf.train.CheckpointManager(self.ckpt, str(self.run_dir / "best"), 1)
@@ -211,26 +248,52 @@ class Trainer:
                                   "section; use a new --run-dir or the same config")
         return cfg
 
-    def _prepare_data(self) -> tuple[PreparedData, Tokenizer]:
-        """Read and split the records, load the images once, fit (or reload) the tokenizer."""
+    def _validate_config(self) -> None:
+        cfg = self.cfg
+        if cfg.data.feature_cache and cfg.model.trainable != "frozen":
+            raise ConfigError("data.feature_cache needs model.trainable: frozen (a cached "
+                              "grid cannot change while the backbone trains)")
+        if cfg.train.backbone_learning_rate and cfg.train.precision == "mixed_float16":
+            raise ConfigError("train.backbone_learning_rate does not combine with "
+                              "train.precision: mixed_float16 (one loss scale per step)")
+
+    def _read_splits(self) -> dict[str, list[Record]]:
         cfg = self.cfg
         records = read_records(cfg.data, smiles_targets=cfg.tokenizer.kind == "smiles")
         by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
         if not by_split["train"]:
             raise ConfigError(f"no training pairs in {cfg.data.path}")
+        return by_split
+
+    def _feature_cache(self, records: dict[str, list[Record]]) -> FeatureCache:
+        """Extract (or reuse) the frozen backbone's grids of every image of every split."""
+        paths = list(dict.fromkeys(r.image for rs in records.values() for r in rs))
+        return ensure_feature_cache(self.cfg, self.model, paths, self.log)
+
+    def _prepare_data(self, records: dict[str, list[Record]]) -> PreparedData:
+        """Load each image once (or its cached grid) and encode the training targets."""
+        cfg = self.cfg
         report = LoadReport()
         size, workers = cfg.model.image_size, cfg.data.load_workers
-        splits = {s: build_split(rs, size, workers, report) for s, rs in by_split.items()}
+        if self.cache is None:
+            splits = {s: build_split(rs, size, workers, report) for s, rs in records.items()}
+        else:
+            report.failures.extend(self.cache.skipped)
+            skip = {p for p, _ in self.cache.skipped}
+            splits = {s: build_split(rs, size, load=False, skip=skip)
+                      for s, rs in records.items()}
+            grids, _ = self.cache.load_all()
+            for s in ("val", "test"):
+                rows = [self.cache.index_of(p) for p in splits[s].paths]
+                splits[s].images = grids[rows]  # (N_img, G, C) stored dtype
         report.write(self.run_dir / "skipped_images.txt")
         if report.count:
             self.log(f"skipped {report.count} unusable images "
                      f"(listed in {self.run_dir / 'skipped_images.txt'})")
-        tokenizer = self._tokenizer(splits["train"].pair_text)
         L = cfg.data.max_length
-        data = PreparedData(splits["train"], splits["val"], splits["test"],
-                            tokenizer.encode_batch(splits["train"].pair_text, L),
-                            tokenizer.encode_batch(splits["val"].pair_text, L), report)
-        return data, tokenizer
+        return PreparedData(splits["train"], splits["val"], splits["test"],
+                            self.tokenizer.encode_batch(splits["train"].pair_text, L),
+                            self.tokenizer.encode_batch(splits["val"].pair_text, L), report)
 
     def _tokenizer(self, texts: list[str]) -> Tokenizer:
         path = self.run_dir / "tokenizer.json"
@@ -277,7 +340,8 @@ class Trainer:
         t = self.cfg.train
         ss = t.scheduled_sampling
         train_step = make_train_step(self.model, self.optimizer, self.tokenizer.pad_id,
-                                     t.attention_reg, ss.enabled, ss.greedy)
+                                     t.attention_reg, ss.enabled, ss.greedy,
+                                     self.backbone_optimizer)
         eval_step = make_eval_step(self.model, self.tokenizer.pad_id)
         writer = (tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
                   if t.tensorboard else tf.summary.create_noop_writer())
@@ -295,11 +359,7 @@ class Trainer:
         epoch = int(self.epoch.numpy()) + 1
         skip = int(self.step_in_epoch.numpy())
         prob = sampling_probability(self.cfg, epoch)
-        if not hasattr(self, "_pairs"):
-            self._pairs = PairTensors.from_arrays(self.data.train.images, self.data.tokens,
-                                                  self.data.train.pair_image)
-        batches = self._pairs.batches(epoch_batches(self.data.train.num_pairs, t.batch_size,
-                                                    t.seed, epoch, skip, t.max_steps_per_epoch))
+        batches = self._batches(epoch, skip)
         started, losses = time.perf_counter(), []
         bar = self._progress(epoch, skip)
         for images, tokens in batches:
@@ -319,6 +379,20 @@ class Trainer:
                   "seconds": seconds, "sampling_prob": prob,
                   "learning_rate": self._current_lr(), **self._validate(eval_step)}
         self._end_epoch(record, writer)
+
+    def _batches(self, epoch: int, skip: int) -> tf.data.Dataset:
+        """(inputs, tokens) batches of one epoch: images from memory, or cached grids read
+        from the shards through tf.data."""
+        t, train = self.cfg.train, self.data.train
+        if self.cache is not None:
+            pair_paths = [train.paths[i] for i in train.pair_image]
+            return self.cache.pair_dataset(pair_paths, self.data.tokens, t.batch_size, t.seed,
+                                           epoch, skip=skip, max_steps=t.max_steps_per_epoch)
+        if not hasattr(self, "_pairs"):
+            self._pairs = PairTensors.from_arrays(train.images, self.data.tokens,
+                                                  train.pair_image)
+        return self._pairs.batches(epoch_batches(train.num_pairs, t.batch_size, t.seed, epoch,
+                                                 skip, t.max_steps_per_epoch))
 
     def _progress(self, epoch: int, skip: int):
         if not self.cfg.train.progress:
@@ -426,3 +500,38 @@ def caption_split(captioner: Captioner, split: SplitData, batch_size: int
                          "tokens": gen.tokens[i], "attention": gen.attention[i],
                          "references": split.references[j], "meta": split.meta[j]})
     return rows
+
+
+def cache_fingerprint(cfg: Config) -> dict[str, Any]:
+    """What the cached grids depend on: the backbone, its weights, input size, precision."""
+    m = cfg.model
+    fp = {"backbone": m.backbone, "weights": m.weights or "none", "image_size": m.image_size,
+          "precision": cfg.train.precision}
+    if m.backbone == "small_cnn":
+        fp.update(cnn_filters=m.cnn_filters, cnn_kernels=m.cnn_kernels, cnn_padding=m.cnn_padding)
+    if m.weights is None:  # random frozen weights: they depend on the seed
+        fp["seed"] = cfg.train.seed
+    return fp
+
+
+def ensure_feature_cache(cfg: Config, model: CaptionModel, paths: list[str],
+                         log: Callable[[str], None] = print) -> FeatureCache:
+    """Extract the grids of ``paths`` into ``data.feature_cache`` unless they are there."""
+    from captioner.features import extract_features
+
+    size = cfg.model.image_size
+
+    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    def encode(images: tf.Tensor) -> tf.Tensor:
+        return tf.cast(model.grid(images, training=False), "float32")  # (B, G, C)
+
+    summary = extract_features(paths, encode, cfg.data.feature_cache, cache_fingerprint(cfg),
+                               size, batch_size=cfg.decode.batch_size,
+                               shard_size=cfg.data.shard_size, dtype=cfg.data.feature_dtype,
+                               workers=cfg.data.load_workers, progress=cfg.train.progress)
+    log(f"feature cache {summary.path}: {summary.num_cached} images ({summary.status}, "
+        f"{summary.images_per_s:.0f} images/s)")
+    cache = FeatureCache(cfg.data.feature_cache).open()
+    cache.check(cache_fingerprint(cfg), size)
+    return cache
+

@@ -13,13 +13,13 @@ import tensorflow as tf
 
 from captioner.backbones import (
     PretrainedBackbone,
+    SmallCNN,
     available_backbones,
     backbone_variables,
     build_backbone,
     default_image_size,
     save_backbone_weights,
 )
-from captioner.model import SmallCNN
 
 # name -> (small size, its grid, channels, documented size, its grid, keras module)
 CASES = {

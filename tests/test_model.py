@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.model import AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention, SmallCNN
+from captioner.backbones import SmallCNN
+from captioner.model import AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention
 
 SMALL = dict(vocab_size=11, image_size=32, cnn_filters=[8, 16], embedding_dim=12, units=20,
              attention_units=10, dropout=0.0)
@@ -186,3 +187,20 @@ def test_reflect_padding_has_no_border_artifact():
         cnn = SmallCNN([4, 8], padding=padding)
         out = cnn(SmallCNN.preprocess(images)).numpy()[0]  # (8, 8, C)
         assert np.allclose(out, out[3, 3], atol=1e-5) == uniform, padding
+
+
+def test_pretrained_backbone_in_the_model():
+    model = CaptionModel(vocab_size=9, image_size=96, backbone="mobilenet_v2",
+                         trainable="frozen", embedding_dim=8, units=8,
+                         attention_units=8).build_weights()
+    assert model.grid_hw == (3, 3) and model.feature_dim == 1280
+    backbone_ids = {id(v) for v in model.backbone.weights}
+    assert not any(id(v) in backbone_ids for v in model.trainable_variables)
+    images = tf.random.uniform((2, 96, 96, 3), 0, 255, tf.int32)
+    grids = model.grid(tf.cast(images, tf.uint8))
+    assert grids.shape == (2, 9, 1280)
+    a, _ = model((tf.cast(images, tf.uint8), tf.ones((2, 3), tf.int32)))
+    b, _ = model((grids, tf.ones((2, 3), tf.int32)))  # cached grids give the same result
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    clone = CaptionModel.from_config(model.get_config())
+    assert clone.args["backbone"] == "mobilenet_v2" and clone.grid_hw == (3, 3)

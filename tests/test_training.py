@@ -195,3 +195,63 @@ def test_scheduled_sampling_trains_in_the_compiled_step(tiny_config, tmp_path):
     history = Trainer(cfg, tmp_path, log=lambda _: None).fit()
     assert history["sampling_prob"] == [0.1, 0.5]
     assert all(np.isfinite(history["loss"]))
+
+
+def test_training_from_a_feature_cache(tiny_config, tmp_path):
+    """A frozen backbone's grids are extracted once; training and validation read them,
+    and the saved run still captions images end to end."""
+    from captioner.config import apply_overrides
+    from captioner.features import FeatureCache
+
+    cache_dir = tmp_path / "cache"
+    cfg = apply_overrides(tiny_config, ["model.trainable=frozen",
+                                        f"data.feature_cache={cache_dir}",
+                                        "data.shard_size=64"])
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
+    cache = FeatureCache(cache_dir).open()
+    n_images = sum(s.num_images for s in (trainer.data.train, trainer.data.val,
+                                          trainer.data.test))
+    assert len(cache.paths) == n_images and cache.grid_shape == (64, 16)
+    assert trainer.data.train.images is None
+    assert trainer.data.val.images.shape == (trainer.data.val.num_images, 64, 16)
+    frozen = [w.numpy() for w in trainer.model.backbone.weights]
+    history = trainer.fit()
+    assert np.isfinite(history["loss"][0]) and history["val_metric"][0] is not None
+    for before, after in zip(frozen, trainer.model.backbone.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    # cached grids equal what the restored model computes from the pixels
+    cap = Captioner.load(tmp_path / "run", checkpoint="latest")
+    image = trainer.data.val.paths[0]
+    from captioner.data import load_image
+
+    grid = cap.model.grid(load_image(image, 32)[None]).numpy()[0]
+    np.testing.assert_allclose(grid, trainer.data.val.images[0].astype(np.float32),
+                               rtol=2e-2, atol=2e-2)
+    from_pixels = cap.generate([image])
+    from_grid = cap.generate(trainer.data.val.images[:1])
+    assert from_pixels.texts == from_grid.texts
+    # a second trainer on the same cache extracts nothing
+    again = Trainer(apply_overrides(cfg, ["train.epochs=2"]), tmp_path / "run",
+                    log=lambda _: None)
+    assert again.cache.paths == cache.paths
+
+
+def test_feature_cache_needs_a_frozen_backbone(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, [f"data.feature_cache={tmp_path / 'c'}"])
+    with pytest.raises(ConfigError, match="model.trainable: frozen"):
+        Trainer(cfg, tmp_path / "run", log=lambda _: None)
+
+
+def test_backbone_learning_rate_uses_its_own_optimizer(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config, ["train.backbone_learning_rate=1e-4"])
+    trainer = Trainer(cfg, tmp_path, log=lambda _: None)
+    assert trainer.backbone_optimizer is not None
+    trainer.fit()
+    assert int(trainer.backbone_optimizer.iterations.numpy()) == 4
+    assert int(trainer.optimizer.iterations.numpy()) == 4
+    lr = trainer.backbone_optimizer.learning_rate
+    assert float(lr.numpy() if hasattr(lr, "numpy") else lr) <= 1e-4
