@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     _add_decode(p)
 
+    p = sub.add_parser("extract-features",
+                       help="run a frozen backbone once over every image into data.feature_cache")
+    p.add_argument("--config", required=True, help="YAML config with data.feature_cache set")
+    _add_overrides(p)
+
     p = sub.add_parser("render-molecules", help="draw SMILES into PNGs plus a manifest")
     p.add_argument("--smiles", required=True, help="CSV with a SMILES column")
     p.add_argument("--out", required=True, help="output folder")
@@ -133,6 +138,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract_features(args: argparse.Namespace) -> int:
+    from captioner.config import load_config
+    from captioner.training import extract_for_config
+
+    cache = extract_for_config(load_config(args.config, args.overrides))
+    print(f"{len(cache.paths)} grids of shape {cache.grid_shape} in {cache.dir}")
+    return 0
+
+
 def cmd_render_molecules(args: argparse.Namespace) -> int:
     from captioner.molecules import render_molecules
 
@@ -168,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
                 "demo": cmd_demo, "make-shapes": cmd_make_shapes,
-                "render-molecules": cmd_render_molecules}
+                "render-molecules": cmd_render_molecules,
+                "extract-features": cmd_extract_features}
     from captioner.config import ConfigError
     from captioner.data import DataError
 

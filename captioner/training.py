@@ -267,7 +267,7 @@ class Trainer:
 
     def _feature_cache(self, records: dict[str, list[Record]]) -> FeatureCache:
         """Extract (or reuse) the frozen backbone's grids of every image of every split."""
-        paths = list(dict.fromkeys(r.image for rs in records.values() for r in rs))
+        paths = sorted({r.image for rs in records.values() for r in rs})
         return ensure_feature_cache(self.cfg, self.model, paths, self.log)
 
     def _prepare_data(self, records: dict[str, list[Record]]) -> PreparedData:
@@ -516,7 +516,10 @@ def cache_fingerprint(cfg: Config) -> dict[str, Any]:
 
 def ensure_feature_cache(cfg: Config, model: CaptionModel, paths: list[str],
                          log: Callable[[str], None] = print) -> FeatureCache:
-    """Extract the grids of ``paths`` into ``data.feature_cache`` unless they are there."""
+    """Extract the grids of ``paths`` into ``data.feature_cache`` unless they are there.
+
+    ``paths`` must come in a canonical (sorted) order: the cache is keyed by the list.
+    """
     from captioner.features import extract_features
 
     size = cfg.model.image_size
@@ -534,4 +537,19 @@ def ensure_feature_cache(cfg: Config, model: CaptionModel, paths: list[str],
     cache = FeatureCache(cfg.data.feature_cache).open()
     cache.check(cache_fingerprint(cfg), size)
     return cache
+
+
+def extract_for_config(cfg: Config, log: Callable[[str], None] = print) -> FeatureCache:
+    """``extract-features``: the grids of every image the config's data names, with the
+    backbone built exactly as :class:`Trainer` builds it (same seed, same weights)."""
+    if not cfg.data.feature_cache:
+        raise ConfigError("data.feature_cache is not set: name the folder for the cache")
+    if cfg.model.trainable != "frozen":
+        raise ConfigError("extract-features needs model.trainable: frozen")
+    keras.utils.set_random_seed(cfg.train.seed)
+    records = read_records(cfg.data, smiles_targets=cfg.tokenizer.kind == "smiles")
+    policy = keras.DTypePolicy(cfg.train.precision)
+    model = CaptionModel.from_model_config(cfg.model, vocab_size=8, dtype=policy)
+    paths = sorted({r.image for r in records})  # the same order as the Trainer's
+    return ensure_feature_cache(cfg, model, paths, log)
 

@@ -255,3 +255,21 @@ def test_backbone_learning_rate_uses_its_own_optimizer(tiny_config, tmp_path):
     assert int(trainer.optimizer.iterations.numpy()) == 4
     lr = trainer.backbone_optimizer.learning_rate
     assert float(lr.numpy() if hasattr(lr, "numpy") else lr) <= 1e-4
+
+
+def test_extract_features_then_train_reuses_the_cache(tiny_config, tmp_path):
+    from captioner.config import apply_overrides
+    from captioner.training import extract_for_config
+
+    cfg = apply_overrides(tiny_config, ["model.trainable=frozen",
+                                        f"data.feature_cache={tmp_path / 'cache'}"])
+    messages = []
+    first = extract_for_config(cfg, log=messages.append)
+    grids, _ = first.load_all()
+    trainer = Trainer(cfg, tmp_path / "run", log=messages.append)
+    assert "up-to-date" in messages[-1]  # the trainer's backbone gives the same fingerprint
+    again, _ = trainer.cache.load_all()
+    np.testing.assert_array_equal(grids, again)
+    fresh = trainer.model.grid(np.stack([__import__("captioner.data").data.load_image(p, 32)
+                                         for p in first.paths[:2]])).numpy()
+    np.testing.assert_allclose(fresh, grids[:2].astype(np.float32), rtol=2e-2, atol=2e-2)
