@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="seeded drawing-style augmentation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--sample", type=int, help="a random N rows (seeded by --seed)")
     p.add_argument("--column", default="smiles", help="name of the SMILES column")
     p.add_argument("--selfies", action="store_true", help="add a SELFIES column")
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
@@ -152,7 +153,8 @@ def cmd_render_molecules(args: argparse.Namespace) -> int:
 
     summary = render_molecules(args.smiles, args.out, size=args.size, augment=args.augment,
                                seed=args.seed, limit=args.limit, workers=args.workers,
-                               smiles_column=args.column, selfies=args.selfies)
+                               smiles_column=args.column, selfies=args.selfies,
+                               sample=args.sample)
     cached = " (already rendered)" if summary.cached else ""
     print(f"rendered {summary.rendered} molecules{cached}, skipped {len(summary.skipped)}; "
           f"manifest: {summary.manifest}")

@@ -569,6 +569,7 @@ def render_molecules(
     selfies: bool = False,
     progress: bool = True,
     options: RenderOptions | None = None,
+    sample: int | None = None,
 ) -> RenderSummary:
     """Render the SMILES column of a CSV to PNGs plus ``manifest.csv`` / ``skipped.csv``.
 
@@ -576,6 +577,8 @@ def render_molecules(
     If ``out_dir`` already holds a render with the same parameters and an unchanged input
     file, nothing is redone (``summary.cached``).  Otherwise old ``images/mol_*.png`` are
     removed first.  Unusable SMILES are skipped and listed with their CSV line number.
+    ``limit`` takes the first N rows; ``sample`` a seeded random N rows (kept in file
+    order), e.g. a representative subset of a file sorted by size.
 
     Example::
 
@@ -592,10 +595,14 @@ def render_molecules(
     csv_path, out_dir = Path(smiles_csv), Path(out_dir)
     options = options or RenderOptions()
     params = _params(csv_path, size, augment, seed, limit, smiles_column, selfies, options)
+    params["sample"] = sample
     cached = _cached_summary(out_dir, params)
     if cached is not None:
         return cached
     items = read_smiles_csv(csv_path, smiles_column, limit)
+    if sample is not None and sample < len(items):
+        keep = np.random.default_rng(seed).choice(len(items), size=sample, replace=False)
+        items = [items[i] for i in sorted(keep)]
     _prepare_out_dir(out_dir)
     job = _Job(out_dir, size, augment, seed, options, selfies)
     results = _run(job, items, workers or os.cpu_count() or 1, progress)

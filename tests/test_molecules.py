@@ -282,3 +282,23 @@ def test_selfies_column(tmp_path):
         assert row["selfies"].startswith("[")
         decoded = sf.decoder(row["selfies"])
         assert canonical_order(parse_smiles(decoded))[0] == row["smiles"]
+
+
+def test_sample_takes_a_seeded_random_subset_in_file_order(tmp_path):
+    from captioner.molecules import render_molecules
+
+    src = tmp_path / "in.csv"
+    smiles = ["C" * (i + 1) for i in range(12)]
+    src.write_text("smiles\n" + "\n".join(smiles) + "\n")
+    a = render_molecules(src, tmp_path / "a", size=64, sample=4, seed=3, workers=1,
+                         progress=False)
+    b = render_molecules(src, tmp_path / "b", size=64, sample=4, seed=3, workers=1,
+                         progress=False)
+    c = render_molecules(src, tmp_path / "c", size=64, sample=4, seed=4, workers=1,
+                         progress=False)
+
+    def chosen(summary):
+        return [line.split(",")[1] for line in summary.manifest.read_text().splitlines()[1:]]
+
+    assert a.rendered == 4 and chosen(a) == chosen(b) != chosen(c)
+    assert chosen(a) == sorted(chosen(a), key=len)  # file order kept
