@@ -187,8 +187,9 @@ def read_records(cfg: DataConfig, smiles_targets: bool = False) -> list[Record]:
 
 
 # ---- images ------------------------------------------------------------------------------
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """Decode any Pillow-readable image to (size, size, 3) uint8 RGB.
+def load_image(path: str | Path, size: int | None) -> np.ndarray:
+    """Decode any Pillow-readable image to (size, size, 3) uint8 RGB (``size=None``: the
+    image's own (H, W, 3), e.g. to draw attention over what the user sees).
 
     Handles grayscale, palette, RGBA/LA (composited on white), 16-bit, CMYK and EXIF
     orientation.
@@ -205,7 +206,9 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
             im.paste(rgba, mask=rgba.getchannel("A"))
-        im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        im = im.convert("RGB")
+        if size is not None:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(im, dtype=np.uint8)
 
 

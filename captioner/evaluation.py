@@ -92,6 +92,35 @@ def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[s
     return rows
 
 
+def image_hw(path: str) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        width, height = ImageOps.exif_transpose(im).size if im.getexif() else im.size
+    return height, width
+
+
+def grounding_scores(cap: Captioner, gen: Generation, split: SplitData) -> dict[str, Any] | None:
+    """Attention grounding where the data says where things are: shapes (object boxes,
+    colour and shape words) or rendered molecules (atom positions, atom tokens)."""
+    from captioner.grounding import molecule_grounding, shapes_grounding
+
+    metas = split.meta
+    words = [cap.tokenizer.ids_to_tokens(t) for t in gen.tokens]
+    attention = [gen.attention[i, :len(w)] for i, w in enumerate(words)]
+    if metas and all(isinstance(m.get("objects"), list) for m in metas):
+        hw = image_hw(split.paths[0])  # the shapes images all have one size
+        out = shapes_grounding(words, attention, [m["objects"] for m in metas], hw, cap.grid_hw)
+        return {**out, "kind": "shapes: colour and shape words, peak cell centre in the box"}
+    if metas and all(isinstance(m.get("atoms"), list) for m in metas):
+        refs = [r[0] for r in split.references]
+        out = molecule_grounding(words, attention, refs, [m["atoms"] for m in metas],
+                                 [image_hw(p) for p in split.paths], cap.grid_hw)
+        return {**out, "kind": "molecules: atom tokens of exact predictions, peak cell = atom's"}
+    return None
+
+
 def _write_predictions(path: Path, gen: Generation, split: SplitData,
                        rows: list[dict[str, Any]]) -> None:
     keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))] if rows else []
@@ -121,6 +150,10 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     seconds = time.perf_counter() - started
     family = metrics or metric_family(cap.tokenizer.kind)
     result = compute_metrics(family, gen.texts, ev.split.references)
+    grounding = grounding_scores(cap, gen, ev.split)
+    if grounding is not None:
+        result["grounding"] = grounding.pop("grounding")
+        result["grounding_detail"] = grounding
     result.update({"split": split, "data": ev.source, "images": ev.split.num_images,
                    "skipped_images": ev.report.count, "decode": cap.options(**{
                        k: v for k, v in decode.items() if k != "max_length"}).__dict__,
@@ -140,6 +173,6 @@ def headline(result: dict[str, Any]) -> str:
     """One line with the main numbers of a metrics dict."""
     keys = (("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("cider_d", "CIDEr-D"),
             ("rouge_l", "ROUGE-L"), ("meteor", "METEOR"), ("exact_match", "exact"),
-            ("validity", "valid"), ("tanimoto", "Tanimoto"))
+            ("validity", "valid"), ("tanimoto", "Tanimoto"), ("grounding", "grounding"))
     parts = [f"{label} {result[k]:.4f}" for k, label in keys if isinstance(result.get(k), float)]
     return f"{result['split']} ({result['images']} images): " + ", ".join(parts)

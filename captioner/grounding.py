@@ -189,3 +189,63 @@ def shapes_grounding(
         ok, total = _caption_counts(words, attention, objs, image_hw, grid_hw, spec)
         n_ok, n_total = n_ok + ok, n_total + total
     return grounding_result(n_ok, n_total)
+
+
+def peak_cell(attention_row: np.ndarray, grid_hw: tuple[int, int]) -> tuple[int, int]:
+    """``(row, col)`` of the arg-max cell of a flat (row-major) attention map.
+
+    Example:
+        >>> peak_cell(np.eye(1, 49, 10)[0], (7, 7))
+        (1, 3)
+    """
+    values = np.asarray(attention_row).reshape(-1)
+    _check_grid(values.size, grid_hw)
+    return divmod(int(np.argmax(values)), grid_hw[1])
+
+
+def cell_of_point(point: tuple[float, float], grid_hw: tuple[int, int],
+                  image_hw: tuple[int, int]) -> tuple[int, int]:
+    """``(row, col)`` of the grid cell containing pixel ``(x, y)`` of an image.
+
+    Example:
+        >>> cell_of_point((100.0, 30.0), (7, 7), (224, 224))
+        (0, 3)
+    """
+    x, y = point
+    gh, gw = grid_hw
+    height, width = image_hw
+    row = min(gh - 1, max(0, int(y * gh / height)))
+    col = min(gw - 1, max(0, int(x * gw / width)))
+    return row, col
+
+
+def molecule_grounding(pred_tokens: Sequence[Sequence[str]], attentions: Sequence[np.ndarray],
+                       references: Sequence[str], atoms: Sequence[Sequence[dict]],
+                       image_hws: Sequence[tuple[int, int]], grid_hw: tuple[int, int]) -> dict:
+    """Share of atom tokens whose attention peak is the grid cell containing that atom.
+
+    ``atoms[i]`` lists the reference molecule's atoms in the output order of its
+    canonical SMILES ``references[i]`` (as ``render-molecules`` writes them), with pixel
+    ``x``/``y`` in an image of ``image_hws[i]``. The k-th atom token of a prediction maps
+    to the k-th atom only when the prediction spells the reference exactly, so only those
+    predictions are scored; ``molecules`` counts them.
+
+    Example:
+        >>> atoms = [[{"symbol": "C", "x": 10, "y": 10}, {"symbol": "O", "x": 200, "y": 10}]]
+        >>> att = np.zeros((2, 49)); att[0, 0] = att[1, 6] = 1.0
+        >>> molecule_grounding([["C", "O"]], [att], ["CO"], atoms, [(224, 224)], (7, 7))
+        {'grounding': 1.0, 'grounded': 2, 'object_words': 2, 'molecules': 1}
+    """
+    from captioner.molecules import atom_tokens_positions
+
+    n_ok = n_total = n_mols = 0
+    for tokens, attention, ref, mol_atoms, hw in zip(pred_tokens, attentions, references, atoms,
+                                                    image_hws, strict=True):
+        if "".join(tokens) != ref:
+            continue
+        n_mols += 1
+        for index, atom in atom_tokens_positions(ref, mol_atoms):
+            n_total += 1
+            target = cell_of_point((float(atom["x"]), float(atom["y"])), grid_hw, hw)
+            n_ok += peak_cell(attention[index], grid_hw) == target
+    return {**grounding_result(n_ok, n_total), "molecules": n_mols}

@@ -175,3 +175,26 @@ def test_oracle_attention_on_generated_samples_is_fully_grounded() -> None:
         objects_list.append(objects)
     result = shapes_grounding(words_list, atts, objects_list, IMAGE, GRID)
     assert result["grounding"] == 1.0 and result["object_words"] > 60
+
+
+def test_molecule_grounding_hand_made_maps():
+    from captioner.grounding import molecule_grounding
+
+    # "C(=O)O": atom tokens at 0, 3, 5; atoms drawn in cells (0,0), (0,6) and (6,6)
+    atoms = [{"symbol": "C", "x": 5, "y": 5}, {"symbol": "O", "x": 220, "y": 5},
+             {"symbol": "O", "x": 220, "y": 220}]
+    att = np.zeros((6, 49))
+    att[0, 0] = 1.0  # right cell
+    att[3, 6] = 1.0  # right cell
+    att[5, 0] = 1.0  # wrong cell
+    out = molecule_grounding([list("C(=O)O")], [att], ["C(=O)O"], [atoms], [(224, 224)], (7, 7))
+    assert out == {"grounding": 2 / 3, "grounded": 2, "object_words": 3, "molecules": 1}
+    # a prediction that differs from the reference is not scored
+    out = molecule_grounding([list("C(=O)N")], [att], ["C(=O)O"], [atoms], [(224, 224)], (7, 7))
+    assert out["molecules"] == 0 and out["object_words"] == 0 and out["grounding"] == 0.0
+    # non-square image: x in a 300-wide image maps to columns of 300/7 px
+    wide = [{"symbol": "C", "x": 299, "y": 0}]
+    att1 = np.zeros((1, 49))
+    att1[0, 6] = 1.0
+    assert molecule_grounding([["C"]], [att1], ["C"], [wide], [(100, 300)], (7, 7))[
+        "grounding"] == 1.0

@@ -1,0 +1,81 @@
+"""``attention``: per-token attention figures and an interactive page for some images.
+
+For every image, ``OUTDIR/<name>.png`` is a Show, Attend and Tell style grid (the image,
+then one panel per generated token with its attention upsampled over the whole image,
+whatever its aspect ratio: the model saw the image resized to a square, so its grid
+covers the full picture), and ``OUTDIR/index.html`` shows them all interactively.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from captioner.data import load_image
+from captioner.inference import Captioner, Generation
+
+
+def figure_name(path: str, index: int, taken: set[str]) -> str:
+    """A unique PNG file name for an image path (``cat.jpg`` -> ``cat.png``).
+
+    Example:
+        >>> taken = set(); figure_name("a/cat.jpg", 0, taken), figure_name("b/cat.jpg", 1, taken)
+        ('cat.png', 'cat_1.png')
+    """
+    stem = Path(path).stem or f"image{index}"
+    name = f"{stem}.png"
+    if name in taken:
+        name = f"{stem}_{index}.png"
+    taken.add(name)
+    return name
+
+
+def write_figures(cap: Captioner, gen: Generation, out_dir: Path,
+                  titles: Sequence[str] | None = None) -> list[Path]:
+    """One PNG grid per image of ``gen`` (token panels over the original image)."""
+    from captioner.visualize import attention_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    paths = []
+    for i, image_path in enumerate(gen.images):
+        tokens = cap.tokenizer.ids_to_tokens(gen.tokens[i])
+        image = load_image(image_path, None)  # (H, W, 3) as the user sees it
+        title = titles[i] if titles else gen.texts[i]
+        out = out_dir / figure_name(image_path, i, taken)
+        paths.append(attention_figure(image, tokens, gen.attention[i], cap.grid_hw, out,
+                                      title=title))
+    return paths
+
+
+def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]] | None = None,
+                 metrics: Sequence[dict[str, Any]] | None = None) -> list[Any]:
+    """:class:`captioner.report.ReportItem` for every image of ``gen``."""
+    from captioner.report import ReportItem
+
+    items = []
+    for i, image_path in enumerate(gen.images):
+        tokens = cap.tokenizer.ids_to_tokens(gen.tokens[i])
+        items.append(ReportItem(image_path=image_path, tokens=tokens,
+                                attention=gen.attention[i, :len(tokens)],
+                                prediction=gen.texts[i],
+                                references=list(references[i]) if references else None,
+                                score=float(gen.scores[i]),
+                                metrics=dict(metrics[i]) if metrics else {}))
+    return items
+
+
+def write_attention(run_dir: str | Path, images: Sequence[str], out_dir: str | Path,
+                    log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
+    """Caption ``images`` with a run and write the figures and ``index.html``."""
+    from captioner.report import write_report
+
+    cap = Captioner.load(run_dir)
+    gen = cap.generate(list(images), **decode)
+    out = Path(out_dir)
+    figures = write_figures(cap, gen, out)
+    page = write_report(report_items(cap, gen), out / "index.html", cap.grid_hw,
+                        title=f"captioner attention: {Path(run_dir).name}")
+    log(f"{len(figures)} attention figures and {page} in {out}")
+    return {"figures": figures, "page": page, "generation": gen}
