@@ -50,12 +50,14 @@ def write_figures(cap: Captioner, gen: Generation, out_dir: Path,
 
 
 def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]] | None = None,
-                 metrics: Sequence[dict[str, Any]] | None = None) -> list[Any]:
-    """:class:`captioner.report.ReportItem` for every image of ``gen``."""
+                 metrics: Sequence[dict[str, Any]] | None = None,
+                 images: Sequence[str] | None = None) -> list[Any]:
+    """:class:`captioner.report.ReportItem` for every image of ``gen`` (``images``: the
+    files, when ``gen`` was decoded from arrays)."""
     from captioner.report import ReportItem
 
     items = []
-    for i, image_path in enumerate(gen.images):
+    for i, image_path in enumerate(images or gen.images):
         tokens = cap.tokenizer.ids_to_tokens(gen.tokens[i])
         items.append(ReportItem(image_path=image_path, tokens=tokens,
                                 attention=gen.attention[i, :len(tokens)],

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     _add_decode(p)
 
+    p = sub.add_parser("attention", help="per-token attention figures and an HTML page")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True, help="output folder (PNGs and index.html)")
+    _add_decode(p)
+
     p = sub.add_parser("evaluate", help="decode a split and write metrics and predictions")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--data", help="config YAML or manifest (default: the run's own data)")
@@ -64,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many images")
     p.add_argument("--metrics", choices=["caption", "smiles"], help="default: by tokenizer")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--report", action="store_true",
+                   help="also write index.html: every image with its attention, sortable")
     _add_decode(p)
 
     p = sub.add_parser("extract-features",
@@ -134,8 +142,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluation import evaluate
 
     evaluate(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
-             metrics=args.metrics, **_decode_args(args))
+             metrics=args.metrics, report=args.report, **_decode_args(args))
     print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md, predictions.csv")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from captioner.attention_maps import write_attention
+    from captioner.inference import expand_images
+
+    write_attention(args.run, expand_images(args.images), args.out, **_decode_args(args))
     return 0
 
 
@@ -183,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
+                "attention": cmd_attention,
                 "demo": cmd_demo, "make-shapes": cmd_make_shapes,
                 "render-molecules": cmd_render_molecules,
                 "extract-features": cmd_extract_features}

@@ -134,12 +134,15 @@ def _write_predictions(path: Path, gen: Generation, split: SplitData,
 
 def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
              split: str = "test", limit: int | None = None, metrics: str | None = None,
-             log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
+             report: bool = False, log: Callable[[str], None] = print,
+             **decode: Any) -> dict[str, Any]:
     """Decode ``split`` of ``data`` (the run's own data by default) and score it.
 
     ``decode`` takes the :meth:`Captioner.generate` options (``strategy``, ``beam_size``,
     ``n_best``, ``max_length``, ...). The metric family follows the tokenizer (words ->
-    caption metrics, SMILES -> SMILES metrics) unless ``metrics`` says.
+    caption metrics, SMILES -> SMILES metrics) unless ``metrics`` says. ``report`` also
+    writes ``index.html``: every image with its per-token attention, sortable by the
+    per-example metrics and score.
     """
     from captioner.metrics import compute_metrics, metric_family, metrics_markdown
 
@@ -163,10 +166,24 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "metrics.md").write_text(metrics_markdown(result))
     ev.report.write(out / "skipped_images.txt")
-    _write_predictions(out / "predictions.csv", gen, ev.split,
-                       _per_example(family, gen.texts, ev.split))
+    rows = _per_example(family, gen.texts, ev.split)
+    _write_predictions(out / "predictions.csv", gen, ev.split, rows)
+    if report:
+        _write_report(cap, gen, ev.split, rows, out / "index.html")
     log(headline(result))
     return result
+
+
+def _write_report(cap: Captioner, gen: Generation, split: SplitData,
+                  rows: list[dict[str, Any]], path: Path) -> Path:
+    from captioner.attention_maps import report_items
+    from captioner.report import write_report
+
+    numeric = [{k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
+               for row in rows]  # exact_match and friends become 0/1
+    items = report_items(cap, gen, split.references, numeric, images=split.paths)
+    return write_report(items, path, cap.grid_hw, title=f"captioner evaluation: {path.parent}",
+                        image_size=320)
 
 
 def headline(result: dict[str, Any]) -> str:

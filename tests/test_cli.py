@@ -102,7 +102,7 @@ def test_evaluate_writes_metrics_and_predictions(cli_run):
     work, _ = cli_run
     out = work / "eval"
     proc = run_cli("evaluate", "--run", str(work / "run"), "--out", str(out), "--limit", "6",
-                   "--beam-size", "2", cwd=work)
+                   "--beam-size", "2", "--report", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 6 and metrics["split"] == "test"
@@ -113,3 +113,24 @@ def test_evaluate_writes_metrics_and_predictions(cli_run):
     lines = (out / "predictions.csv").read_text().strip().splitlines()
     assert lines[0].startswith("image,references,prediction,score") and len(lines) == 7
     assert "test (6 images)" in proc.stdout
+    assert metrics["grounding_detail"]["kind"].startswith("shapes")
+    assert 0.0 <= metrics["grounding"] <= 1.0
+    page = (out / "index.html").read_text()
+    assert page.count('<article class="item"') == 6
+    assert "bleu4" in page and "http://" not in page and "https://" not in page
+
+
+def test_attention_writes_a_figure_per_image_and_a_page(cli_run):
+    from PIL import Image
+
+    work, _ = cli_run
+    images = sorted((work / "shapes" / "images").glob("*.png"))[:3]
+    out = work / "att"
+    proc = run_cli("attention", "--run", str(work / "run"), *map(str, images), "--out",
+                   str(out), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for image in images:
+        with Image.open(out / f"{image.stem}.png") as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    page = (out / "index.html").read_text()
+    assert all(image.name in page for image in images)
