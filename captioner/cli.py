@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config (default: configs/shapes.yaml)")
     _add_overrides(p)
 
+    p = sub.add_parser("bench", help="train/decode throughput on random grids, one JSON line")
+    from captioner.bench import add_bench_arguments
+
+    add_bench_arguments(p)
+
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=6000, help="number of images")
@@ -186,6 +191,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from captioner.bench import bench_from_args
+
+    print(json.dumps(bench_from_args(args)))
+    return 0
+
+
 def cmd_make_shapes(args: argparse.Namespace) -> int:
     from captioner.shapes import generate_shapes
 
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
-                "attention": cmd_attention,
+                "attention": cmd_attention, "bench": cmd_bench,
                 "demo": cmd_demo, "make-shapes": cmd_make_shapes,
                 "render-molecules": cmd_render_molecules,
                 "extract-features": cmd_extract_features}
