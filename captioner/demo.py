@@ -1,8 +1,9 @@
 """The embedded demo: synthetic shapes -> train -> caption held-out images -> metrics.
 
-Everything lands in the run directory (``runs/demo`` by default): the run itself,
-``metrics.json`` (``exact_match``, ``grounding`` and counts), ``predictions.jsonl``
-and per-token attention overlays in ``attention/``.
+Everything lands in the run directory (``runs/demo`` by default): the run itself, the
+evaluation of the test split (``metrics.json`` with ``exact_match`` and ``grounding``,
+``metrics.md``, ``predictions.csv``, ``index.html``) and per-token attention figures of a
+few test images in ``attention/``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from captioner.config import Config, load_config
-from captioner.grounding import shapes_grounding
-from captioner.inference import Captioner
-from captioner.metrics import exact_match
-from captioner.training import Trainer, caption_split
+from captioner.evaluation import evaluate
+from captioner.training import Trainer
 
 
 def default_config_path() -> Path:
@@ -25,59 +24,27 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
 
 
-def evaluate_shapes(captioner: Captioner, rows: list[dict[str, Any]], image_size: int
-                    ) -> dict[str, Any]:
-    """Exact caption match and attention grounding of captioned shapes images."""
-    preds = [r["text"] for r in rows]
-    words = [captioner.tokenizer.ids_to_tokens(r["tokens"]) for r in rows]
-    grounding = shapes_grounding(words, [r["attention"] for r in rows],
-                                 [r["meta"]["objects"] for r in rows],
-                                 (image_size, image_size), captioner.grid_hw)
-    return {"exact_match": exact_match(preds, [r["references"] for r in rows]),
-            "grounding": grounding["grounding"], "grounded_words": grounding["grounded"],
-            "object_words": grounding["object_words"], "images": len(rows)}
-
-
-def write_overlays(captioner: Captioner, rows: list[dict[str, Any]], out_dir: Path,
-                   count: int = 8) -> list[Path]:
-    """Show, Attend and Tell style per-token attention figures for the first images."""
-    from captioner.data import load_image
-    from captioner.visualize import attention_figure
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for r in rows[:count]:
-        image = load_image(r["image"], captioner.image_size)
-        tokens = captioner.tokenizer.ids_to_tokens(r["tokens"])
-        out = out_dir / (Path(r["image"]).stem + ".png")
-        paths.append(attention_figure(image, tokens, r["attention"], captioner.grid_hw, out,
-                                      title=r["text"]))
-    return paths
-
-
 def run_demo(run_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
-             config: Config | None = None, log: Callable[[str], None] = print
-             ) -> dict[str, Any]:
+             config: Config | None = None, log: Callable[[str], None] = print,
+             figures: int = 8) -> dict[str, Any]:
     """Generate the data, train (or resume), then caption and score the test split."""
+    from captioner.attention_maps import write_attention
+
     run_dir = Path(run_dir)
     cfg = config or load_config(default_config_path(), overrides)
     started = time.perf_counter()
     trainer = Trainer(cfg, run_dir, log)
     trainer.fit()
     train_s = time.perf_counter() - started
-    captioner = Captioner.load(run_dir)
-    rows = caption_split(captioner, trainer.data.test, cfg.decode.batch_size)
-    metrics = evaluate_shapes(captioner, rows, cfg.data.shapes.image_size)
-    metrics["train_and_load_seconds"] = round(train_s, 1)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with (run_dir / "predictions.jsonl").open("w") as fh:
-        for r in rows:
-            fh.write(json.dumps({"image": r["image"], "prediction": r["text"],
-                                 "references": r["references"]}) + "\n")
-    figures = write_overlays(captioner, rows, run_dir / "attention")
+    metrics = evaluate(run_dir, run_dir, split="test", report=True, log=lambda _: None)
+    metrics["train_seconds"] = round(train_s, 1)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    look = write_attention(run_dir, trainer.data.test.paths[:figures], run_dir / "attention",
+                           log=lambda _: None)
+    detail = metrics.get("grounding_detail", {})
     log(f"held-out images: {metrics['images']}  exact match: {metrics['exact_match']:.3f}  "
-        f"grounding: {metrics['grounding']:.3f} "
-        f"({metrics['grounded_words']}/{metrics['object_words']} object words)")
-    log(f"metrics: {run_dir / 'metrics.json'}; attention overlays: {figures[0].parent}"
-        if figures else f"metrics: {run_dir / 'metrics.json'}")
+        f"grounding: {metrics['grounding']:.3f} ({detail.get('grounded')}/"
+        f"{detail.get('object_words')} object words)")
+    log(f"metrics: {run_dir / 'metrics.json'}; all test images: {run_dir / 'index.html'}; "
+        f"attention figures: {look['page'].parent}")
     return metrics
