@@ -33,16 +33,13 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import keras
 import tensorflow as tf
-
-TRAINABLE_MODES = ("frozen", "full", "fine_tune")
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # ImageNet channel means, BGR order
 
 
 @dataclass(frozen=True)
@@ -61,17 +58,38 @@ class BackboneSpec:
     default_size: int = 224
 
 
-SPECS: MappingProxyType[str, BackboneSpec] = MappingProxyType({
-    "efficientnet_b0": BackboneSpec("EfficientNetB0", "efficientnet", "none"),
-    "mobilenet_v2": BackboneSpec("MobileNetV2", "mobilenet_v2", "tf"),
-    "resnet50": BackboneSpec("ResNet50", "resnet50", "caffe"),
-    "inception_v3": BackboneSpec("InceptionV3", "inception_v3", "tf", 299),
-})
+def _default_specs() -> Mapping[str, BackboneSpec]:
+    return MappingProxyType({
+        "efficientnet_b0": BackboneSpec("EfficientNetB0", "efficientnet", "none"),
+        "mobilenet_v2": BackboneSpec("MobileNetV2", "mobilenet_v2", "tf"),
+        "resnet50": BackboneSpec("ResNet50", "resnet50", "caffe"),
+        "inception_v3": BackboneSpec("InceptionV3", "inception_v3", "tf", 299),
+    })
+
+
+@dataclass(frozen=True)
+class BackboneDefaults:
+    """The pretrained backbones and the accepted option values (immutable).
+
+    ``specs`` maps each pretrained backbone name (in :func:`available_backbones` order) to
+    its :class:`BackboneSpec`; ``caffe_mean_bgr`` holds the ImageNet channel means in BGR
+    order, subtracted by the ``"caffe"`` preprocessing.
+
+    Example:
+        >>> BackboneDefaults().trainable_modes
+        ('frozen', 'full', 'fine_tune')
+        >>> BackboneDefaults().specs["inception_v3"].default_size
+        299
+    """
+
+    trainable_modes: tuple[str, ...] = ("frozen", "full", "fine_tune")
+    caffe_mean_bgr: tuple[float, float, float] = (103.939, 116.779, 123.68)
+    specs: Mapping[str, BackboneSpec] = field(default_factory=_default_specs)
 
 
 def available_backbones() -> tuple[str, ...]:
     """Names accepted by :func:`build_backbone`, ``"small_cnn"`` first."""
-    return ("small_cnn", *SPECS)
+    return ("small_cnn", *BackboneDefaults().specs)
 
 
 def default_image_size(name: str) -> int:
@@ -86,9 +104,10 @@ def default_image_size(name: str) -> int:
 
 def backbone_spec(name: str) -> BackboneSpec:
     """The :class:`BackboneSpec` of a pretrained backbone; ValueError for unknown names."""
-    if name not in SPECS:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(SPECS)}")
-    return SPECS[name]
+    specs = BackboneDefaults().specs
+    if name not in specs:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(specs)}")
+    return specs[name]
 
 
 def preprocess_images(images: tf.Tensor, mode: str) -> tf.Tensor:
@@ -107,7 +126,8 @@ def preprocess_images(images: tf.Tensor, mode: str) -> tf.Tensor:
     if mode == "tf":
         return x / 127.5 - 1.0
     if mode == "caffe":
-        return x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR, "float32")  # RGB -> BGR, centred
+        mean_bgr = tf.constant(BackboneDefaults().caffe_mean_bgr, "float32")
+        return x[..., ::-1] - mean_bgr  # RGB -> BGR, centred
     if mode == "none":
         return x
     raise ValueError(f"preprocessing must be 'none', 'tf' or 'caffe', got {mode!r}")
@@ -118,8 +138,9 @@ def _check_trainable(trainable: str | bool, fine_tune_from: str | None) -> str:
     """Normalises ``trainable`` (a bool from Keras' own config means full/frozen)."""
     if isinstance(trainable, bool):
         trainable = "full" if trainable else "frozen"
-    if trainable not in TRAINABLE_MODES:
-        raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got {trainable!r}")
+    modes = BackboneDefaults().trainable_modes
+    if trainable not in modes:
+        raise ValueError(f"trainable must be one of {modes}, got {trainable!r}")
     if trainable == "fine_tune" and not fine_tune_from:
         raise ValueError("trainable='fine_tune' needs fine_tune_from=<layer name>")
     if trainable != "fine_tune" and fine_tune_from:
@@ -180,7 +201,7 @@ def _build_network(spec: BackboneSpec, weights: str | None,
 class PretrainedBackbone(keras.layers.Layer):
     """A ``keras.applications`` network without its classifier, as a grid encoder.
 
-    ``name_`` is the backbone (see :data:`SPECS`); ``name`` stays the Keras layer name.
+    ``name_`` is the backbone (see :class:`BackboneDefaults`); ``name`` stays the Keras layer name.
     ``network`` is the wrapped ``keras.Model``: its layer names are the valid values of
     ``fine_tune_from`` (e.g. ``"block_13_expand"`` for MobileNetV2, ``"conv5_block1_1_conv"``
     for ResNet50, ``"block6a_expand_conv"`` for EfficientNetB0, ``"mixed8"`` for
@@ -369,7 +390,7 @@ def build_backbone(name: str, image_size: int, weights: str | None = None,
     if name == "small_cnn":
         return _build_small_cnn(image_size, weights, trainable, fine_tune_from, cnn_filters,
                                 cnn_kernels, cnn_padding, dtype)
-    if name not in SPECS:
+    if name not in BackboneDefaults().specs:
         raise ValueError(f"unknown backbone {name!r}; available: "
                          f"{', '.join(available_backbones())}")
     return PretrainedBackbone(name, image_size, weights, trainable, fine_tune_from,

@@ -51,8 +51,19 @@ from captioner.config import Config
 from captioner.tokenizers import Tokenizer
 
 TrainFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (grids (B,G,C), tokens (B,L)) -> loss
-IMPLS = ("captioner", "classic")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+@dataclass(frozen=True)
+class BenchChoices:
+    """The accepted values of ``impl`` and ``precision`` (the first ones are the defaults).
+
+    Example:
+        >>> BenchChoices().impls
+        ('captioner', 'classic')
+    """
+
+    impls: tuple[str, ...] = ("captioner", "classic")
+    precisions: tuple[str, ...] = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 # ---- shapes, data and the FLOP count ---------------------------------------------------
@@ -261,8 +272,9 @@ def bench_config(precision: str = "float32", learning_rate: float = 1e-3) -> Con
         >>> bench_config("mixed_bfloat16").train.precision
         'mixed_bfloat16'
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precisions = BenchChoices().precisions
+    if precision not in precisions:
+        raise ValueError(f"precision must be one of {', '.join(precisions)}, got {precision!r}")
     cfg = Config()
     cfg.train.precision = precision
     cfg.train.learning_rate = learning_rate
@@ -658,8 +670,9 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
         >>> run_bench(steps=5, impl="classic")["greedy_images_per_s"]  # doctest: +SKIP
         1.5
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    impls = BenchChoices().impls
+    if impl not in impls:
+        raise ValueError(f"impl must be one of {', '.join(impls)}, got {impl!r}")
     s = BenchShapes(batch_size, grid, feature_dim, embedding_dim, units, attention_units,
                     vocab_size, max_length)
     cfg = bench_config(precision)
@@ -831,8 +844,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         >>> p.parse_args(["--impl", "classic", "--steps", "5"]).impl
         'classic'
     """
-    p.add_argument("--impl", choices=IMPLS, default="captioner")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32")
+    choices = BenchChoices()
+    p.add_argument("--impl", choices=choices.impls, default="captioner")
+    p.add_argument("--precision", choices=choices.precisions, default="float32")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=49, help="grid cells G (a square: 49, 64)")
     p.add_argument("--feature-dim", type=int, default=1280, help="backbone channels C")

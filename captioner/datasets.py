@@ -27,18 +27,36 @@ import json
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from captioner.data import DataError, Record, normalise_split, read_csv_manifest
 
 PathLike = str | Path
-FORMATS = ("csv", "jsonl", "coco", "karpathy", "flickr8k", "captions_csv", "auto")
-FLICKR8K_SPLIT_FILES = (("train", "Flickr_8k.trainImages.txt"),
-                        ("val", "Flickr_8k.devImages.txt"),
-                        ("test", "Flickr_8k.testImages.txt"))
-_TOKEN_LINE = re.compile(r"^\S+#\d+\t")
+
+
+@dataclass(frozen=True)
+class DatasetFormats:
+    """The formats :func:`read_any` accepts and how Flickr8k files are recognised.
+
+    ``flickr8k_split_files`` pairs each split with its official list file (next to the
+    token file); ``token_line`` matches the ``<image>#<k><TAB>`` start of a token line.
+
+    Example:
+        >>> DatasetFormats().formats[-1]
+        'auto'
+        >>> DatasetFormats().flickr8k_split_files[0]
+        ('train', 'Flickr_8k.trainImages.txt')
+    """
+
+    formats: tuple[str, ...] = ("csv", "jsonl", "coco", "karpathy", "flickr8k",
+                                "captions_csv", "auto")
+    flickr8k_split_files: tuple[tuple[str, str], ...] = (
+        ("train", "Flickr_8k.trainImages.txt"),
+        ("val", "Flickr_8k.devImages.txt"),
+        ("test", "Flickr_8k.testImages.txt"))
+    token_line: re.Pattern[str] = re.compile(r"^\S+#\d+\t")
 
 
 class ReadResult(NamedTuple):
@@ -285,7 +303,8 @@ def _flickr_images_dir(folder: Path) -> Path:
 def _flickr_split_files(token: Path, split_files: dict[str, PathLike] | None
                         ) -> dict[str, Path]:
     if split_files is None:
-        found = {s: token.parent / name for s, name in FLICKR8K_SPLIT_FILES}
+        found = {s: token.parent / name
+                 for s, name in DatasetFormats().flickr8k_split_files}
         return {s: p for s, p in found.items() if p.is_file()}
     files = {}
     for name, p in split_files.items():
@@ -316,7 +335,7 @@ def read_flickr_split_files(files: dict[str, Path]) -> dict[str, str]:
 
 
 def _parse_token_line(line: str, path: Path, number: int) -> tuple[str, str]:
-    if not _TOKEN_LINE.match(line):
+    if not DatasetFormats().token_line.match(line):
         raise DataError(f"{path}:{number}: expected '<image>#<k><TAB><caption>'")
     key, caption = line.split("\t", 1)
     text = _clean(caption)
@@ -459,7 +478,7 @@ def _json_format(doc: Any) -> str | None:
 
 def _text_format(path: Path) -> str | None:
     first = _first_line(path)
-    if path.suffix.lower() == ".txt" and _TOKEN_LINE.match(first):
+    if path.suffix.lower() == ".txt" and DatasetFormats().token_line.match(first):
         return "flickr8k"
     if first.strip().replace(" ", "") == "image,caption":
         return "captions_csv"
@@ -467,7 +486,7 @@ def _text_format(path: Path) -> str | None:
 
 
 def _unknown(path: Path, why: str) -> DataError:
-    names = ", ".join(f for f in FORMATS if f != "auto")
+    names = ", ".join(f for f in DatasetFormats().formats if f != "auto")
     return DataError(f"{path}: cannot detect the format ({why}); pass one of: {names}")
 
 
@@ -506,7 +525,8 @@ def _detect(path: Path) -> tuple[str, Any]:
 def read_any(fmt: str, path: PathLike | Sequence[PathLike], images_dir: PathLike | None = None,
              image_column: str = "image", text_column: str = "caption",
              split_column: str | None = "split") -> list[Record]:
-    """Read ``path`` (or several paths, concatenated) in format ``fmt`` (see ``FORMATS``).
+    """Read ``path`` (or several paths, concatenated) in format ``fmt`` (see
+    :class:`DatasetFormats`).
 
     The column arguments apply to ``csv`` and ``jsonl``; ``flickr8k`` keeps all records
     (use :func:`drop_missing` to drop those without an image file).
@@ -516,8 +536,9 @@ def read_any(fmt: str, path: PathLike | Sequence[PathLike], images_dir: PathLike
         Traceback (most recent call last):
         captioner.data.DataError: unknown format 'xml'; use one of: csv, jsonl, coco, ...
     """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    formats = DatasetFormats().formats
+    if fmt not in formats:
+        raise DataError(f"unknown format {fmt!r}; use one of: {', '.join(formats)}")
     if not isinstance(path, (str, Path)):
         return [r for p in path for r in read_any(fmt, p, images_dir, image_column,
                                                    text_column, split_column)]

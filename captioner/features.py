@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from captioner.data import epoch_batches, load_image, steps_per_epoch
+from captioner.data import _try_load, epoch_batches, steps_per_epoch
 
 EncodeFn = Callable[[np.ndarray], Any]  # (B, S, S, 3) uint8 -> (B, G, C) array or tensor
 
@@ -68,7 +68,7 @@ class CacheLayout:
     """File names and defaults of a feature cache (immutable).
 
     Example:
-        >>> LAYOUT.shard_name(3, 12)
+        >>> CacheLayout().shard_name(3, 12)
         'features-00003-of-00012.tfrecord'
     """
 
@@ -91,9 +91,6 @@ class CacheLayout:
         base = name[: -len(self.tmp_suffix)] if name.endswith(self.tmp_suffix) else name
         shard = base.startswith(self.shard_prefix + "-") and base.endswith(self.shard_suffix)
         return shard or base in (self.index_name, self.images_name)
-
-
-LAYOUT = CacheLayout()
 
 
 class FeatureCacheError(ValueError):
@@ -128,7 +125,7 @@ class CacheSummary:
 
 
 def _log() -> logging.Logger:
-    return logging.getLogger(LAYOUT.logger)
+    return logging.getLogger(CacheLayout().logger)
 
 
 # ---- fingerprints ------------------------------------------------------------------------
@@ -180,7 +177,7 @@ def _images_diff(old: list[list[Any]], new: list[list[Any]]) -> str:
 
 # ---- index files -------------------------------------------------------------------------
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + LAYOUT.tmp_suffix)
+    tmp = path.with_name(path.name + CacheLayout().tmp_suffix)
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     os.replace(tmp, path)
 
@@ -218,11 +215,12 @@ def _validate_index(index: Any, path: Path, require_complete: bool) -> None:
     _check_keys(index, {"format_version": int, "fingerprint": dict, "image_list_sha256": str,
                         "num_images": int, "image_size": int, "dtype": str, "shard_size": int,
                         "num_shards": int, "shards": list, "skipped": list}, path)
-    if index["format_version"] != LAYOUT.format_version:
+    layout = CacheLayout()
+    if index["format_version"] != layout.format_version:
         raise FeatureCacheError(f"{path}: key 'format_version' is {index['format_version']}, "
-                                f"this version reads {LAYOUT.format_version}")
-    if index["dtype"] not in LAYOUT.dtypes:
-        raise FeatureCacheError(f"{path}: key 'dtype' must be one of {LAYOUT.dtypes}")
+                                f"this version reads {layout.format_version}")
+    if index["dtype"] not in layout.dtypes:
+        raise FeatureCacheError(f"{path}: key 'dtype' must be one of {layout.dtypes}")
     if "grid_shape" not in index:
         raise FeatureCacheError(f"{path}: missing key 'grid_shape'")
     grid = index["grid_shape"]
@@ -239,25 +237,17 @@ def _validate_index(index: Any, path: Path, require_complete: bool) -> None:
 
 
 def _read_images(out: Path, index: dict[str, Any]) -> list[list[Any]]:
-    path = out / LAYOUT.images_name
+    layout = CacheLayout()
+    path = out / layout.images_name
     obj = _read_json(path)
     stats = obj.get("images") if isinstance(obj, dict) else None
     if not isinstance(stats, list) or image_list_sha256(stats) != index["image_list_sha256"]:
         raise FeatureCacheError(f"{path}: key 'images' does not match 'image_list_sha256' of "
-                                f"{out / LAYOUT.index_name}")
+                                f"{out / layout.index_name}")
     return stats
 
 
 # ---- extraction --------------------------------------------------------------------------
-def _load_one(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    if not Path(path).is_file():
-        return None, "missing file"
-    try:
-        return load_image(path, size), None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable"
-        return None, f"unreadable: {type(exc).__name__}: {exc}"
-
-
 @dataclass
 class _Batch:
     positions: list[int]  # positions in the requested image list
@@ -275,7 +265,7 @@ def _loaded_batches(paths: list[str], start: int, size: int, batch_size: int,
     def submit() -> None:
         lo = next(chunks, None)
         if lo is not None:
-            pending.append([(start + i, pool.submit(_load_one, paths[i], size))
+            pending.append([(start + i, pool.submit(_try_load, paths[i], size))
                             for i in range(lo, min(lo + batch_size, len(paths)))])
 
     submit()
@@ -354,10 +344,11 @@ def _write_shard(run: _Run, k: int) -> dict[str, Any]:
     idx = run.index
     start, stop = k * idx["shard_size"], min((k + 1) * idx["shard_size"], idx["num_images"])
     first_row = sum(s["count"] for s in idx["shards"])
-    entry = {"file": LAYOUT.shard_name(k, idx["num_shards"]), "start": start, "stop": stop,
+    layout = CacheLayout()
+    entry = {"file": layout.shard_name(k, idx["num_shards"]), "start": start, "stop": stop,
              "count": 0, "first_row": first_row}
     final = run.out / entry["file"]
-    tmp = final.with_name(final.name + LAYOUT.tmp_suffix)
+    tmp = final.with_name(final.name + layout.tmp_suffix)
     skipped: list[dict[str, Any]] = []
     try:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
@@ -384,8 +375,9 @@ def _write_shard(run: _Run, k: int) -> dict[str, Any]:
 
 def _clear(out: Path) -> None:
     """Delete every cache file (shards, temp files, index) -- nothing else."""
+    layout = CacheLayout()
     for p in out.iterdir():
-        if p.is_file() and LAYOUT.is_ours(p.name):
+        if p.is_file() and layout.is_ours(p.name):
             p.unlink()
 
 
@@ -402,9 +394,10 @@ def _resumable(out: Path, index: dict[str, Any]) -> dict[str, Any]:
     index["complete"] = index["complete"] and len(kept) == index["num_shards"]
     if not kept:
         index["grid_shape"] = None
-    names = {s["file"] for s in kept} | {LAYOUT.index_name, LAYOUT.images_name}
+    layout = CacheLayout()
+    names = {s["file"] for s in kept} | {layout.index_name, layout.images_name}
     for p in out.iterdir():
-        if p.is_file() and LAYOUT.is_ours(p.name) and p.name not in names:
+        if p.is_file() and layout.is_ours(p.name) and p.name not in names:
             p.unlink()
     return index
 
@@ -412,7 +405,7 @@ def _resumable(out: Path, index: dict[str, Any]) -> dict[str, Any]:
 def _existing(out: Path, new: dict[str, Any], stats: list[list[Any]]
               ) -> tuple[dict[str, Any] | None, str | None]:
     """The old index if it can be reused (complete or resumable), else (None, reason)."""
-    path = out / LAYOUT.index_name
+    path = out / CacheLayout().index_name
     if not path.exists():
         return None, None
     try:
@@ -442,7 +435,7 @@ def _existing(out: Path, new: dict[str, Any], stats: list[list[Any]]
 def _new_index(fingerprint: dict[str, Any], stats: list[list[Any]], image_size: int,
                dtype: str, shard_size: int) -> dict[str, Any]:
     n = len(stats)
-    return {"format_version": LAYOUT.format_version, "fingerprint": _normalise(fingerprint),
+    return {"format_version": CacheLayout().format_version, "fingerprint": _normalise(fingerprint),
             "image_list_sha256": image_list_sha256(stats), "num_images": n,
             "image_size": image_size, "dtype": dtype, "grid_shape": None,
             "shard_size": shard_size, "num_shards": max(1, math.ceil(n / shard_size)),
@@ -453,8 +446,9 @@ def _check_args(paths: list[str], image_size: int, batch_size: int, shard_size: 
                 dtype: str) -> None:
     if not paths:
         raise ValueError("extract_features: no image paths")
-    if dtype not in LAYOUT.dtypes:
-        raise ValueError(f"dtype must be one of {LAYOUT.dtypes}, got {dtype!r}")
+    dtypes = CacheLayout().dtypes
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {dtypes}, got {dtype!r}")
     for name, v in (("image_size", image_size), ("batch_size", batch_size),
                     ("shard_size", shard_size)):
         if v < 1:
@@ -519,8 +513,9 @@ def extract_features(image_paths: Sequence[str], encode_fn: EncodeFn, out_dir: s
     if index is None:
         _clear(out)
         index = new
-        _write_json_atomic(out / LAYOUT.images_name, {"images": stats})
-        _write_json_atomic(out / LAYOUT.index_name, index)
+        layout = CacheLayout()
+        _write_json_atomic(out / layout.images_name, {"images": stats})
+        _write_json_atomic(out / layout.index_name, index)
     elif status == "resumed":
         _log().info("resuming feature cache %s at shard %d of %d", out, len(index["shards"]),
                     index["num_shards"])
@@ -539,10 +534,11 @@ def _run_shards(out: Path, index: dict[str, Any], paths: list[str], encode_fn: E
     bar = tqdm(total=len(paths), initial=done, desc="extract features", unit="img",
                disable=not progress, dynamic_ncols=True)
     run = _Run(out, index, paths, encode_fn, batch_size, pool, bar)
+    index_path = out / CacheLayout().index_name
     try:
         for k in range(len(index["shards"]), index["num_shards"]):
             index["shards"].append(_write_shard(run, k))
-            _write_json_atomic(out / LAYOUT.index_name, index)
+            _write_json_atomic(index_path, index)
             bar.set_postfix(skipped=len(index["skipped"]), refresh=False)
     finally:
         bar.close()
@@ -552,7 +548,7 @@ def _run_shards(out: Path, index: dict[str, Any], paths: list[str], encode_fn: E
         raise FeatureCacheError(f"no image could be read ({len(index['skipped'])} skipped, "
                                 f"e.g. {first['path']}: {first['reason']})")
     index["complete"] = True
-    _write_json_atomic(out / LAYOUT.index_name, index)
+    _write_json_atomic(index_path, index)
     return _summary(out, index, t0, status, reason, run, reused)
 
 
@@ -578,13 +574,14 @@ class FeatureCache:
     # -- metadata
     def open(self) -> FeatureCache:
         """Validate index.json, images.json and the shard files; returns ``self``."""
-        path = self.dir / LAYOUT.index_name
+        layout = CacheLayout()
+        path = self.dir / layout.index_name
         index = _read_json(path)
         _validate_index(index, path, require_complete=True)
         stats = _read_images(self.dir, index)
         if len(stats) != index["num_images"]:
             raise FeatureCacheError(f"{path}: key 'num_images' is {index['num_images']} but "
-                                    f"{LAYOUT.images_name} lists {len(stats)}")
+                                    f"{layout.images_name} lists {len(stats)}")
         if len(index["shards"]) != index["num_shards"]:
             raise FeatureCacheError(f"{path}: key 'shards' has {len(index['shards'])} entries, "
                                     f"'num_shards' is {index['num_shards']}")
@@ -654,7 +651,8 @@ class FeatureCache:
         diff = _dict_diff({"image_size": self.index["image_size"], **self.fingerprint},
                           {"image_size": image_size, **_normalise(fingerprint)})
         if diff:
-            raise FeatureCacheError(f"{self.dir / LAYOUT.index_name}: key 'fingerprint' does "
+            index_path = self.dir / CacheLayout().index_name
+            raise FeatureCacheError(f"{index_path}: key 'fingerprint' does "
                                     f"not match the configured backbone: {'; '.join(diff)}; "
                                     "run extract-features again")
 
@@ -743,7 +741,7 @@ class FeatureCache:
 
     def pair_dataset(self, pair_paths: Sequence[str], tokens: np.ndarray, batch_size: int,
                      shuffle_seed: int, epoch: int, in_memory: bool | None = None,
-                     memory_limit_bytes: int = LAYOUT.memory_limit_bytes,
+                     memory_limit_bytes: int = CacheLayout().memory_limit_bytes,
                      window: int = 1024, skip: int = 0, max_steps: int | None = None
                      ) -> tf.data.Dataset:
         """Shuffled full batches ``(features (B, G, C) float32, tokens (B, L) int32)``.

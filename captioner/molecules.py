@@ -37,25 +37,32 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from captioner.tokenizers import SmilesTokenizer
+
 if TYPE_CHECKING:
     from PIL import Image
-
-FORMAT_VERSION = 1
-MANIFEST_COLUMNS = ("image", "smiles", "heavy_atoms", "atoms")
-SKIPPED_COLUMNS = ("line", "smiles", "reason")
-SMILES_TOKEN_REGEX = (
-    r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|\/|:|~|@|\?|>|\*|\$"
-    r"|\%[0-9]{2}|[0-9])"
-)
-_TOKEN_RE = re.compile(SMILES_TOKEN_REGEX)
-_ATOM_TOKENS = frozenset({"B", "Br", "C", "Cl", "N", "O", "S", "P", "F", "I",
-                          "b", "c", "n", "o", "s", "p", "*"})
-_LOG_TIMESTAMP_RE = re.compile(r"^\[\d\d:\d\d:\d\d\]\s*")
-_MAX_CHUNK = 32
 
 
 class RenderError(ValueError):
     """A SMILES string that cannot be parsed, sanitized, drawn or encoded."""
+
+
+@dataclass(frozen=True)
+class RenderLayout:
+    """Output files and work split of ``render_molecules`` (immutable).
+
+    ``format_version`` is part of the ``render.json`` idempotence key; ``max_chunk`` caps
+    the molecules per worker task.
+
+    Example:
+        >>> RenderLayout().manifest_columns
+        ('image', 'smiles', 'heavy_atoms', 'atoms')
+    """
+
+    format_version: int = 1
+    manifest_columns: tuple[str, ...] = ("image", "smiles", "heavy_atoms", "atoms")
+    skipped_columns: tuple[str, ...] = ("line", "smiles", "reason")
+    max_chunk: int = 32
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,8 @@ def _selfies() -> Any:
 
 
 def _clean_log(text: str) -> str:
-    lines = [_LOG_TIMESTAMP_RE.sub("", line).strip() for line in text.splitlines()]
+    timestamp = re.compile(r"^\[\d\d:\d\d:\d\d\]\s*")  # RDKit's "[HH:MM:SS] " prefix
+    lines = [timestamp.sub("", line).strip() for line in text.splitlines()]
     return "; ".join(dict.fromkeys(line for line in lines if line))
 
 
@@ -352,7 +360,7 @@ def smiles_tokens(smiles: str) -> list[str]:
         >>> smiles_tokens("BrC[NH3+]")
         ['Br', 'C', '[NH3+]']
     """
-    tokens = _TOKEN_RE.findall(smiles)
+    tokens = SmilesTokenizer.pattern.findall(smiles)
     if "".join(tokens) != smiles:
         raise ValueError(f"cannot tokenize SMILES {smiles!r} with the SMILES regex")
     return tokens
@@ -365,7 +373,8 @@ def is_atom_token(token: str) -> bool:
         >>> [is_atom_token(t) for t in ["Cl", "c", "[nH]", "(", "=", "1", "%10"]]
         [True, True, True, False, False, False, False]
     """
-    return token.startswith("[") or token in _ATOM_TOKENS
+    return token.startswith("[") or token in {"B", "Br", "C", "Cl", "N", "O", "S", "P", "F",
+                                              "I", "b", "c", "n", "o", "s", "p", "*"}
 
 
 def atom_tokens_positions(
@@ -475,7 +484,8 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def _run(job: _Job, items: Sequence[tuple[int, int, str]], workers: int, progress: bool) -> list:
     from tqdm import tqdm
 
-    chunk_size = max(1, min(_MAX_CHUNK, math.ceil(len(items) / (4 * max(1, workers)))))
+    max_chunk = RenderLayout().max_chunk
+    chunk_size = max(1, min(max_chunk, math.ceil(len(items) / (4 * max(1, workers)))))
     chunks = list(_chunks(items, chunk_size))
     bar = tqdm(total=len(items), desc="render molecules", unit="mol", disable=not progress)
     results: list = []
@@ -504,7 +514,7 @@ def _params(csv_path: Path, size: int, augment: bool, seed: int, limit: int | No
 
     stat = csv_path.stat()
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": RenderLayout().format_version,
         "input": str(csv_path.resolve()),
         "input_size": stat.st_size,
         "input_mtime_ns": stat.st_mtime_ns,
@@ -608,10 +618,11 @@ def render_molecules(
     results = _run(job, items, workers or os.cpu_count() or 1, progress)
     records = [rec for _, _, rec, _ in results if rec is not None]
     skipped = [(line, smi, reason) for line, smi, rec, reason in results if rec is None]
-    columns = MANIFEST_COLUMNS + (("selfies",) if selfies else ())
+    layout = RenderLayout()
+    columns = layout.manifest_columns + (("selfies",) if selfies else ())
     _write_csv(out_dir / "manifest.csv", columns, records)
-    _write_csv(out_dir / "skipped.csv", SKIPPED_COLUMNS,
-               [dict(zip(SKIPPED_COLUMNS, s)) for s in skipped])
+    _write_csv(out_dir / "skipped.csv", layout.skipped_columns,
+               [dict(zip(layout.skipped_columns, s)) for s in skipped])
     (out_dir / "render.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
     return RenderSummary(len(records), skipped, out_dir / "manifest.csv", params=params)
 

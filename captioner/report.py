@@ -62,9 +62,22 @@ from captioner.visualize import _as_rgb_uint8, _check_hw, jet_colormap
 
 __all__ = ["ReportItem", "write_report"]
 
-_STAGE_MAX_W = 296  # displayed image box (CSS px); the card is a little wider
-_STAGE_MAX_H = 370
-_QUANT = 1000  # attention rows are stored as ints 0.._QUANT relative to the row max
+
+@dataclass(frozen=True)
+class _ReportLayout:
+    """Fixed sizes of the page (immutable).
+
+    ``stage_max_w`` x ``stage_max_h`` is the displayed image box in CSS px (the card is a
+    little wider); attention rows are stored as ints 0..``quant`` relative to the row max.
+
+    Example:
+        >>> _ReportLayout().quant
+        1000
+    """
+
+    stage_max_w: int = 296
+    stage_max_h: int = 370
+    quant: int = 1000
 
 
 @dataclass(eq=False)
@@ -182,7 +195,7 @@ def _attention_json(att: np.ndarray) -> str:
     clean = np.clip(np.nan_to_num(att.astype(np.float64)), 0.0, None)  # (T, G)
     peaks = clean.max(axis=1) if clean.size else np.zeros(len(clean))  # (T,)
     safe = np.where(peaks > 0, peaks, 1.0)[:, None]  # (T, 1)
-    quant = np.rint(clean / safe * _QUANT).astype(int)  # (T, G)
+    quant = np.rint(clean / safe * _ReportLayout().quant).astype(int)  # (T, G)
     maxima = [float(f"{p:.4g}") if p > 0 else 0 for p in peaks]
     return json.dumps({"q": quant.tolist(), "p": maxima}, separators=(",", ":"))
 
@@ -272,7 +285,8 @@ def _stage_size(height: int, width: int) -> tuple[int, int]:
         >>> _stage_size(64, 64)
         (296, 296)
     """
-    scale = min(_STAGE_MAX_W / width, _STAGE_MAX_H / height)
+    layout = _ReportLayout()
+    scale = min(layout.stage_max_w / width, layout.stage_max_h / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 

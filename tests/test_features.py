@@ -18,7 +18,7 @@ from PIL import Image
 
 from captioner.data import epoch_batches
 from captioner.features import (
-    LAYOUT,
+    CacheLayout,
     FeatureCache,
     FeatureCacheError,
     benchmark_input,
@@ -133,7 +133,7 @@ def test_resume_after_interruption(images, tmp_path, exc):
         extract(images, out, FakeEncoder(fail_after=7, exc=exc))  # dies in shard 2
     index = json.loads((out / "index.json").read_text())
     assert not index["complete"] and len(index["shards"]) == 2
-    assert shard_files(out) == [LAYOUT.shard_name(0, 5), LAYOUT.shard_name(1, 5)]
+    assert shard_files(out) == [CacheLayout().shard_name(0, 5), CacheLayout().shard_name(1, 5)]
     mtimes = [(out / f).stat().st_mtime_ns for f in shard_files(out)]
     with pytest.raises(FeatureCacheError, match="'complete'"):
         FeatureCache(out).open()
@@ -160,7 +160,7 @@ def test_fingerprint_or_dtype_change_discards_cache(images, tmp_path, caplog):
         s = extract(images, out, enc, fp={**FP, "weights": "imagenet"}, shard_size=16)
     assert enc.calls > 0 and s.status == "fresh" and "weights" in s.invalidated
     assert "weights: 'none' -> 'imagenet'" in caplog.text
-    assert shard_files(out) == [LAYOUT.shard_name(k, 3) for k in range(3)]  # old ones gone
+    assert shard_files(out) == [CacheLayout().shard_name(k, 3) for k in range(3)]  # old ones gone
     assert FeatureCache(out).fingerprint["weights"] == "imagenet"
 
     s = extract(images, out, fp={**FP, "weights": "imagenet"}, dtype="float32")
@@ -317,7 +317,7 @@ def test_index_corruption_names_file_and_key(cache, edit, pattern):
 
 
 def test_broken_files_give_clear_errors(cache, images, caplog):
-    (cache.dir / LAYOUT.shard_name(2, 5)).unlink()
+    (cache.dir / CacheLayout().shard_name(2, 5)).unlink()
     with pytest.raises(FeatureCacheError, match=r"'shards\[2\]\.file'.*is missing"):
         FeatureCache(cache.dir).open()
     enc = FakeEncoder()  # extraction redoes the missing shard and the ones after it
