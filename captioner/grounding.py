@@ -228,17 +228,18 @@ def molecule_grounding(pred_tokens: Sequence[Sequence[str]], attentions: Sequenc
     canonical SMILES ``references[i]`` (as ``render-molecules`` writes them), with pixel
     ``x``/``y`` in an image of ``image_hws[i]``. The k-th atom token of a prediction maps
     to the k-th atom only when the prediction spells the reference exactly, so only those
-    predictions are scored; ``molecules`` counts them.
+    predictions are scored; ``molecules`` counts them. ``within_one_cell`` is the share
+    whose peak is that cell or one of its 8 neighbours (atoms are often a cell apart).
 
     Example:
         >>> atoms = [[{"symbol": "C", "x": 10, "y": 10}, {"symbol": "O", "x": 200, "y": 10}]]
-        >>> att = np.zeros((2, 49)); att[0, 0] = att[1, 6] = 1.0
+        >>> att = np.zeros((2, 49)); att[0, 0] = att[1, 5] = 1.0
         >>> molecule_grounding([["C", "O"]], [att], ["CO"], atoms, [(224, 224)], (7, 7))
-        {'grounding': 1.0, 'grounded': 2, 'object_words': 2, 'molecules': 1}
+        {'grounding': 0.5, 'grounded': 1, 'object_words': 2, 'molecules': 1, 'within_one_cell': 1.0}
     """
     from captioner.molecules import atom_tokens_positions
 
-    n_ok = n_total = n_mols = 0
+    n_ok = n_near = n_total = n_mols = 0
     for tokens, attention, ref, mol_atoms, hw in zip(pred_tokens, attentions, references, atoms,
                                                     image_hws, strict=True):
         if "".join(tokens) != ref:
@@ -247,5 +248,8 @@ def molecule_grounding(pred_tokens: Sequence[Sequence[str]], attentions: Sequenc
         for index, atom in atom_tokens_positions(ref, mol_atoms):
             n_total += 1
             target = cell_of_point((float(atom["x"]), float(atom["y"])), grid_hw, hw)
-            n_ok += peak_cell(attention[index], grid_hw) == target
-    return {**grounding_result(n_ok, n_total), "molecules": n_mols}
+            peak = peak_cell(attention[index], grid_hw)
+            n_ok += peak == target
+            n_near += max(abs(peak[0] - target[0]), abs(peak[1] - target[1])) <= 1
+    near = n_near / n_total if n_total else 0.0
+    return {**grounding_result(n_ok, n_total), "molecules": n_mols, "within_one_cell": near}

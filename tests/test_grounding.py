@@ -188,7 +188,11 @@ def test_molecule_grounding_hand_made_maps():
     att[3, 6] = 1.0  # right cell
     att[5, 0] = 1.0  # wrong cell
     out = molecule_grounding([list("C(=O)O")], [att], ["C(=O)O"], [atoms], [(224, 224)], (7, 7))
-    assert out == {"grounding": 2 / 3, "grounded": 2, "object_words": 3, "molecules": 1}
+    assert out == {"grounding": 2 / 3, "grounded": 2, "object_words": 3, "molecules": 1,
+                   "within_one_cell": 2 / 3}  # the miss is 6 cells away
+    att[5, 40] = 2.0  # peak now at (5, 5): a neighbour of the atom's cell (6, 6)
+    out = molecule_grounding([list("C(=O)O")], [att], ["C(=O)O"], [atoms], [(224, 224)], (7, 7))
+    assert out["grounding"] == 2 / 3 and out["within_one_cell"] == 1.0
     # a prediction that differs from the reference is not scored
     out = molecule_grounding([list("C(=O)N")], [att], ["C(=O)O"], [atoms], [(224, 224)], (7, 7))
     assert out["molecules"] == 0 and out["object_words"] == 0 and out["grounding"] == 0.0
