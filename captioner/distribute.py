@@ -1,0 +1,384 @@
+"""Data-parallel training with ``tf.distribute``: ``train.strategy`` is ``default``,
+``mirrored`` or ``multi_worker``.
+
+Every step consumes one GLOBAL batch (``train.batch_size`` examples), split across the
+replicas, and makes exactly the update a single device would make on that batch:
+
+* Loss. :func:`~captioner.training.caption_loss` divides by the number of real tokens of
+  the batch. A replica sees only its slice, so it all-reduces its token count first and
+  divides its own ``sum of token NLLs + lambda * attention reg`` by the GLOBAL count: the
+  replicas' losses then add up to the single-device loss, and so do their gradients.
+* Gradients. A Keras 3 optimizer called in a replica context all-reduces the gradients
+  with SUM (``TFOptimizer._backend_update_step``) -- what the loss above needs -- but it
+  clips them (``global_clipnorm``) and, for a ``LossScaleOptimizer``, checks them for
+  inf/NaN *before* that all-reduce, i.e. per replica. So when the optimizer clips or
+  scales the loss, the step sums the gradients itself, clips the sum as one device would,
+  and hands each replica ``sum / num_replicas``: the optimizer's clip is then a no-op,
+  every replica sees the same finite-or-not gradients, and its SUM restores the sum.
+* Variables are created under ``strategy.scope()`` (:func:`build_model_and_optimizers`),
+  so checkpoints hold one value per variable and restore under any other strategy.
+
+Example:
+    >>> strategy = make_strategy("default")
+    >>> strategy.num_replicas_in_sync
+    1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from captioner.config import Config
+from captioner.model import CaptionModel
+from captioner.training import _trim, caption_loss, make_optimizer, split_variables
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+SUM = tf.distribute.ReduceOp.SUM
+
+
+# ---- strategies and devices -------------------------------------------------------------
+def make_strategy(name: str, devices: list[str] | None = None) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy called ``name``.
+
+    ``default``: the current (single-device) strategy. ``mirrored``: one replica per device
+    of ``devices``, else per local GPU, else per logical CPU (see :func:`split_cpu`).
+    ``multi_worker``: ``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``;
+    create it before any other TensorFlow op of the process.
+
+    Example:
+        >>> make_strategy("default").num_replicas_in_sync
+        1
+        >>> make_strategy("ring")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown strategy 'ring' (choose one of default, mirrored, multi_worker)
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices or local_devices())
+    if name == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {name!r} (choose one of {', '.join(STRATEGIES)})")
+
+
+def local_devices() -> list[str]:
+    """Names of the local GPUs, or of the logical CPUs when there is no GPU.
+
+    Example:
+        >>> local_devices()  # doctest: +SKIP
+        ['/job:localhost/replica:0/task:0/device:CPU:0']
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+
+
+def check_tf_config(raw: str | None) -> dict[str, Any]:
+    """Parse and check a ``TF_CONFIG`` value: ``{"cluster": {...}, "task": {...}}``.
+
+    Example:
+        >>> check_tf_config('{"cluster": {"worker": ["host1:2222", "host2:2222"]}, '
+        ...                 '"task": {"type": "worker", "index": 1}}')["task"]["index"]
+        1
+        >>> check_tf_config(None)
+        Traceback (most recent call last):
+        ...
+        ValueError: train.strategy=multi_worker needs the TF_CONFIG environment variable ...
+    """
+    example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:2222", "host2:2222"]}, '
+               '"task": {"type": "worker", "index": 0}}\'')
+    if not raw:
+        raise ValueError("train.strategy=multi_worker needs the TF_CONFIG environment "
+                         f"variable (the cluster and this process's task), {example}")
+    try:
+        tf_config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({exc}); {example}") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict) or not cluster or not isinstance(task, dict):
+        raise ValueError(f"TF_CONFIG needs a 'cluster' mapping and a 'task' mapping; {example}")
+    kind = task.get("type")
+    members = cluster.get(kind) if isinstance(kind, str) else None
+    index = task.get("index")
+    if (not isinstance(members, list) or not isinstance(index, int)
+            or not 0 <= index < len(members)):
+        raise ValueError(f"TF_CONFIG task {task} names no member of the cluster "
+                         f"{sorted(cluster)}; {example}")
+    return tf_config
+
+
+def split_cpu(n: int) -> list[str]:
+    """Split the physical CPU into ``n`` logical devices; returns their names.
+
+    Must run before TensorFlow initialises its devices (before the first op, tensor,
+    variable, model or strategy of the process); afterwards it raises ``RuntimeError``
+    unless the CPU is already split that way. For tests and CPU-only data parallelism.
+
+    Example:
+        >>> split_cpu(2)  # first thing in a fresh process  # doctest: +SKIP
+        ['/device:CPU:0', '/device:CPU:1']
+    """
+    if n < 1:
+        raise ValueError(f"split_cpu needs n >= 1, got {n}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as exc:
+        current = tf.config.list_logical_devices("CPU")
+        if len(current) == n:
+            return [d.name for d in current]
+        raise RuntimeError(
+            f"split_cpu({n}) came too late: TensorFlow has already initialised "
+            f"{len(current)} logical CPU device(s). Call it first thing in a fresh process, "
+            "before any TensorFlow op, model or strategy is created.") from exc
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+# ---- variables under the strategy --------------------------------------------------------
+@dataclass
+class TrainingObjects:
+    """A model and its optimizers, their variables created under one strategy's scope."""
+
+    model: CaptionModel
+    optimizer: keras.optimizers.Optimizer
+    backbone_optimizer: keras.optimizers.Optimizer | None = None
+
+
+def build_model_and_optimizers(strategy: tf.distribute.Strategy, cfg: Config,
+                               vocab_size: int, total_steps: int) -> TrainingObjects:
+    """Build the model and its optimizer(s) as the Trainer does, inside ``strategy.scope()``
+    so that every variable (weights, Adam moments, iterations) is mirrored.
+
+    A Keras 3 optimizer binds the strategy that is current when it is constructed, so it
+    must be built here, not outside. ``tf.train.Checkpoint(model=..., optimizer=...)``
+    of these objects restores under any other strategy.
+
+    Example:
+        >>> from captioner.config import apply_overrides
+        >>> cfg = apply_overrides(Config(), ["model.image_size=32", "model.cnn_filters=[4]",
+        ...                                  "model.units=8", "model.embedding_dim=8"])
+        >>> objs = build_model_and_optimizers(make_strategy("default"), cfg, 12, 100)
+        >>> objs.model.built, objs.optimizer.built, objs.backbone_optimizer
+        (True, True, None)
+    """
+    t = cfg.train
+    with strategy.scope():
+        policy = keras.DTypePolicy(t.precision)
+        model = CaptionModel.from_model_config(cfg.model, vocab_size, policy).build_weights()
+        main_vars, backbone_vars = split_variables(model, bool(t.backbone_learning_rate))
+        optimizer = make_optimizer(cfg, total_steps)
+        optimizer.build(main_vars)
+        backbone_optimizer = None
+        if backbone_vars:
+            backbone_optimizer = make_optimizer(cfg, total_steps, t.backbone_learning_rate)
+            backbone_optimizer.build(backbone_vars)
+    return TrainingObjects(model, optimizer, backbone_optimizer)
+
+
+# ---- input --------------------------------------------------------------------------------
+def distribute_batches(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
+                       ) -> tf.distribute.DistributedDataset:
+    """Split each GLOBAL batch ``(inputs (B, ...), tokens (B, L))`` of ``dataset`` across the
+    replicas: replica r of N gets the r-th contiguous slice of about B / N rows.
+
+    Workers of a ``multi_worker`` run must build the same dataset (same seed and epoch);
+    sharding is by data, so each keeps its own replicas' slices of every global batch.
+
+    Example:
+        >>> strategy = make_strategy("default")
+        >>> ds = tf.data.Dataset.from_tensors((tf.zeros((4, 32, 32, 3), "uint8"),
+        ...                                     tf.ones((4, 6), "int32")))
+        >>> [t.shape for t in next(iter(distribute_batches(strategy, ds)))]
+        [TensorShape([4, 32, 32, 3]), TensorShape([4, 6])]
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+# ---- the distributed train step ------------------------------------------------------------
+def make_distributed_train_step(strategy: tf.distribute.Strategy, model: CaptionModel,
+                                optimizer: keras.optimizers.Optimizer, pad_id: int,
+                                attention_reg: float, global_batch_size: int,
+                                scheduled_sampling: bool = False, greedy_sampling: bool = False,
+                                backbone_optimizer: keras.optimizers.Optimizer | None = None
+                                ) -> Callable[..., dict[str, tf.Tensor]]:
+    """Compile :func:`~captioner.training.make_train_step` for ``strategy``.
+
+    The step takes the per-replica ``(inputs, tokens)`` of :func:`distribute_batches` plus
+    ``sampling_prob`` and ``seed`` (as the single-device step does) and returns the GLOBAL
+    batch's ``{"loss", "nll", "reg"}``; the update equals a single device's on that batch.
+    ``global_batch_size`` (``train.batch_size``) must give every replica an example. With
+    several replicas, the model's BatchNorm layers switch to global-batch statistics
+    (:func:`synchronize_batch_norm`) and scheduled sampling draws from a per-replica seed;
+    dropout masks come from Keras seed generators that advance in lockstep on every replica,
+    so row i of each replica's slice gets the same mask (still random from step to step).
+
+    Example:
+        >>> step = make_distributed_train_step(strategy, objs.model, objs.optimizer,
+        ...                                    pad_id=0, attention_reg=1.0,
+        ...                                    global_batch_size=64)  # doctest: +SKIP
+        >>> for images, tokens in distribute_batches(strategy, batches):  # doctest: +SKIP
+        ...     out = step(images, tokens, tf.constant(0.0), tf.constant([0, 0]))
+    """
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size < replicas:
+        raise ValueError(f"train.batch_size={global_batch_size} is the GLOBAL batch: it must "
+                         f"be at least the number of replicas ({replicas})")
+    if replicas > 1:
+        synchronize_batch_norm(model)
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
+
+    def replica_step(inputs, tokens, sampling_prob, seed):
+        ctx = tf.distribute.get_replica_context()
+        tokens = _trim(tokens, pad_id)
+        inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (b, T), (b, T) this replica's rows
+        share = token_share(tgt, pad_id, ctx)  # this replica's tokens / global tokens
+        with tf.GradientTape() as tape:
+            logits, alphas = model((inputs, inp), training=True,
+                                   sampling_prob=sampling_prob if scheduled_sampling else None,
+                                   seed=replica_seed(seed, ctx), greedy_sampling=greedy_sampling)
+            loss, nll, reg = (share * x for x in caption_loss(logits, tgt, alphas, pad_id,
+                                                                attention_reg))
+            scaled = optimizer.scale_loss(loss) if loss_scaled else loss
+        grads = tape.gradient(scaled, main_vars + backbone_vars)
+        apply_gradients(optimizer, grads[:len(main_vars)], main_vars, ctx)
+        if backbone_vars:
+            apply_gradients(backbone_optimizer, grads[len(main_vars):], backbone_vars, ctx)
+        return {"loss": loss, "nll": nll, "reg": reg}
+
+    @tf.function(reduce_retracing=True)
+    def train_step(inputs, tokens, sampling_prob, seed):
+        per_replica = strategy.run(replica_step, args=(inputs, tokens, sampling_prob, seed))
+        return {k: strategy.reduce(SUM, v, axis=None) for k, v in per_replica.items()}
+
+    return train_step
+
+
+def synchronize_batch_norm(model: keras.Model) -> int:
+    """Make every BatchNormalization layer of ``model`` normalise a training batch with the
+    statistics of the GLOBAL batch (all-reduced over replicas) instead of its replica's
+    slice, as one device would; returns how many layers were switched.
+
+    Without it the replicas' activations, gradients and moving statistics differ from a
+    single device's (and from each other's). Inference is unaffected; on one replica the
+    all-reduces are no-ops.
+
+    Example:
+        >>> synchronize_batch_norm(keras.Sequential([keras.layers.BatchNormalization()]))
+        1
+    """
+    layers = [layer for layer in model._flatten_layers(include_self=False)  # all nested
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.synchronized = True
+    return len(layers)
+
+
+def token_share(targets: tf.Tensor, pad_id: int, ctx: tf.distribute.ReplicaContext
+                ) -> tf.Tensor:
+    """max(local real tokens, 1) / max(global real tokens, 1), a float32 scalar.
+
+    ``caption_loss`` divides the replica's sums by max(local tokens, 1); times this share
+    they are divided by the global count instead, as on one device.
+    """
+    local = tf.reduce_sum(tf.cast(tf.not_equal(targets, pad_id), "float32"))  # () of (b, T)
+    total = ctx.all_reduce(SUM, local)
+    return tf.maximum(local, 1.0) / tf.maximum(total, 1.0)
+
+
+def replica_seed(seed: tf.Tensor, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
+    """The step's (2,) seed, folded with the replica id when there are several replicas."""
+    if ctx.num_replicas_in_sync == 1:
+        return seed
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, "int32"),
+                                                    ctx.replica_id_in_sync_group)
+
+
+def apply_gradients(optimizer: keras.optimizers.Optimizer, grads: Sequence[Any],
+                    variables: Sequence[Any], ctx: tf.distribute.ReplicaContext) -> None:
+    """Apply one replica's gradients (its share of the global-batch gradient).
+
+    The optimizer all-reduces them with SUM. When it would also clip them or check them
+    for inf/NaN (loss scaling) -- which it does before that all-reduce -- they are summed
+    and clipped here and each replica passes ``sum / N``: clipping then acts on the global
+    gradient, the optimizer's own clip is a no-op and its SUM gives back the clipped sum.
+    """
+    n = ctx.num_replicas_in_sync
+    if n > 1 and (clip_settings(optimizer) or loss_scale(optimizer) is not None):
+        grads = all_reduce_sum(grads, ctx)
+        grads = [scale_gradient(g, 1.0 / n) for g in clip_gradients(grads, optimizer)]
+    optimizer.apply_gradients(zip(grads, variables))
+
+
+def all_reduce_sum(grads: Sequence[Any], ctx: tf.distribute.ReplicaContext) -> list[Any]:
+    """Sum gradients over replicas; None stays None.
+
+    ``IndexedSlices`` (the embedding's) stay slices, concatenated over replicas: Keras
+    measures their norm over the slices, so clipping then matches a single device.
+    """
+    present = [i for i, g in enumerate(grads) if g is not None]
+    summed = ctx.all_reduce(SUM, [grads[i] for i in present])
+    out: list[Any] = list(grads)
+    for i, g in zip(present, summed):
+        out[i] = g
+    return out
+
+
+def scale_gradient(grad: Any, factor: float) -> Any:
+    """``grad * factor`` for a Tensor, IndexedSlices or None."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * factor
+
+
+def clip_settings(optimizer: keras.optimizers.Optimizer) -> dict[str, float]:
+    """The optimizer's active clipping options (those of the inner one for loss scaling).
+
+    Example:
+        >>> clip_settings(keras.optimizers.Adam(global_clipnorm=5.0))
+        {'global_clipnorm': 5.0}
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    names = ("global_clipnorm", "clipnorm", "clipvalue")
+    return {k: float(getattr(inner, k)) for k in names if getattr(inner, k, None)}
+
+
+def loss_scale(optimizer: keras.optimizers.Optimizer) -> tf.Variable | None:
+    """The dynamic loss scale of a ``LossScaleOptimizer``, else None."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.dynamic_scale
+    return None
+
+
+def clip_gradients(grads: Sequence[Any], optimizer: keras.optimizers.Optimizer) -> list[Any]:
+    """Clip summed gradients as ``optimizer`` would clip a single device's.
+
+    Gradients of a loss-scaled loss are S times the true ones, so the thresholds are too.
+    Non-finite gradients stay non-finite (the loss-scale optimizer then skips the step).
+    """
+    settings = clip_settings(optimizer)
+    scale = loss_scale(optimizer)
+    factor = 1.0 if scale is None else tf.cast(scale, "float32")
+    if "global_clipnorm" in settings:
+        return tf.clip_by_global_norm(list(grads), settings["global_clipnorm"] * factor)[0]
+    if "clipnorm" in settings:
+        return [None if g is None else tf.clip_by_norm(g, settings["clipnorm"] * factor)
+                for g in grads]
+    if "clipvalue" in settings:
+        v = settings["clipvalue"] * factor
+        return [None if g is None else tf.clip_by_value(g, -v, v) for g in grads]
+    return list(grads)
