@@ -215,8 +215,10 @@ def random_batch(s: BenchShapes, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 # ---- timing helpers ----------------------------------------------------------------------
 def _fetch(out: Any) -> Any:
-    """Copy every tensor of a nest to the host: the end of a timed call."""
-    return tf.nest.map_structure(lambda x: np.asarray(x), out)
+    """Copy every tensor of a nest to the host: the end of a timed call (``.numpy()``:
+    ``np.asarray`` fails on a bfloat16 scalar)."""
+    return tf.nest.map_structure(lambda x: x.numpy() if hasattr(x, "numpy") else np.asarray(x),
+                                 out)
 
 
 def _timed(fn: Callable[[], Any]) -> float:

@@ -69,11 +69,12 @@ def _run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf
     """Decode from encoder outputs; every strategy returns (B, n, ...) shaped results."""
     start_id, end_id, pad_id = ids
     batch = tf.shape(enc["features"])[0]
+    weights = model.decoder.step_weights()  # read and cast once, outside the loop
     if options.strategy == "beam":
         k = options.beam_size
         enc = tile_for_beams(enc, k)  # (B*K, G, E), computed once, never gathered
         h0 = model.decoder.initial_state(enc)  # (B*K, U)
-        out = beam_search(lambda t, h: model.decoder.step(t, h, enc), h0,
+        out = beam_search(lambda t, h: model.decoder.step(t, h, enc, weights), h0,
                           tf.fill([batch * k], start_id), end_id, pad_id, max_length, k,
                           options.n_best, options.length_penalty)
         return {key: out[key] for key in ("tokens", "lengths", "scores", "attention")}
@@ -81,7 +82,7 @@ def _run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf
     start = tf.fill([batch], start_id)
 
     def step(tokens: tf.Tensor, h: tf.Tensor):
-        return model.decoder.step(tokens, h, enc)
+        return model.decoder.step(tokens, h, enc, weights)
 
     if options.strategy == "sample":
         out = sample_search(step, h0, start, end_id, pad_id, max_length, seed,

@@ -6,7 +6,8 @@ E embedding_dim, U GRU units, A attention units, T time steps, V vocabulary size
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -131,6 +132,260 @@ class GridAttention(keras.layers.Layer):
         return {**super().get_config(), "kind": self.kind, "units": self.units}
 
 
+# ---- the recurrence: one step, all steps, and the hand-written backward pass -----------
+class GruGates(NamedTuple):
+    """What the GRU's backward pass reads, each (B, U) float32."""
+
+    z: tf.Tensor  # update gate
+    r: tf.Tensor  # reset gate
+    n: tf.Tensor  # candidate state
+    hh: tf.Tensor  # recurrent part of the candidate's pre-activation (before the reset gate)
+
+
+def gru_update(x: tf.Tensor, hr: tf.Tensor, h: tf.Tensor) -> tuple[tf.Tensor, GruGates]:
+    """GRU in Keras' ``reset_after`` form, float32: input projection x (B, 3U) and recurrent
+    projection hr (B, 3U), both with their biases, state h (B, U) -> new state (B, U)."""
+    xz, xr, xh = tf.split(x, 3, axis=-1)
+    hz, hr_, hh = tf.split(hr, 3, axis=-1)
+    z = tf.sigmoid(xz + hz)
+    r = tf.sigmoid(xr + hr_)
+    n = tf.tanh(xh + r * hh)
+    return z * h + (1.0 - z) * n, GruGates(z, r, n, hh)
+
+
+def gru_update_grad(dh: tf.Tensor, h: tf.Tensor, g: GruGates
+                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Backward of :func:`gru_update`: dL/dh_new (B, U) -> dL/dx (B, 3U), dL/dhr (B, 3U)
+    and the direct part of dL/dh (B, U)."""
+    dn = dh * (1.0 - g.z) * (1.0 - g.n * g.n)  # through the tanh
+    dz = dh * (h - g.n) * g.z * (1.0 - g.z)
+    dr = dn * g.hh * g.r * (1.0 - g.r)
+    return tf.concat([dz, dr, dn], -1), tf.concat([dz, dr, dn * g.r], -1), dh * g.z
+
+
+class StepWeights(NamedTuple):
+    """The recurrence's weights, read and cast once per call (never per step).
+
+    ``hidden`` multiplies h_{t-1}: for additive attention before the GRU it is
+    [W2 | U_r] (U, A + 3U), so the attention query and the GRU's recurrent projection are
+    ONE matmul; otherwise U_r (U, 3U). Matmul weights are in the compute dtype.
+    """
+
+    hidden: tf.Tensor  # (U, A + 3U) or (U, 3U)
+    bias_h: tf.Tensor  # (3U,) float32 recurrent bias
+    ctx: tf.Tensor  # (E, 3U) context half of the GRU input projection ((0, 3U) if unused)
+    v: tf.Tensor  # (A, 1) additive score vector ((0, 1) if unused)
+    v_bias: tf.Tensor  # (1,) float32; shifts every score equally, so alpha ignores it
+
+
+class Recurrence:
+    """The decoder's recurrence: ``step`` (shared by training, scheduled sampling and
+    decoding) and ``unroll`` over all steps under teacher forcing, whose backward pass is
+    written by hand (``tf.custom_gradient``).
+
+    With ``attention`` (``attend="before"``) a step is alpha = softmax(score(keys, h));
+    context = alpha . features; h = GRU(x + context @ W_ctx, h). Without it the step is the
+    GRU alone. Elementwise math and the state are float32; matmuls run in the weights'
+    (compute) dtype. The backward pass recomputes tanh(keys + query) instead of storing
+    (B, G, A) per step, and computes every weight gradient after its loop as one matmul
+    over all T*B rows instead of T small ones accumulated inside it.
+
+    Example:
+        >>> rec = Recurrence(None, 0)
+        >>> w = StepWeights(tf.zeros((4, 12)), tf.zeros((12,)), tf.zeros((0, 12)),
+        ...                 tf.zeros((0, 1)), tf.zeros((1,)))
+        >>> hs, alphas = rec.unroll(tf.zeros((5, 2, 12)), tf.zeros((2, 4)), w, {})
+        >>> hs.shape, alphas.shape
+        (TensorShape([5, 2, 4]), TensorShape([5, 2, 0]))
+    """
+
+    def __init__(self, attention: str | None, attention_units: int):
+        self.attention = attention  # additive | dot | general, or None: the GRU alone
+        self.split = attention_units if attention == "additive" else 0
+
+    # ---- one step ---------------------------------------------------------------------
+    def scores(self, keys: tf.Tensor, q: tf.Tensor, w: StepWeights) -> tf.Tensor:
+        """keys (B, G, A|U), query (B, A|U) -> scores (B, G) float32."""
+        q = tf.cast(q, keys.dtype)
+        if self.split:
+            th = tf.tanh(keys + q[:, None, :])  # (B, G, A)
+            scores = tf.tensordot(th, tf.cast(w.v, th.dtype), 1)[..., 0]  # (B, G)
+            return tf.cast(scores, "float32") + w.v_bias
+        return tf.cast(tf.einsum("bgu,bu->bg", keys, q), "float32")
+
+    def step(self, x: tf.Tensor, h: tf.Tensor, w: StepWeights, enc: dict[str, tf.Tensor]
+             ) -> tuple[tf.Tensor, tf.Tensor, tuple[Any, ...]]:
+        """x (B, 3U) projected embedding and h (B, U), float32 -> new state (B, U),
+        alpha (B, G) (B, 0 without attention) and what the backward pass reads."""
+        hc = tf.cast(h, w.hidden.dtype)
+        hq = tf.matmul(hc, w.hidden)  # (B, A + 3U) or (B, 3U)
+        hr = tf.cast(hq[:, self.split:], "float32") + w.bias_h  # (B, 3U)
+        if self.attention is None:
+            h_new, gates = gru_update(x, hr, h)
+            return h_new, tf.zeros((tf.shape(h)[0], 0)), (gates,)
+        q = hq[:, :self.split] if self.split else hc  # (B, A) or (B, U)
+        alpha = tf.nn.softmax(self.scores(enc["keys"], q, w), axis=-1)  # (B, G)
+        ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
+        h_new, gates = gru_update(x + tf.cast(tf.matmul(ctx, w.ctx), "float32"), hr, h)
+        return h_new, alpha, (gates, q, ctx)
+
+    # ---- all steps ----------------------------------------------------------------------
+    def unroll(self, x_all: tf.Tensor, h0: tf.Tensor, w: StepWeights,
+               enc: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """x_all (T, B, 3U), h0 (B, U) float32 -> states (T, B, U), alphas (T, B, G)."""
+        keys, features = (enc["keys"], enc["features"]) if self.attention else (w.v, w.v)
+
+        @tf.custom_gradient
+        def run(x_all, h0, keys, features, *weights):
+            ws = StepWeights(*weights)
+            hs, alphas, saved = self._forward(x_all, h0, ws, {"keys": keys,
+                                                              "features": features})
+
+            def grad(dhs, dalphas):
+                dhs = tf.zeros_like(hs) if dhs is None else dhs
+                dalphas = tf.zeros_like(alphas) if dalphas is None else dalphas
+                return self._backward(dhs, dalphas, x_all, h0, hs, alphas, saved, ws,
+                                      {"keys": keys, "features": features})
+
+            return (hs, alphas), grad
+
+        return run(x_all, h0, keys, features, *w)
+
+    def _forward(self, x_all, h0, w, enc):
+        steps = tf.shape(x_all)[0]
+
+        def body(t, h):
+            h, alpha, saved = self.step(x_all[t], h, w, enc)
+            return h, (h, alpha, saved)
+
+        _, (hs, alphas, saved) = _loop(body, steps, h0, self._forward_dtypes(w))
+        return hs, alphas, saved
+
+    def _forward_dtypes(self, w: StepWeights) -> tuple[Any, ...]:
+        gates = GruGates(*["float32"] * 4)
+        saved = (gates,) if self.attention is None else (gates, w.hidden.dtype, w.ctx.dtype)
+        return ("float32", "float32", saved)
+
+    # ---- the backward pass ----------------------------------------------------------------
+    def _backward(self, dhs, dalphas, x_all, h0, hs, alphas, saved, w, enc):
+        """Gradients of (x_all, h0, keys, features, *weights) from dL/dhs, dL/dalphas."""
+        steps = tf.shape(x_all)[0]
+        h_prev = tf.concat([h0[None], hs[:-1]], 0)  # (T, B, U)
+        acc0 = self._grad_accumulators(enc, w)
+
+        def body(t, carry):
+            dh, acc = carry
+            step_saved = tf.nest.map_structure(lambda s: s[t], saved)
+            dh, acc, out = self._step_grad(dhs[t] + dh, dalphas[t], h_prev[t], alphas[t],
+                                           step_saved, w, enc, acc)
+            return (dh, acc), out
+
+        (dh0, acc), outs = _loop(body, steps, (tf.zeros_like(h0), acc0),
+                                 self._grad_dtypes(w), reverse=True)
+        return (outs[0], dh0, *self._input_grads(acc, outs, alphas, saved, w, enc, h_prev))
+
+    def _grad_accumulators(self, enc, w):
+        """Loop-carried sums: recurrent bias (3U,), and for additive attention the keys'
+        sum_t ds_t th_t^2 (B, G, A), sum_t ds_t (B, G) and V's gradient (A, 1)."""
+        zeros = tf.zeros_like(w.bias_h)
+        if not self.split:
+            return (zeros,)
+        keys = enc["keys"]
+        return (zeros, tf.zeros(tf.shape(keys), "float32"),
+                tf.zeros(tf.shape(keys)[:2], "float32"), tf.zeros(tf.shape(w.v), "float32"))
+
+    def _grad_dtypes(self, w):
+        """Per-step outputs of the backward loop: dx (float32), d[q | hr] and dctx, dq."""
+        if self.attention is None:
+            return ("float32", w.hidden.dtype)
+        return ("float32", w.hidden.dtype, w.ctx.dtype, "float32")
+
+    def _step_grad(self, dh, dalpha, h, alpha, saved, w, enc, acc):
+        """One step back: dL/dh_t (B, U) -> dL/dh_{t-1}, updated sums, per-step outputs."""
+        cd = w.hidden.dtype
+        dx, dhr, dh_prev = gru_update_grad(dh, h, saved[0])  # (B, 3U), (B, 3U), (B, U)
+        acc = (acc[0] + tf.reduce_sum(dhr, 0), *acc[1:])
+        if self.attention is None:
+            dhq = tf.cast(dhr, cd)
+            dh_prev += tf.cast(tf.matmul(dhq, w.hidden, transpose_b=True), "float32")
+            return dh_prev, acc, (dx, dhq)
+        _, q, _ = saved
+        dctx = tf.matmul(tf.cast(dx, w.ctx.dtype), w.ctx, transpose_b=True)  # (B, E)
+        dalpha += tf.cast(tf.einsum("bge,be->bg", enc["features"], dctx), "float32")
+        ds = alpha * (dalpha - tf.reduce_sum(alpha * dalpha, -1, keepdims=True))  # (B, G)
+        dq, acc = self._scores_grad(ds, q, w, enc, acc)
+        if self.split:
+            dhq = tf.concat([tf.cast(dq, cd), tf.cast(dhr, cd)], -1)  # (B, A + 3U)
+        else:
+            dhq = tf.cast(dhr, cd)
+            dh_prev += dq
+        dh_prev += tf.cast(tf.matmul(dhq, w.hidden, transpose_b=True), "float32")
+        return dh_prev, acc, (dx, dhq, dctx, ds)
+
+    def _scores_grad(self, ds, q, w, enc, acc):
+        """dL/dscores (B, G) -> dL/dq (B, A|U) float32 and updated sums.
+
+        Additive: with th = tanh(keys + q), dL/d(keys + q) = ds v (1 - th^2); as the
+        softmax gradient ds sums to 0 over cells, dq = -v sum_g ds th^2, and the keys'
+        gradient is v (sum_t ds_t - sum_t ds_t th_t^2), finished after the loop.
+        """
+        keys = enc["keys"]
+        if not self.split:  # bilinear: scores = keys . q; the keys' part comes after the loop
+            return tf.cast(tf.einsum("bg,bgu->bu", tf.cast(ds, keys.dtype), keys), "float32"), acc
+        th = tf.tanh(keys + tf.cast(q, keys.dtype)[:, None, :])  # (B, G, A), recomputed
+        th2 = tf.cast(th * th, "float32")
+        dq = -tf.einsum("bg,bga->ba", ds, th2) * tf.cast(w.v[:, 0], "float32")  # (B, A)
+        dv = tf.einsum("bg,bga->a", ds, tf.cast(th, "float32"))[:, None]  # (A, 1)
+        bias, m, s, v = acc
+        return dq, (bias, m + ds[:, :, None] * th2, s + ds, v + dv)
+
+    def _input_grads(self, acc, outs, alphas, saved, w, enc, h_prev):
+        """Gradients of (keys, features, *weights) once the loop is done, each as one
+        matmul over all T*B rows."""
+        cd = w.hidden.dtype
+        d_hidden = _rows_matmul(tf.cast(h_prev, cd), outs[1])  # (U, A + 3U) or (U, 3U)
+        if self.attention is None:
+            zeros = [tf.zeros_like(x) for x in (w.v, w.v, w.ctx, w.v, w.v_bias)]
+            return (*zeros[:2], d_hidden, acc[0], *zeros[2:])
+        _, q, ctx = saved
+        dx, _, dctx, ds = outs
+        d_ctx_w = _rows_matmul(ctx, tf.cast(dx, cd))  # (E, 3U)
+        d_features = tf.einsum("tbg,tbe->bge", tf.cast(alphas, dctx.dtype), dctx)  # (B, G, E)
+        if self.split:
+            _, m, s, dv = acc
+            d_keys = tf.cast(w.v[:, 0], "float32") * (s[:, :, None] - m)  # (B, G, A)
+        else:
+            d_keys = tf.einsum("tbg,tbu->bgu", ds, tf.cast(q, "float32"))  # (B, G, U)
+            dv = tf.zeros_like(w.v)
+        keys = enc["keys"]
+        return (tf.cast(d_keys, keys.dtype), tf.cast(d_features, enc["features"].dtype),
+                d_hidden, acc[0], tf.cast(d_ctx_w, w.ctx.dtype), tf.cast(dv, w.v.dtype),
+                tf.zeros_like(w.v_bias))
+
+
+def _rows_matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """sum over all (t, b) rows of a^T b: (T, B, I), (T, B, J) -> (I, J)."""
+    return tf.matmul(tf.reshape(a, (-1, a.shape[-1])), tf.reshape(b, (-1, b.shape[-1])),
+                     transpose_a=True)
+
+
+def _loop(body: Callable[[tf.Tensor, Any], tuple[Any, Any]], steps: tf.Tensor, init: Any,
+          dtypes: Any, reverse: bool = False) -> tuple[Any, Any]:
+    """``carry, out = body(t, carry)`` for t = 0 .. steps - 1 (or backwards) in one
+    ``tf.while_loop``; returns the final carry and the outputs stacked to (T, ...)."""
+    arrays = tf.nest.map_structure(lambda d: tf.TensorArray(d, size=steps), dtypes)
+
+    def step(i, carry, arrays):
+        t = steps - 1 - i if reverse else i
+        carry, out = body(t, carry)
+        arrays = tf.nest.map_structure(lambda a, o: a.write(t, o), arrays, out)
+        return i + 1, carry, arrays
+
+    _, carry, arrays = tf.while_loop(lambda i, *_: i < steps, step,
+                                     (tf.constant(0), init, arrays))
+    return carry, tf.nest.map_structure(lambda a: a.stack(), arrays)
+
+
 class AttentionDecoder(keras.layers.Layer):
     """GRU decoder with attention; the GRU state is carried from step to step.
 
@@ -146,7 +401,9 @@ class AttentionDecoder(keras.layers.Layer):
 
     The GRU is written out (Keras ``reset_after`` form) so the embedding half of the
     input projection runs for all steps in one matmul under teacher forcing, and the
-    output head runs once over all steps after the loop.
+    output head runs once over all steps after the loop. The loop itself is a
+    :class:`Recurrence` with a hand-written backward pass; its state is float32 under
+    every policy (matmuls run in the compute dtype).
 
     Example:
         >>> dec = AttentionDecoder(vocab_size=10, embedding_dim=8, units=12, attention_units=6)
@@ -181,6 +438,8 @@ class AttentionDecoder(keras.layers.Layer):
         self.fc2 = keras.layers.Dense(vocab_size, name="logits", dtype=pol)
         self.init_dense = (keras.layers.Dense(units, activation="tanh", name="init_h", dtype=pol)
                            if init_state == "mean" else None)
+        self.recurrence = Recurrence(attention if attend == "before" else None,
+                                     attention_units)
 
     def build(self, features_shape: Any) -> None:
         feat_dim, u = int(features_shape[-1]), self.units
@@ -205,43 +464,54 @@ class AttentionDecoder(keras.layers.Layer):
         return {"features": features, "keys": self.attention.keys(features)}
 
     def initial_state(self, enc: dict[str, tf.Tensor]) -> tf.Tensor:
+        """The first GRU state (B, U), float32."""
         features = enc["features"]  # (B, G, E)
         if self.init_dense is None:
-            return tf.zeros((tf.shape(features)[0], self.units), self.compute_dtype)
-        return self.init_dense(tf.reduce_mean(features, axis=1))  # (B, U)
+            return tf.zeros((tf.shape(features)[0], self.units), "float32")
+        return tf.cast(self.init_dense(tf.reduce_mean(features, axis=1)), "float32")  # (B, U)
 
     def embed_projection(self, tokens: tf.Tensor) -> tf.Tensor:
-        """Embedding half of the GRU input projection: (...,) ids -> (..., 3U)."""
+        """Embedding half of the GRU input projection: (...,) ids -> (..., 3U) float32."""
         emb = self.embedding(tokens)  # (..., E)
         kernel = _cast(self.kernel_emb, emb.dtype)
-        return tf.tensordot(emb, kernel, axes=1) + _cast(self.bias[0], emb.dtype)
+        return tf.cast(tf.tensordot(emb, kernel, axes=1), "float32") + _cast(self.bias[0],
+                                                                              "float32")
 
-    def gru(self, x: tf.Tensor, h: tf.Tensor) -> tf.Tensor:
-        """GRU update from a projected input (B, 3U) and the state (B, U) -> (B, U)."""
-        hr = tf.matmul(h, _cast(self.recurrent, h.dtype)) + _cast(self.bias[1], h.dtype)
-        xz, xr, xh = tf.split(x, 3, axis=-1)
-        hz, hr_, hh = tf.split(hr, 3, axis=-1)
-        z = tf.sigmoid(xz + hz)
-        r = tf.sigmoid(xr + hr_)
-        return z * h + (1.0 - z) * tf.tanh(xh + r * hh)
+    def step_weights(self) -> StepWeights:
+        """The recurrence's weights in the compute dtype; read once per call, not per step
+        (pass them to :meth:`step` in a decoding loop)."""
+        cd = self.compute_dtype
+
+        def read(variable: Any) -> tf.Tensor:
+            return tf.cast(tf.convert_to_tensor(variable), cd)
+
+        hidden, ctx = read(self.recurrent), tf.zeros((0, 3 * self.units), cd)
+        v, v_bias = tf.zeros((0, 1), cd), tf.zeros((1,), "float32")
+        if self.attend == "before":
+            ctx = read(self.kernel_ctx)
+        if self.attend == "before" and self.attention_kind == "additive":
+            att = self.attention
+            hidden = tf.concat([read(att.w2.kernel), hidden], 1)  # (U, A + 3U) = [W2 | U_r]
+            v, v_bias = read(att.v.kernel), tf.cast(tf.convert_to_tensor(att.v.bias), "float32")
+        return StepWeights(hidden, _cast(self.bias[1], "float32"), ctx, v, v_bias)
 
     def attend_to(self, enc: dict[str, tf.Tensor], query: tf.Tensor
                   ) -> tuple[tf.Tensor, tf.Tensor]:
         """Attention for (B, U) or (B, T, U) queries -> context (.., E), alpha (.., G)."""
         alpha = self.attention.weights_for(enc["keys"], query)  # (B, G) or (B, T, G)
         pattern = "btg,bge->bte" if query.shape.rank == 3 else "bg,bge->be"
-        return tf.einsum(pattern, _cast(alpha, query.dtype), enc["features"]), alpha
+        features = enc["features"]
+        return tf.einsum(pattern, _cast(alpha, features.dtype), features), alpha
 
-    def cell(self, x_emb: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
-             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def cell(self, x_emb: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor],
+             weights: StepWeights | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """One step: (B, 3U) projected embedding, (B, U) state -> new state (B, U),
         alpha (B, G) and the head's input (B, U) or (B, U + E)."""
+        w = self.step_weights() if weights is None else weights
+        h_new, alpha, _ = self.recurrence.step(tf.cast(x_emb, "float32"), h, w, enc)
         if self.attend == "after":
-            h_new = self.gru(x_emb, h)
             context, alpha = self.attend_to(enc, h_new)
-            return h_new, alpha, tf.concat([h_new, context], -1)
-        context, alpha = self.attend_to(enc, h)  # (B, E), (B, G)
-        h_new = self.gru(x_emb + tf.matmul(context, _cast(self.kernel_ctx, h.dtype)), h)
+            return h_new, alpha, tf.concat([_cast(h_new, context.dtype), context], -1)
         return h_new, alpha, h_new
 
     def head(self, h: tf.Tensor, training: bool = False) -> tf.Tensor:
@@ -249,68 +519,62 @@ class AttentionDecoder(keras.layers.Layer):
         logits = self.fc2(self.head_dropout(self.fc1(h), training=training))
         return tf.cast(logits, "float32")
 
-    def step(self, tokens: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor]
-             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Inference step: (N,) previous ids -> (N, V) log-probs, (N, U) state, (N, G) alpha."""
-        h_new, alpha, out = self.cell(self.embed_projection(tokens), h, enc)
+    def step(self, tokens: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor],
+             weights: StepWeights | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Inference step: (N,) previous ids -> (N, V) log-probs, (N, U) state, (N, G) alpha.
+
+        ``weights`` (:meth:`step_weights`), when given, are reused instead of read again.
+        """
+        h_new, alpha, out = self.cell(self.embed_projection(tokens), h, enc, weights)
         return tf.nn.log_softmax(self.head(out)), h_new, alpha
 
     # ---- training ---------------------------------------------------------------------
     def call(self, enc: dict[str, tf.Tensor], tokens_in: tf.Tensor, training: bool = False,
              sampling_prob: tf.Tensor | None = None, seed: tf.Tensor | None = None,
-             greedy_sampling: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+             greedy_sampling: bool = False, logits: bool = True
+             ) -> tuple[tf.Tensor, tf.Tensor]:
         """Unroll over ``tokens_in`` (B, T) -> logits (B, T, V) float32, alpha (B, T, G).
 
         With ``sampling_prob`` (scheduled sampling), each row's input at step t > 0 is,
-        with that probability, the model's own prediction from step t - 1.
+        with that probability, the model's own prediction from step t - 1. With
+        ``logits=False`` the head is not run: the first result is its input (B, T, U[+E])
+        (the train step runs :meth:`head` on the real target positions only).
         """
         h0 = self.initial_state(enc)
         if sampling_prob is not None:
             outs, alphas = self._scheduled(enc, tokens_in, h0, sampling_prob, seed,
                                            greedy_sampling)
-        elif self.attend == "after":
-            outs, alphas = self._attend_after_all(enc, tokens_in, h0)
         else:
             outs, alphas = self._teacher_forced(enc, tokens_in, h0)
-        logits = self.head(outs, training=training)  # (B, T, V)
-        return logits, alphas
+        if not logits:
+            return outs, alphas
+        return self.head(outs, training=training), alphas  # (B, T, V), (B, T, G)
 
     def _teacher_forced(self, enc, tokens_in, h0):
+        """All steps of the recurrence, then (attend="after") attention for all at once."""
         x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
-        steps = tf.shape(x_all)[0]
-        hs = tf.TensorArray(h0.dtype, size=steps)
-        alphas = tf.TensorArray("float32", size=steps)
-
-        def body(t, h, hs, alphas):
-            h, alpha, _ = self.cell(x_all[t], h, enc)
-            return t + 1, h, hs.write(t, h), alphas.write(t, alpha)
-
-        _, _, hs, alphas = tf.while_loop(lambda t, *_: t < steps, body,
-                                         (tf.constant(0), h0, hs, alphas))
-        return (tf.transpose(hs.stack(), [1, 0, 2]),  # (B, T, U)
-                tf.transpose(alphas.stack(), [1, 0, 2]))  # (B, T, G)
-
-    def _attend_after_all(self, enc, tokens_in, h0):
-        """attend="after": the GRU alone in the loop, then attention for all steps at once."""
-        x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
-        hs = tf.scan(lambda h, x: self.gru(x, h), x_all, initializer=h0)  # (T, B, U)
+        hs, alphas = self.recurrence.unroll(x_all, h0, self.step_weights(), enc)
         hs = tf.transpose(hs, [1, 0, 2])  # (B, T, U)
+        if self.attend == "before":
+            return hs, tf.transpose(alphas, [1, 0, 2])  # (B, T, U), (B, T, G)
         context, alphas = self.attend_to(enc, hs)  # (B, T, E), (B, T, G)
-        return tf.concat([hs, context], -1), alphas
+        return tf.concat([_cast(hs, context.dtype), context], -1), alphas
 
     def _scheduled(self, enc, tokens_in, h0, sampling_prob, seed, greedy):
         tokens_t = tf.transpose(tokens_in)  # (T, B)
         steps, batch = tf.shape(tokens_t)[0], tf.shape(tokens_t)[1]
         seed = tf.zeros((2,), "int32") if seed is None else tf.cast(seed, "int32")
-        outs = tf.TensorArray(h0.dtype, size=steps)
+        out_dtype = "float32" if self.attend == "before" else self.compute_dtype
+        outs = tf.TensorArray(out_dtype, size=steps)
         alphas = tf.TensorArray("float32", size=steps)
+        weights = self.step_weights()
 
         def body(t, prev_pred, h, outs, alphas):
             step_seed = seed + tf.stack([0, t])
             coin = tf.random.stateless_uniform((batch,), step_seed) < sampling_prob
             use_pred = tf.logical_and(coin, t > 0)
             tok = tf.where(use_pred, prev_pred, tokens_t[t])  # (B,)
-            h, alpha, out = self.cell(self.embed_projection(tok), h, enc)
+            h, alpha, out = self.cell(self.embed_projection(tok), h, enc, weights)
             logits = tf.stop_gradient(self.head(out))  # (B, V)
             if greedy:
                 pred = tf.argmax(logits, -1, output_type=tokens_t.dtype)
@@ -408,11 +672,14 @@ class CaptionModel(keras.Model):
 
     def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False,
              sampling_prob: tf.Tensor | None = None, seed: tf.Tensor | None = None,
-             greedy_sampling: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+             greedy_sampling: bool = False, logits: bool = True
+             ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(images or grids, tokens_in (B, T)) -> logits (B, T, V), alpha (B, T, G); see
+        :meth:`AttentionDecoder.call` for the other arguments."""
         images, tokens_in = inputs
         enc = self.encode(images, training=training)
         return self.decoder(enc, tokens_in, training=training, sampling_prob=sampling_prob,
-                            seed=seed, greedy_sampling=greedy_sampling)
+                            seed=seed, greedy_sampling=greedy_sampling, logits=logits)
 
     def build_weights(self) -> CaptionModel:
         """Create every weight with one tiny forward pass (needed before restoring)."""

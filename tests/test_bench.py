@@ -48,16 +48,16 @@ def results() -> dict[str, dict]:
             "classic": run_bench(impl="classic", classic_decode_images=2, **common)}
 
 
-def _counting(monkeypatch, layer) -> list[int]:
-    """Count calls of a Keras layer's ``call``."""
+def _counting(monkeypatch, layer, method: str = "call") -> list[int]:
+    """Count calls of a Keras layer's ``call`` (or another method of any object)."""
     calls = [0]
-    original = layer.call
+    original = getattr(layer, method)
 
     def call(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(layer, "call", call)
+    monkeypatch.setattr(layer, method, call)
     return calls
 
 
@@ -139,8 +139,10 @@ def test_classic_recomputes_w1_every_step_ours_once(monkeypatch):
     model = build_ours(SHAPES, dropout=0.0)
     att = model.decoder.attention
     w1, w2 = _counting(monkeypatch, att.w1), _counting(monkeypatch, att.w2)
+    step = _counting(monkeypatch, model.decoder.recurrence, "step")
     model((grids, tokens[:, :-1]), training=True)  # eager: the loop body runs T times
-    assert (w1[0], w2[0]) == (1, steps)
+    # W2 h is fused with the GRU's recurrent matmul, h @ [W2 | U_r], once per step
+    assert (w1[0], w2[0], step[0]) == (1, 0, steps)
 
     encoder, decoder = build_classic(SHAPES)
     cw1, cw2 = (_counting(monkeypatch, decoder.attention.W1),
