@@ -112,15 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from captioner.config import load_config
-    from captioner.training import train
+    from captioner.training import Trainer
 
     if args.config is None and not (args.run_dir and Path(args.run_dir, "config.json").is_file()):
         raise SystemExit("train: give --config, or a --run-dir that holds a run to resume")
     cfg_path = args.config or Path(args.run_dir, "config.json")
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
     cfg = load_config(cfg_path, args.overrides)
-    history = train(cfg, run_dir)
-    print(f"run directory: {run_dir} ({len(history.get('epoch', []))} epochs)")
+    trainer = Trainer(cfg, run_dir)  # a multi_worker non-chief writes into a subfolder
+    history = trainer.fit()
+    print(f"run directory: {trainer.run_dir} ({len(history.get('epoch', []))} epochs)")
     return 0
 
 

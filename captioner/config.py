@@ -155,7 +155,14 @@ class ScheduledSamplingConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, checkpoints and validation.
+    """Optimisation, checkpoints, validation and devices.
+
+    ``batch_size`` is the GLOBAL batch. ``strategy``: ``default`` (one device),
+    ``mirrored`` (one replica per local GPU; without GPUs, per logical CPU) or
+    ``multi_worker`` (``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``);
+    the batch is split across the replicas and each step equals one device's step on it.
+    ``logical_cpus`` > 1 splits the CPU into that many devices first (data parallelism
+    without GPUs, or to try ``mirrored`` on a laptop).
 
     Example:
         >>> TrainConfig(epochs=3).batch_size
@@ -182,6 +189,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     checkpoint_every: int | None = None
     precision: str = "float32"
+    strategy: str = "default"
+    logical_cpus: int = 0
     tensorboard: bool = True
     progress: bool = True
 
@@ -396,6 +405,9 @@ def validate(cfg: Config) -> None:
              "must be auto, exact_match or bleu4")
     _require(t.precision in ("float32", "mixed_bfloat16", "mixed_float16"), "train.precision",
              "must be float32, mixed_bfloat16 or mixed_float16")
+    _require(t.strategy in ("default", "mirrored", "multi_worker"), "train.strategy",
+             "must be default, mirrored or multi_worker")
+    _require(t.logical_cpus >= 0, "train.logical_cpus", "must be 0 (no split) or more")
     _require(t.scheduled_sampling.schedule in ("linear", "inverse_sigmoid"),
              "train.scheduled_sampling.schedule", "must be linear or inverse_sigmoid")
     dc = cfg.decode

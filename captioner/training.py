@@ -224,6 +224,8 @@ class Trainer:
         self.log = log
         self.cfg = self._resolve_config(cfg)
         self._validate_config()
+        self.strategy = self._make_strategy()  # before any other TensorFlow op
+        self.run_dir = self._worker_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         keras.utils.set_random_seed(self.cfg.train.seed)
         records = self._read_splits()
@@ -239,12 +241,14 @@ class Trainer:
                               f"{self.data.train.num_pairs} training pairs")
         total = self.steps_per_epoch * t.epochs
         main_vars, backbone_vars = split_variables(self.model, bool(t.backbone_learning_rate))
-        self.optimizer = make_optimizer(self.cfg, total)
-        self.optimizer.build(main_vars)
-        self.backbone_optimizer = None
-        if backbone_vars:
-            self.backbone_optimizer = make_optimizer(self.cfg, total, t.backbone_learning_rate)
-            self.backbone_optimizer.build(backbone_vars)
+        with self.strategy.scope():  # a Keras optimizer binds the strategy it is built in
+            self.optimizer = make_optimizer(self.cfg, total)
+            self.optimizer.build(main_vars)
+            self.backbone_optimizer = None
+            if backbone_vars:
+                self.backbone_optimizer = make_optimizer(self.cfg, total,
+                                                         t.backbone_learning_rate)
+                self.backbone_optimizer.build(backbone_vars)
         self.epoch = tf.Variable(0, dtype="int64", trainable=False)  # completed epochs
         self.step_in_epoch = tf.Variable(0, dtype="int64", trainable=False)
         self.best = tf.Variable(-np.inf, dtype="float64", trainable=False)
@@ -279,6 +283,33 @@ class Trainer:
         if cfg.train.backbone_learning_rate and cfg.train.precision == "mixed_float16":
             raise ConfigError("train.backbone_learning_rate does not combine with "
                               "train.precision: mixed_float16 (one loss scale per step)")
+
+    def _make_strategy(self) -> tf.distribute.Strategy:
+        """``train.strategy`` (after splitting the CPU into ``train.logical_cpus``)."""
+        from captioner.distribute import make_strategy, split_cpu  # imports this module
+
+        t = self.cfg.train
+        if t.logical_cpus > 1:
+            split_cpu(t.logical_cpus)
+        strategy = make_strategy(t.strategy)
+        replicas = strategy.num_replicas_in_sync
+        if t.strategy != "default":
+            self.log(f"train.strategy={t.strategy}: {replicas} replica(s), "
+                     f"{t.batch_size / replicas:g} examples each per step")
+        return strategy
+
+    def _worker_run_dir(self, run_dir: Path) -> Path:
+        """Where this process writes: the run directory, except for the non-chief workers
+        of a ``multi_worker`` run, which take part in every step and every checkpoint save
+        (collective ops) but write into ``run_dir/workers/<task>`` instead."""
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        if self.cfg.train.strategy != "multi_worker" or resolver is None:
+            return run_dir
+        kind, index = resolver.task_type, resolver.task_id
+        has_chief = "chief" in resolver.cluster_spec().as_dict()
+        if kind == "chief" or (not has_chief and kind == "worker" and index == 0):
+            return run_dir
+        return run_dir / "workers" / f"{kind}{index}"
 
     def _read_splits(self) -> dict[str, list[Record]]:
         cfg = self.cfg
@@ -333,9 +364,12 @@ class Trainer:
     def _build_model(self) -> CaptionModel:
         self.cfg.save(self.run_dir / "config.json")
         policy = keras.DTypePolicy(self.cfg.train.precision)
-        model = CaptionModel.from_model_config(self.cfg.model, self.tokenizer.vocab_size, policy)
+        with self.strategy.scope():  # mirrored variables under a multi-device strategy
+            model = CaptionModel.from_model_config(self.cfg.model, self.tokenizer.vocab_size,
+                                                   policy)
+            model.build_weights()
         (self.run_dir / "model.json").write_text(json.dumps(model.get_config(), indent=2) + "\n")
-        return model.build_weights()
+        return model
 
     def _load_history(self) -> dict[str, list[Any]]:
         path = self.run_dir / "history.json"
@@ -361,10 +395,7 @@ class Trainer:
     def fit(self) -> dict[str, list[Any]]:
         """Train until ``train.epochs`` are complete; returns the history."""
         t = self.cfg.train
-        ss = t.scheduled_sampling
-        train_step = make_train_step(self.model, self.optimizer, self.tokenizer.pad_id,
-                                     t.attention_reg, ss.enabled, ss.greedy,
-                                     self.backbone_optimizer)
+        train_step = self._train_step()
         eval_step = make_eval_step(self.model, self.tokenizer.pad_id)
         writer = (tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
                   if t.tensorboard else tf.summary.create_noop_writer())
@@ -376,6 +407,26 @@ class Trainer:
             self.log(f"interrupted: saved {path}; run the same command to resume")
             raise
         return self.history
+
+    @property
+    def distributed(self) -> bool:
+        """Whether steps run through ``strategy.run`` (any strategy but ``default``)."""
+        return self.cfg.train.strategy != "default"
+
+    def _train_step(self) -> Callable[..., dict[str, tf.Tensor]]:
+        """The compiled train step: single-device, or split across the strategy's replicas
+        (same update on the same global batch)."""
+        t = self.cfg.train
+        ss = t.scheduled_sampling
+        if not self.distributed:
+            return make_train_step(self.model, self.optimizer, self.tokenizer.pad_id,
+                                   t.attention_reg, ss.enabled, ss.greedy,
+                                   self.backbone_optimizer)
+        from captioner.distribute import make_distributed_train_step  # imports this module
+
+        return make_distributed_train_step(
+            self.strategy, self.model, self.optimizer, self.tokenizer.pad_id, t.attention_reg,
+            t.batch_size, ss.enabled, ss.greedy, self.backbone_optimizer)
 
     def _run_epoch(self, train_step, eval_step, writer) -> None:
         t = self.cfg.train
@@ -409,13 +460,19 @@ class Trainer:
         t, train = self.cfg.train, self.data.train
         if self.cache is not None:
             pair_paths = [train.paths[i] for i in train.pair_image]
-            return self.cache.pair_dataset(pair_paths, self.data.tokens, t.batch_size, t.seed,
-                                           epoch, skip=skip, max_steps=t.max_steps_per_epoch)
-        if not hasattr(self, "_pairs"):
-            self._pairs = PairTensors.from_arrays(train.images, self.data.tokens,
-                                                  train.pair_image)
-        return self._pairs.batches(epoch_batches(train.num_pairs, t.batch_size, t.seed, epoch,
-                                                 skip, t.max_steps_per_epoch))
+            ds = self.cache.pair_dataset(pair_paths, self.data.tokens, t.batch_size, t.seed,
+                                         epoch, skip=skip, max_steps=t.max_steps_per_epoch)
+        else:
+            if not hasattr(self, "_pairs"):
+                self._pairs = PairTensors.from_arrays(train.images, self.data.tokens,
+                                                      train.pair_image)
+            ds = self._pairs.batches(epoch_batches(train.num_pairs, t.batch_size, t.seed,
+                                                   epoch, skip, t.max_steps_per_epoch))
+        if not self.distributed:
+            return ds
+        from captioner.distribute import distribute_batches  # imports this module
+
+        return distribute_batches(self.strategy, ds)  # each global batch split by replica
 
     def _progress(self, epoch: int, skip: int):
         if not self.cfg.train.progress:

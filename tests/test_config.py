@@ -46,6 +46,8 @@ def test_unknown_key_names_full_path(tmp_path):
     ("model.cnn_filters=[8, x]", r"model.cnn_filters\[1\]"),
     ("model.attention=cosine", "model.attention"),
     ("train.precision=float8", "train.precision"),
+    ("train.strategy=ring", "train.strategy"),
+    ("train.logical_cpus=-1", "train.logical_cpus"),
 ])
 def test_wrong_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
