@@ -117,74 +117,117 @@ class BenchShapes:
         return math.isqrt(self.grid)
 
 
-def flop_terms(s: BenchShapes, attend: str = "before") -> dict[str, int]:
+def flop_terms(s: BenchShapes, attend: str = "before", positions: int | None = None
+               ) -> dict[str, int]:
     """Forward matmul FLOPs of one teacher-forced step over a batch, term by term.
 
-    A matmul (m, k) x (k, n) counts 2mkn. With T = ``s.steps``:
+    A matmul (m, k) x (k, n) counts 2mkn. With N = ``positions``, the real (not padding)
+    target positions of the batch (default all T * B, T = ``s.steps``):
 
-    * once per batch: ``encoder`` B*G*C*E*2 (grid projection) and ``attention_keys``
-      B*G*E*A*2 (W1 over the encoded grid, computed ONCE per image);
-    * per step, times T: ``attention_query`` B*U*A*2 (W2 h), ``attention_scores``
-      B*G*A*2 (V over tanh(keys + query)), ``attention_context`` B*G*E*2 (alpha-weighted
-      sum), ``gru_input`` B*(E_emb + E)*3U*2 (embedding and context halves of the GRU
-      input projection; ``attend="after"``: only the embedding, B*E_emb*3U*2),
-      ``gru_recurrent`` B*U*3U*2 and ``head`` B*(U*U + U*V)*2 (fc1 then the logits;
-      ``attend="after"``: fc1 reads [h; context], B*((U + E)*U + U*V)*2).
+    * once per image, times B: ``encoder`` G*C*E*2 (grid projection) and
+      ``attention_keys`` G*E*A*2 (W1 over the encoded grid, computed ONCE per image);
+    * per real position, times N: ``attention_query`` U*A*2 (W2 h), ``attention_scores``
+      G*A*2 (V over tanh(keys + query)), ``attention_context`` G*E*2 (alpha-weighted
+      sum), ``gru_input`` (E_emb + E)*3U*2 (embedding and context halves of the GRU
+      input projection; ``attend="after"``: only the embedding, E_emb*3U*2),
+      ``gru_recurrent`` U*3U*2 and ``head`` (U*U + U*V)*2 (fc1 then the logits;
+      ``attend="after"``: fc1 reads [h; context], ((U + E)*U + U*V)*2).
 
     E_emb = E (one ``embedding_dim`` for words and grid cells). Not counted: the initial
     state Dense of our model (B*E*U*2, the tutorial starts from zeros), elementwise ops
     (tanh, sigmoid, softmax, the loss), embedding lookups and the optimizer update, and
-    work that is not necessary, such as the tutorial recomputing W1 at every step.
+    work that is not necessary (:func:`redundant_flops`): anything at padded positions,
+    or the tutorial recomputing W1 at every step.
 
     Example:
-        >>> t = flop_terms(BenchShapes(batch_size=1, grid=1, feature_dim=1, embedding_dim=1,
-        ...                            units=1, vocab_size=5, max_length=2))
+        >>> s = BenchShapes(batch_size=1, grid=1, feature_dim=1, embedding_dim=1, units=1,
+        ...                 vocab_size=5, max_length=3)
+        >>> t = flop_terms(s)
         >>> t["head"], sum(t.values())
+        (24, 76)
+        >>> flop_terms(s, positions=1)["head"], sum(flop_terms(s, positions=1).values())
         (12, 40)
     """
     if attend not in ("before", "after"):
         raise ValueError(f"attend must be 'before' or 'after', got {attend!r}")
     b, g, c, e = s.batch_size, s.grid, s.feature_dim, s.embedding_dim
-    u, a, v, t = s.units, int(s.attention_units), s.vocab_size, s.steps
+    u, a, v = s.units, int(s.attention_units), s.vocab_size
+    n = s.steps * b if positions is None else int(positions)
     gru_in = e + e if attend == "before" else e
     head_in = u if attend == "before" else u + e
     return {
         "encoder": b * g * c * e * 2,
         "attention_keys": b * g * e * a * 2,
-        "attention_query": t * b * u * a * 2,
-        "attention_scores": t * b * g * a * 2,
-        "attention_context": t * b * g * e * 2,
-        "gru_input": t * b * gru_in * 3 * u * 2,
-        "gru_recurrent": t * b * u * 3 * u * 2,
-        "head": t * b * (head_in * u + u * v) * 2,
+        "attention_query": n * u * a * 2,
+        "attention_scores": n * g * a * 2,
+        "attention_context": n * g * e * 2,
+        "gru_input": n * gru_in * 3 * u * 2,
+        "gru_recurrent": n * u * 3 * u * 2,
+        "head": n * (head_in * u + u * v) * 2,
     }
 
 
-def train_step_flops(s: BenchShapes, attend: str = "before") -> int:
+PER_IMAGE_TERMS = ("encoder", "attention_keys")
+
+
+def train_step_flops(s: BenchShapes, attend: str = "before", positions: int | None = None
+                     ) -> int:
     """Necessary FLOPs of one train step: 3 x the forward matmuls of :func:`flop_terms`
-    (forward + backward, the usual 1 + 2 rule, also applied to the encoder projection).
+    over ``positions`` real target positions (forward + backward, the usual 1 + 2 rule,
+    also applied to the encoder projection).
 
     Example:
         >>> train_step_flops(BenchShapes(batch_size=1, grid=1, feature_dim=1,
         ...                              embedding_dim=1, units=1, vocab_size=5, max_length=2))
         120
     """
-    return 3 * sum(flop_terms(s, attend).values())
+    return 3 * sum(flop_terms(s, attend, positions).values())
 
 
-def redundant_flops(s: BenchShapes, impl: str) -> int:
-    """Matmul FLOPs a train step executes beyond :func:`train_step_flops`: the tutorial's
-    W1(features) at every step instead of once, (T - 1) * B*G*E*A*2 * 3; 0 for ours.
+def redundant_flops(s: BenchShapes, impl: str, positions: int | None = None,
+                    attend: str = "before") -> int:
+    """Matmul FLOPs a train step executes beyond :func:`train_step_flops` (x 3 as there),
+    with P = T * B - ``positions`` padded target positions.
+
+    ``classic``: the tutorial's W1(features) at every step instead of once,
+    (T - 1) * B*G*E*A*2, and every per-position term of :func:`flop_terms` at the P padded
+    positions (it runs all T steps on every row). ``captioner``: the embedding half of
+    the GRU input projection at the padded positions, P*E*3U*2 (one matmul over all
+    positions before the loop; the recurrence skips a row's padded steps and the head
+    runs on real positions only), and with ``attend="after"`` the attention at the
+    padded positions (it runs for all positions at once after the loop).
 
     Example:
-        >>> redundant_flops(BenchShapes(batch_size=1, grid=1, feature_dim=1, embedding_dim=1,
-        ...                             units=1, vocab_size=5, max_length=3), "classic")
-        6
+        >>> s = BenchShapes(batch_size=1, grid=1, feature_dim=1, embedding_dim=1,
+        ...                 units=1, vocab_size=5, max_length=3)
+        >>> redundant_flops(s, "classic"), redundant_flops(s, "captioner")
+        (6, 0)
+        >>> redundant_flops(s, "classic", positions=1), redundant_flops(s, "captioner", 1)
+        (114, 18)
     """
-    if impl != "classic":
-        return 0
-    keys = flop_terms(s)["attention_keys"]
-    return 3 * (s.steps - 1) * keys
+    padded = s.steps * s.batch_size - (s.steps * s.batch_size if positions is None
+                                       else int(positions))
+    at_padded = flop_terms(s, attend, padded)
+    if impl == "classic":
+        keys = flop_terms(s)["attention_keys"]
+        per_position = sum(v for k, v in at_padded.items() if k not in PER_IMAGE_TERMS)
+        return 3 * ((s.steps - 1) * keys + per_position)
+    e, u = s.embedding_dim, s.units
+    extra = padded * e * 3 * u * 2
+    if attend == "after":
+        extra += sum(at_padded[k] for k in ("attention_query", "attention_scores",
+                                            "attention_context"))
+    return 3 * extra
+
+
+def real_positions(tokens: np.ndarray, pad_id: int = Tokenizer.pad_id) -> int:
+    """N: target positions (tokens[:, 1:]) that are not padding.
+
+    Example:
+        >>> real_positions(np.array([[1, 5, 2], [1, 2, 0]]))
+        3
+    """
+    return int(np.count_nonzero(np.asarray(tokens)[:, 1:] != pad_id))
 
 
 def random_batch(s: BenchShapes, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +235,8 @@ def random_batch(s: BenchShapes, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
     Each target row is ``<start>``, random word ids, ``<end>`` at a random position
     >= L / 2, then padding. Row 0 always ends at the last position, so no padding column
-    is trimmed and every train step runs exactly T = L - 1 decoder steps.
+    is trimmed and the longest row runs exactly T = L - 1 decoder steps (the others end
+    earlier: :func:`real_positions` counts the real target positions).
 
     Example:
         >>> grids, tokens = random_batch(BenchShapes(batch_size=3, grid=4, feature_dim=2,
@@ -660,8 +704,10 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
     ``decode_repeats`` calls after compiling, with an ``<end>`` id that is never chosen
     so every decode runs the full ``max_length`` steps, reported as ``greedy_steps``;
     classic: eager greedy over ``classic_decode_images`` images one by one and beam3
-    None), ``train_gflop_per_step`` (necessary FLOPs, :func:`train_step_flops`),
-    ``redundant_gflop_per_step`` (:func:`redundant_flops`), ``train_gflop_per_s``,
+    None), ``real_token_fraction`` (N / (T * B): the share of target positions that are
+    not padding, :func:`real_positions`), ``train_gflop_per_step`` (necessary FLOPs over
+    the N real positions, :func:`train_step_flops`), ``redundant_gflop_per_step``
+    (:func:`redundant_flops`), ``train_gflop_per_s``,
     ``peak_gflop_per_s`` (a square matmul sized to ~``peak_seconds``, in float32 or the
     policy's compute dtype, see :func:`peak_gflop_per_s`), ``roofline_fraction`` =
     train_gflop_per_s / peak_gflop_per_s, ``peak_rss_mb`` and ``load_average`` (1-min,
@@ -689,7 +735,9 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
         decoding = time_classic_decoding(*model, grids_np, max_length, classic_decode_images)
     compute_dtype = keras.DTypePolicy(precision).compute_dtype
     peak, peak_n = peak_gflop_per_s(compute_dtype, peak_seconds)
-    flops = train_step_flops(s, attend if impl == "captioner" else "before")
+    flop_attend = attend if impl == "captioner" else "before"
+    positions = real_positions(tokens_np)
+    flops = train_step_flops(s, flop_attend, positions)
     gflop_s = flops / timing.step_s / 1e9
     result = {
         "impl": impl, "precision": precision, "attend": attend if impl == "captioner" else
@@ -698,8 +746,9 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
         "train_images_per_s": batch_size / timing.step_s, "train_step_s": timing.step_s,
         "compile_s": timing.compile_s, "loss_first": timing.first_loss,
         "loss_last": timing.last_loss, **decoding,
+        "real_token_fraction": positions / (s.steps * batch_size),
         "train_gflop_per_step": flops / 1e9,
-        "redundant_gflop_per_step": redundant_flops(s, impl) / 1e9,
+        "redundant_gflop_per_step": redundant_flops(s, impl, positions, flop_attend) / 1e9,
         "train_gflop_per_s": gflop_s, "peak_gflop_per_s": peak, "peak_matmul_n": peak_n,
         "peak_dtype": compute_dtype, "roofline_fraction": gflop_s / peak,
     }

@@ -4,7 +4,7 @@
 Every step consumes one GLOBAL batch (``train.batch_size`` examples), split across the
 replicas, and makes exactly the update a single device would make on that batch:
 
-* Loss. :func:`~captioner.training.caption_loss` divides by the number of real tokens of
+* Loss. :func:`~captioner.training.training_loss` divides by the number of real tokens of
   the batch. A replica sees only its slice, so it all-reduces its token count first and
   divides its own ``sum of token NLLs + lambda * attention reg`` by the GLOBAL count: the
   replicas' losses then add up to the single-device loss, and so do their gradients.
@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from captioner.config import Config
 from captioner.model import CaptionModel
-from captioner.training import _trim, caption_loss, make_optimizer, split_variables
+from captioner.training import _trim, make_optimizer, split_variables, training_loss
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 SUM = tf.distribute.ReduceOp.SUM
@@ -243,14 +243,12 @@ def make_distributed_train_step(strategy: tf.distribute.Strategy, model: Caption
     def replica_step(inputs, tokens, sampling_prob, seed):
         ctx = tf.distribute.get_replica_context()
         tokens = _trim(tokens, pad_id)
-        inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (b, T), (b, T) this replica's rows
-        share = token_share(tgt, pad_id, ctx)  # this replica's tokens / global tokens
+        share = token_share(tokens[:, 1:], pad_id, ctx)  # this replica's tokens / global tokens
         with tf.GradientTape() as tape:
-            logits, alphas = model((inputs, inp), training=True,
-                                   sampling_prob=sampling_prob if scheduled_sampling else None,
-                                   seed=replica_seed(seed, ctx), greedy_sampling=greedy_sampling)
-            loss, nll, reg = (share * x for x in caption_loss(logits, tgt, alphas, pad_id,
-                                                                attention_reg))
+            loss, nll, reg = (share * x for x in training_loss(
+                model, inputs, tokens, pad_id, attention_reg,
+                sampling_prob if scheduled_sampling else None, replica_seed(seed, ctx),
+                greedy_sampling))
             scaled = optimizer.scale_loss(loss) if loss_scaled else loss
         grads = tape.gradient(scaled, main_vars + backbone_vars)
         apply_gradients(optimizer, grads[:len(main_vars)], main_vars, ctx)
@@ -290,7 +288,7 @@ def token_share(targets: tf.Tensor, pad_id: int, ctx: tf.distribute.ReplicaConte
                 ) -> tf.Tensor:
     """max(local real tokens, 1) / max(global real tokens, 1), a float32 scalar.
 
-    ``caption_loss`` divides the replica's sums by max(local tokens, 1); times this share
+    ``training_loss`` divides the replica's sums by max(local tokens, 1); times this share
     they are divided by the global count instead, as on one device.
     """
     local = tf.reduce_sum(tf.cast(tf.not_equal(targets, pad_id), "float32"))  # () of (b, T)

@@ -186,9 +186,15 @@ class Recurrence:
     With ``attention`` (``attend="before"``) a step is alpha = softmax(score(keys, h));
     context = alpha . features; h = GRU(x + context @ W_ctx, h). Without it the step is the
     GRU alone. Elementwise math and the state are float32; matmuls run in the weights'
-    (compute) dtype. The backward pass recomputes tanh(keys + query) instead of storing
-    (B, G, A) per step, and computes every weight gradient after its loop as one matmul
-    over all T*B rows instead of T small ones accumulated inside it.
+    (compute) dtype. The forward pass keeps tanh(keys + query) (n_t, G, A) of every step
+    for the backward pass (``store_tanh``; T*B*G*A values, ~315 MB at B=64, T=49, G=49,
+    A=512 in float32, measured ~6% faster than recomputing it), and the backward pass
+    computes every weight gradient after its loop as one matmul over all T*B rows instead
+    of T small ones accumulated inside it.
+
+    ``unroll(..., counts)`` runs step t on the first ``counts[t]`` rows only (rows sorted
+    by length, longest first; ``counts`` non-increasing): the other rows' state is
+    carried unchanged, their alpha is 0 and they get no gradient from step t.
 
     Example:
         >>> rec = Recurrence(None, 0)
@@ -197,26 +203,35 @@ class Recurrence:
         >>> hs, alphas = rec.unroll(tf.zeros((5, 2, 12)), tf.zeros((2, 4)), w, {})
         >>> hs.shape, alphas.shape
         (TensorShape([5, 2, 4]), TensorShape([5, 2, 0]))
+        >>> hs, _ = rec.unroll(tf.ones((3, 2, 12)), tf.zeros((2, 4)), w, {},
+        ...                    counts=tf.constant([2, 1, 0]))
+        >>> bool(tf.reduce_all(hs[2] == hs[1]) and tf.reduce_all(hs[1, 1] == hs[0, 1]))
+        True
     """
+
+    store_tanh = True  # keep tanh(keys + q) of every step for the backward pass
 
     def __init__(self, attention: str | None, attention_units: int):
         self.attention = attention  # additive | dot | general, or None: the GRU alone
         self.split = attention_units if attention == "additive" else 0
 
     # ---- one step ---------------------------------------------------------------------
-    def scores(self, keys: tf.Tensor, q: tf.Tensor, w: StepWeights) -> tf.Tensor:
-        """keys (B, G, A|U), query (B, A|U) -> scores (B, G) float32."""
+    def scores(self, keys: tf.Tensor, q: tf.Tensor, w: StepWeights
+               ) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """keys (B, G, A|U), query (B, A|U) -> scores (B, G) float32 and, for additive
+        attention, th = tanh(keys + q) (B, G, A) (else None)."""
         q = tf.cast(q, keys.dtype)
         if self.split:
             th = tf.tanh(keys + q[:, None, :])  # (B, G, A)
             scores = tf.tensordot(th, tf.cast(w.v, th.dtype), 1)[..., 0]  # (B, G)
-            return tf.cast(scores, "float32") + w.v_bias
-        return tf.cast(tf.einsum("bgu,bu->bg", keys, q), "float32")
+            return tf.cast(scores, "float32") + w.v_bias, th
+        return tf.cast(tf.einsum("bgu,bu->bg", keys, q), "float32"), None
 
     def step(self, x: tf.Tensor, h: tf.Tensor, w: StepWeights, enc: dict[str, tf.Tensor]
              ) -> tuple[tf.Tensor, tf.Tensor, tuple[Any, ...]]:
         """x (B, 3U) projected embedding and h (B, U), float32 -> new state (B, U),
-        alpha (B, G) (B, 0 without attention) and what the backward pass reads."""
+        alpha (B, G) (B, 0 without attention) and what the backward pass reads: the
+        gates, and with attention q, ctx and (additive, ``store_tanh``) tanh(keys + q)."""
         hc = tf.cast(h, w.hidden.dtype)
         hq = tf.matmul(hc, w.hidden)  # (B, A + 3U) or (B, 3U)
         hr = tf.cast(hq[:, self.split:], "float32") + w.bias_h  # (B, 3U)
@@ -224,61 +239,86 @@ class Recurrence:
             h_new, gates = gru_update(x, hr, h)
             return h_new, tf.zeros((tf.shape(h)[0], 0)), (gates,)
         q = hq[:, :self.split] if self.split else hc  # (B, A) or (B, U)
-        alpha = tf.nn.softmax(self.scores(enc["keys"], q, w), axis=-1)  # (B, G)
+        scores, th = self.scores(enc["keys"], q, w)
+        alpha = tf.nn.softmax(scores, axis=-1)  # (B, G)
         ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
         h_new, gates = gru_update(x + tf.cast(tf.matmul(ctx, w.ctx), "float32"), hr, h)
-        return h_new, alpha, (gates, q, ctx)
+        return h_new, alpha, (gates, q, ctx, th) if self._keeps_tanh else (gates, q, ctx)
+
+    @property
+    def _keeps_tanh(self) -> bool:
+        return bool(self.split) and self.store_tanh
 
     # ---- all steps ----------------------------------------------------------------------
     def unroll(self, x_all: tf.Tensor, h0: tf.Tensor, w: StepWeights,
-               enc: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        """x_all (T, B, 3U), h0 (B, U) float32 -> states (T, B, U), alphas (T, B, G)."""
+               enc: dict[str, tf.Tensor], counts: tf.Tensor | None = None
+               ) -> tuple[tf.Tensor, tf.Tensor]:
+        """x_all (T, B, 3U), h0 (B, U) float32 -> states (T, B, U), alphas (T, B, G);
+        with ``counts`` (T,) int32 step t updates only the first counts[t] rows."""
         keys, features = (enc["keys"], enc["features"]) if self.attention else (w.v, w.v)
 
         @tf.custom_gradient
         def run(x_all, h0, keys, features, *weights):
             ws = StepWeights(*weights)
-            hs, alphas, saved = self._forward(x_all, h0, ws, {"keys": keys,
-                                                              "features": features})
+            enc = {"keys": keys, "features": features}
+            hs, alphas, saved = self._forward(x_all, h0, ws, enc, counts)
 
             def grad(dhs, dalphas):
                 dhs = tf.zeros_like(hs) if dhs is None else dhs
                 dalphas = tf.zeros_like(alphas) if dalphas is None else dalphas
-                return self._backward(dhs, dalphas, x_all, h0, hs, alphas, saved, ws,
-                                      {"keys": keys, "features": features})
+                return self._backward(dhs, dalphas, x_all, h0, hs, alphas, saved, ws, enc,
+                                      counts)
 
             return (hs, alphas), grad
 
         return run(x_all, h0, keys, features, *w)
 
-    def _forward(self, x_all, h0, w, enc):
-        steps = tf.shape(x_all)[0]
+    def _active(self, enc: dict[str, tf.Tensor], n: tf.Tensor | None) -> dict[str, tf.Tensor]:
+        """The first n rows of the per-image tensors (a dim-0 slice: no copy)."""
+        if n is None or not self.attention:
+            return enc
+        return {k: v[:n] for k, v in enc.items()}
+
+    def _forward(self, x_all, h0, w, enc, counts):
+        steps, batch = tf.shape(x_all)[0], tf.shape(x_all)[1]
 
         def body(t, h):
-            h, alpha, saved = self.step(x_all[t], h, w, enc)
-            return h, (h, alpha, saved)
+            n = None if counts is None else counts[t]
+            h_n, alpha, saved = self.step(_rows(x_all[t], n), _rows(h, n), w,
+                                          self._active(enc, n))
+            h = _merge_rows(h_n, h, n)  # (B, U)
+            kept = saved[3:]  # tanh (n_t, G, A): not padded, never stacked
+            alpha, saved = tf.nest.map_structure(lambda s: _pad_rows(s, batch, n),
+                                                 (alpha, saved[:3]))
+            return h, (h, alpha, saved + kept)
 
-        _, (hs, alphas, saved) = _loop(body, steps, h0, self._forward_dtypes(w))
+        _, (hs, alphas, saved) = _loop(body, steps, h0, self._forward_dtypes(w, enc))
         return hs, alphas, saved
 
-    def _forward_dtypes(self, w: StepWeights) -> tuple[Any, ...]:
+    def _forward_dtypes(self, w: StepWeights, enc: dict[str, tf.Tensor]) -> tuple[Any, ...]:
         gates = GruGates(*["float32"] * 4)
         saved = (gates,) if self.attention is None else (gates, w.hidden.dtype, w.ctx.dtype)
+        if self._keeps_tanh:
+            saved += (Unstacked(enc["keys"].dtype),)
         return ("float32", "float32", saved)
 
     # ---- the backward pass ----------------------------------------------------------------
-    def _backward(self, dhs, dalphas, x_all, h0, hs, alphas, saved, w, enc):
+    def _backward(self, dhs, dalphas, x_all, h0, hs, alphas, saved, w, enc, counts):
         """Gradients of (x_all, h0, keys, features, *weights) from dL/dhs, dL/dalphas."""
-        steps = tf.shape(x_all)[0]
+        steps, batch = tf.shape(x_all)[0], tf.shape(x_all)[1]
         h_prev = tf.concat([h0[None], hs[:-1]], 0)  # (T, B, U)
         acc0 = self._grad_accumulators(enc, w)
 
         def body(t, carry):
             dh, acc = carry
-            step_saved = tf.nest.map_structure(lambda s: s[t], saved)
-            dh, acc, out = self._step_grad(dhs[t] + dh, dalphas[t], h_prev[t], alphas[t],
-                                           step_saved, w, enc, acc)
-            return (dh, acc), out
+            n = None if counts is None else counts[t]
+            dh = dhs[t] + dh  # (B, U)
+            step_saved = tf.nest.map_structure(lambda s: _read_rows(s, t, n), saved)
+            dh_n, acc, out = self._step_grad(
+                _rows(dh, n), _rows(dalphas[t], n), _rows(h_prev[t], n), _rows(alphas[t], n),
+                step_saved, w, self._active(enc, n), acc, n)
+            out = tf.nest.map_structure(lambda s: _pad_rows(s, batch, n), out)
+            return (_merge_rows(dh_n, dh, n), acc), out
 
         (dh0, acc), outs = _loop(body, steps, (tf.zeros_like(h0), acc0),
                                  self._grad_dtypes(w), reverse=True)
@@ -300,8 +340,9 @@ class Recurrence:
             return ("float32", w.hidden.dtype)
         return ("float32", w.hidden.dtype, w.ctx.dtype, "float32")
 
-    def _step_grad(self, dh, dalpha, h, alpha, saved, w, enc, acc):
-        """One step back: dL/dh_t (B, U) -> dL/dh_{t-1}, updated sums, per-step outputs."""
+    def _step_grad(self, dh, dalpha, h, alpha, saved, w, enc, acc, n=None):
+        """One step back on the (first n) active rows: dL/dh_t (n, U) -> dL/dh_{t-1},
+        updated sums, per-step outputs."""
         cd = w.hidden.dtype
         dx, dhr, dh_prev = gru_update_grad(dh, h, saved[0])  # (B, 3U), (B, 3U), (B, U)
         acc = (acc[0] + tf.reduce_sum(dhr, 0), *acc[1:])
@@ -309,11 +350,12 @@ class Recurrence:
             dhq = tf.cast(dhr, cd)
             dh_prev += tf.cast(tf.matmul(dhq, w.hidden, transpose_b=True), "float32")
             return dh_prev, acc, (dx, dhq)
-        _, q, _ = saved
+        q = saved[1]
         dctx = tf.matmul(tf.cast(dx, w.ctx.dtype), w.ctx, transpose_b=True)  # (B, E)
         dalpha += tf.cast(tf.einsum("bge,be->bg", enc["features"], dctx), "float32")
         ds = alpha * (dalpha - tf.reduce_sum(alpha * dalpha, -1, keepdims=True))  # (B, G)
-        dq, acc = self._scores_grad(ds, q, w, enc, acc)
+        th = saved[3] if len(saved) > 3 else None  # (B, G, A) from the forward pass
+        dq, acc = self._scores_grad(ds, q, w, enc, acc, n, th)
         if self.split:
             dhq = tf.concat([tf.cast(dq, cd), tf.cast(dhr, cd)], -1)  # (B, A + 3U)
         else:
@@ -322,22 +364,25 @@ class Recurrence:
         dh_prev += tf.cast(tf.matmul(dhq, w.hidden, transpose_b=True), "float32")
         return dh_prev, acc, (dx, dhq, dctx, ds)
 
-    def _scores_grad(self, ds, q, w, enc, acc):
+    def _scores_grad(self, ds, q, w, enc, acc, n=None, th=None):
         """dL/dscores (B, G) -> dL/dq (B, A|U) float32 and updated sums.
 
         Additive: with th = tanh(keys + q), dL/d(keys + q) = ds v (1 - th^2); as the
         softmax gradient ds sums to 0 over cells, dq = -v sum_g ds th^2, and the keys'
-        gradient is v (sum_t ds_t - sum_t ds_t th_t^2), finished after the loop.
+        gradient is v (sum_t ds_t - sum_t ds_t th_t^2), finished after the loop. ``th``
+        is the forward's tanh, recomputed when not given.
         """
         keys = enc["keys"]
         if not self.split:  # bilinear: scores = keys . q; the keys' part comes after the loop
             return tf.cast(tf.einsum("bg,bgu->bu", tf.cast(ds, keys.dtype), keys), "float32"), acc
-        th = tf.tanh(keys + tf.cast(q, keys.dtype)[:, None, :])  # (B, G, A), recomputed
+        if th is None:
+            th = tf.tanh(keys + tf.cast(q, keys.dtype)[:, None, :])  # (B, G, A), recomputed
+        th = tf.ensure_shape(th, keys.shape)  # (B, G, A)
         th2 = tf.cast(th * th, "float32")
         dq = -tf.einsum("bg,bga->ba", ds, th2) * tf.cast(w.v[:, 0], "float32")  # (B, A)
         dv = tf.einsum("bg,bga->a", ds, tf.cast(th, "float32"))[:, None]  # (A, 1)
         bias, m, s, v = acc
-        return dq, (bias, m + ds[:, :, None] * th2, s + ds, v + dv)
+        return dq, (bias, _add_rows(m, ds[:, :, None] * th2, n), _add_rows(s, ds, n), v + dv)
 
     def _input_grads(self, acc, outs, alphas, saved, w, enc, h_prev):
         """Gradients of (keys, features, *weights) once the loop is done, each as one
@@ -347,7 +392,7 @@ class Recurrence:
         if self.attention is None:
             zeros = [tf.zeros_like(x) for x in (w.v, w.v, w.ctx, w.v, w.v_bias)]
             return (*zeros[:2], d_hidden, acc[0], *zeros[2:])
-        _, q, ctx = saved
+        q, ctx = saved[1:3]
         dx, _, dctx, ds = outs
         d_ctx_w = _rows_matmul(ctx, tf.cast(dx, cd))  # (E, 3U)
         d_features = tf.einsum("tbg,tbe->bge", tf.cast(alphas, dctx.dtype), dctx)  # (B, G, E)
@@ -363,6 +408,46 @@ class Recurrence:
                 tf.zeros_like(w.v_bias))
 
 
+# ---- the first n rows of a batch (rows sorted by length, longest first) ----------------
+def _rows(x: tf.Tensor, n: tf.Tensor | None) -> tf.Tensor:
+    """The first n rows of x (all with n None); a dim-0 slice shares x's buffer."""
+    return x if n is None else x[:n]
+
+
+def _pad_rows(x: tf.Tensor, batch: tf.Tensor, n: tf.Tensor | None) -> tf.Tensor:
+    """(n, ...) -> (B, ...) with zero rows after the first n."""
+    return x if n is None else tf.pad(x, [[0, batch - n]] + [[0, 0]] * (x.shape.rank - 1))
+
+
+def _merge_rows(head: tf.Tensor, full: tf.Tensor, n: tf.Tensor | None) -> tf.Tensor:
+    """New first n rows ``head`` (n, ...), the rest of ``full`` (B, ...) unchanged."""
+    if n is None:
+        return head
+    return tf.ensure_shape(tf.concat([head, full[n:]], 0), full.shape)
+
+
+def _add_rows(acc: tf.Tensor, update: tf.Tensor, n: tf.Tensor | None) -> tf.Tensor:
+    """acc (B, ...) + update (n, ...) on the first n rows."""
+    if n is None:
+        return acc + update
+    return acc + _pad_rows(update, tf.shape(acc)[0], n)
+
+
+class Unstacked:
+    """A :func:`_loop` output kept as a ``tf.TensorArray`` of per-step tensors of any row
+    count (not padded, not stacked); ``_read_rows`` reads step t."""
+
+    def __init__(self, dtype: Any):
+        self.dtype = dtype
+
+
+def _read_rows(saved: Any, t: tf.Tensor, n: tf.Tensor | None) -> tf.Tensor:
+    """Step t of a stacked (T, B, ...) output (its first n rows) or of a TensorArray."""
+    if isinstance(saved, tf.TensorArray):
+        return saved.read(t)
+    return _rows(saved[t], n)
+
+
 def _rows_matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     """sum over all (t, b) rows of a^T b: (T, B, I), (T, B, J) -> (I, J)."""
     return tf.matmul(tf.reshape(a, (-1, a.shape[-1])), tf.reshape(b, (-1, b.shape[-1])),
@@ -372,8 +457,15 @@ def _rows_matmul(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
 def _loop(body: Callable[[tf.Tensor, Any], tuple[Any, Any]], steps: tf.Tensor, init: Any,
           dtypes: Any, reverse: bool = False) -> tuple[Any, Any]:
     """``carry, out = body(t, carry)`` for t = 0 .. steps - 1 (or backwards) in one
-    ``tf.while_loop``; returns the final carry and the outputs stacked to (T, ...)."""
-    arrays = tf.nest.map_structure(lambda d: tf.TensorArray(d, size=steps), dtypes)
+    ``tf.while_loop``; returns the final carry and the outputs stacked to (T, ...), or as
+    the TensorArray itself where ``dtypes`` holds an :class:`Unstacked`."""
+
+    def array(d: Any) -> tf.TensorArray:
+        if isinstance(d, Unstacked):
+            return tf.TensorArray(d.dtype, size=steps, infer_shape=False)
+        return tf.TensorArray(d, size=steps)
+
+    arrays = tf.nest.map_structure(array, dtypes)
 
     def step(i, carry, arrays):
         t = steps - 1 - i if reverse else i
@@ -383,7 +475,8 @@ def _loop(body: Callable[[tf.Tensor, Any], tuple[Any, Any]], steps: tf.Tensor, i
 
     _, carry, arrays = tf.while_loop(lambda i, *_: i < steps, step,
                                      (tf.constant(0), init, arrays))
-    return carry, tf.nest.map_structure(lambda a: a.stack(), arrays)
+    return carry, tf.nest.map_structure(lambda a, d: a if isinstance(d, Unstacked)
+                                        else a.stack(), arrays, dtypes)
 
 
 class AttentionDecoder(keras.layers.Layer):
@@ -531,34 +624,61 @@ class AttentionDecoder(keras.layers.Layer):
     # ---- training ---------------------------------------------------------------------
     def call(self, enc: dict[str, tf.Tensor], tokens_in: tf.Tensor, training: bool = False,
              sampling_prob: tf.Tensor | None = None, seed: tf.Tensor | None = None,
-             greedy_sampling: bool = False, logits: bool = True
-             ) -> tuple[tf.Tensor, tf.Tensor]:
+             greedy_sampling: bool = False, logits: bool = True,
+             target_mask: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """Unroll over ``tokens_in`` (B, T) -> logits (B, T, V) float32, alpha (B, T, G).
 
         With ``sampling_prob`` (scheduled sampling), each row's input at step t > 0 is,
         with that probability, the model's own prediction from step t - 1. With
         ``logits=False`` the head is not run: the first result is its input (B, T, U[+E])
         (the train step runs :meth:`head` on the real target positions only).
+
+        ``target_mask`` (B, T), true where the target of a position is real (not padding),
+        lets teacher forcing skip the recurrence on padded positions: a row's steps after
+        its last real target are not run (its state is carried, its alpha is 0), so only
+        the outputs at real positions are meaningful. Scheduled sampling ignores it.
         """
         h0 = self.initial_state(enc)
         if sampling_prob is not None:
             outs, alphas = self._scheduled(enc, tokens_in, h0, sampling_prob, seed,
                                            greedy_sampling)
         else:
-            outs, alphas = self._teacher_forced(enc, tokens_in, h0)
+            outs, alphas = self._teacher_forced(enc, tokens_in, h0, target_mask)
         if not logits:
             return outs, alphas
         return self.head(outs, training=training), alphas  # (B, T, V), (B, T, G)
 
-    def _teacher_forced(self, enc, tokens_in, h0):
+    def _teacher_forced(self, enc, tokens_in, h0, target_mask=None):
         """All steps of the recurrence, then (attend="after") attention for all at once."""
-        x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
-        hs, alphas = self.recurrence.unroll(x_all, h0, self.step_weights(), enc)
-        hs = tf.transpose(hs, [1, 0, 2])  # (B, T, U)
+        if target_mask is None:
+            hs, alphas = self._unroll(enc, tokens_in, h0)
+        else:
+            hs, alphas = self._unroll_by_length(enc, tokens_in, h0, target_mask)
         if self.attend == "before":
-            return hs, tf.transpose(alphas, [1, 0, 2])  # (B, T, U), (B, T, G)
+            return hs, alphas  # (B, T, U), (B, T, G)
         context, alphas = self.attend_to(enc, hs)  # (B, T, E), (B, T, G)
         return tf.concat([_cast(hs, context.dtype), context], -1), alphas
+
+    def _unroll(self, enc, tokens_in, h0, counts=None):
+        """The recurrence over all steps: (B, T) ids -> states (B, T, U), alphas (B, T, G)."""
+        x_all = tf.transpose(self.embed_projection(tokens_in), [1, 0, 2])  # (T, B, 3U)
+        hs, alphas = self.recurrence.unroll(x_all, h0, self.step_weights(), enc, counts)
+        return tf.transpose(hs, [1, 0, 2]), tf.transpose(alphas, [1, 0, 2])
+
+    def _unroll_by_length(self, enc, tokens_in, h0, target_mask):
+        """:meth:`_unroll` on the rows sorted by length (longest first), step t only on the
+        rows whose length exceeds t, then back to the input order."""
+        steps = tf.shape(tokens_in)[1]
+        position = tf.range(1, steps + 1)[None, :]  # (1, T)
+        lengths = tf.reduce_max(tf.where(tf.cast(target_mask, "bool"), position, 0), 1)  # (B,)
+        order = tf.argsort(lengths, direction="DESCENDING", stable=True)  # (B,)
+        counts = tf.reduce_sum(tf.cast(lengths[None, :] >= position[0, :, None], "int32"),
+                               1)  # (T,) rows still running at each step
+        sorted_enc = {k: tf.gather(v, order) for k, v in enc.items()}
+        hs, alphas = self._unroll(sorted_enc, tf.gather(tokens_in, order), tf.gather(h0, order),
+                                  counts)
+        back = tf.math.invert_permutation(order)  # (B,)
+        return tf.gather(hs, back), tf.gather(alphas, back)
 
     def _scheduled(self, enc, tokens_in, h0, sampling_prob, seed, greedy):
         tokens_t = tf.transpose(tokens_in)  # (T, B)
@@ -672,14 +792,15 @@ class CaptionModel(keras.Model):
 
     def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False,
              sampling_prob: tf.Tensor | None = None, seed: tf.Tensor | None = None,
-             greedy_sampling: bool = False, logits: bool = True
-             ) -> tuple[tf.Tensor, tf.Tensor]:
+             greedy_sampling: bool = False, logits: bool = True,
+             target_mask: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """(images or grids, tokens_in (B, T)) -> logits (B, T, V), alpha (B, T, G); see
         :meth:`AttentionDecoder.call` for the other arguments."""
         images, tokens_in = inputs
         enc = self.encode(images, training=training)
         return self.decoder(enc, tokens_in, training=training, sampling_prob=sampling_prob,
-                            seed=seed, greedy_sampling=greedy_sampling, logits=logits)
+                            seed=seed, greedy_sampling=greedy_sampling, logits=logits,
+                            target_mask=target_mask)
 
     def build_weights(self) -> CaptionModel:
         """Create every weight with one tiny forward pass (needed before restoring)."""

@@ -81,6 +81,22 @@ def _trim(tokens: tf.Tensor, pad_id: int) -> tf.Tensor:
     return tokens[:, :length]
 
 
+def training_loss(model: CaptionModel, inputs: tf.Tensor, tokens: tf.Tensor, pad_id: int,
+                  attention_reg: float, sampling_prob: tf.Tensor | None = None,
+                  seed: tf.Tensor | None = None, greedy_sampling: bool = False
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The training forward pass and loss of one batch, tokens (B, L) -> (loss, mean token
+    NLL, reg): teacher forcing (or scheduled sampling with ``sampling_prob``), the
+    recurrence skipping each row's padded steps (``target_mask``) and the output head on
+    the real target positions only (:func:`packed_caption_loss`)."""
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (B, T), (B, T)
+    outs, alphas = model((inputs, inp), training=True, sampling_prob=sampling_prob, seed=seed,
+                         greedy_sampling=greedy_sampling, logits=False,
+                         target_mask=tf.not_equal(tgt, pad_id))
+    return packed_caption_loss(lambda x: model.decoder.head(x, training=True), outs, tgt,
+                               alphas, pad_id, attention_reg)
+
+
 def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, pad_id: int,
                     attention_reg: float, scheduled_sampling: bool = False,
                     greedy_sampling: bool = False,
@@ -89,8 +105,8 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     """Compile one training step (teacher forcing, or scheduled sampling when enabled).
 
     ``inputs`` are uint8 images or cached grids. With ``backbone_optimizer`` the backbone's
-    trainable variables get their own optimizer (and learning rate). The output head runs
-    on the real target positions only (:func:`packed_caption_loss`). (XLA,
+    trainable variables get their own optimizer (and learning rate); the loss is
+    :func:`training_loss`. (XLA,
     ``jit_compile=True``, measured 3x slower on a 2-core AVX-512 CPU, so it is not used.)
     """
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -98,15 +114,10 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
 
     @tf.function(reduce_retracing=True)
     def train_step(inputs, tokens, sampling_prob, seed):
-        tokens = _trim(tokens, pad_id)
-        inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (B, T), (B, T)
         with tf.GradientTape() as tape:
-            outs, alphas = model((inputs, inp), training=True,
-                                 sampling_prob=sampling_prob if scheduled_sampling else None,
-                                 seed=seed, greedy_sampling=greedy_sampling, logits=False)
-            loss, nll, reg = packed_caption_loss(
-                lambda x: model.decoder.head(x, training=True), outs, tgt, alphas, pad_id,
-                attention_reg)
+            loss, nll, reg = training_loss(
+                model, inputs, _trim(tokens, pad_id), pad_id, attention_reg,
+                sampling_prob if scheduled_sampling else None, seed, greedy_sampling)
             scaled = optimizer.scale_loss(loss) if loss_scaled else loss
         grads = tape.gradient(scaled, main_vars + backbone_vars)
         optimizer.apply_gradients(zip(grads[:len(main_vars)], main_vars))
@@ -135,7 +146,8 @@ def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]
     @tf.function(reduce_retracing=True)
     def eval_step(images, tokens):
         tokens = _trim(tokens, pad_id)
-        outs, alphas = model((images, tokens[:, :-1]), training=False, logits=False)
+        outs, alphas = model((images, tokens[:, :-1]), training=False, logits=False,
+                             target_mask=tf.not_equal(tokens[:, 1:], pad_id))
         _, nll, _ = packed_caption_loss(model.decoder.head, outs, tokens[:, 1:], alphas,
                                         pad_id, 0.0)
         n = tf.reduce_sum(tf.cast(tf.not_equal(tokens[:, 1:], pad_id), "float32"))

@@ -19,6 +19,7 @@ from captioner.bench import (
     make_classic_train_step,
     ours_train_fn,
     random_batch,
+    real_positions,
     redundant_flops,
     run_bench,
     to_host,
@@ -33,7 +34,8 @@ COMMON_KEYS = {
     "impl", "precision", "batch_size", "grid", "feature_dim", "embedding_dim", "units",
     "attention_units", "vocab_size", "max_length", "steps", "train_images_per_s",
     "greedy_images_per_s", "beam3_images_per_s", "compile_s", "train_gflop_per_s",
-    "peak_gflop_per_s", "roofline_fraction", "peak_rss_mb",
+    "peak_gflop_per_s", "roofline_fraction", "peak_rss_mb", "real_token_fraction",
+    "redundant_gflop_per_step",
 }
 RATES = ("train_images_per_s", "greedy_images_per_s", "compile_s", "train_gflop_per_s",
          "peak_gflop_per_s", "roofline_fraction", "peak_rss_mb")
@@ -80,6 +82,12 @@ def test_run_bench_returns_every_key_positive(results, impl):
                                                    / r["peak_gflop_per_s"])
     assert r["train_gflop_per_s"] == pytest.approx(
         r["train_gflop_per_step"] * r["train_images_per_s"] / TINY["batch_size"])
+    # FLOPs count only the real target positions of the benchmark batch, for both impls
+    n = real_positions(random_batch(SHAPES)[1])
+    assert r["real_token_fraction"] == pytest.approx(n / (SHAPES.steps * SHAPES.batch_size))
+    assert r["train_gflop_per_step"] == pytest.approx(train_step_flops(SHAPES, positions=n) / 1e9)
+    assert r["redundant_gflop_per_step"] == pytest.approx(
+        redundant_flops(SHAPES, impl, positions=n) / 1e9)
 
 
 def test_end_to_end_reports_stages_and_the_slowest(results):
@@ -121,6 +129,26 @@ def test_flop_formula_by_hand():
     assert redundant_flops(s, "classic") == 3 * 2 * 560  # W1 again at T - 1 = 2 steps
 
 
+def test_flops_count_real_positions_only():
+    """N = 4 of the T * B = 6 target positions are real: per-position terms scale with N,
+    the per-image ones (encoder, keys) with B; padded work is redundant."""
+    s = BenchShapes(batch_size=2, grid=4, feature_dim=3, embedding_dim=5, units=6,
+                    attention_units=7, vocab_size=11, max_length=4)  # T = 3
+    full, real = flop_terms(s), flop_terms(s, positions=4)
+    for k in full:
+        per_image = k in ("encoder", "attention_keys")
+        assert real[k] == (full[k] if per_image else full[k] * 4 // 6), k
+    assert train_step_flops(s, positions=4) == 3 * sum(real.values())
+    per_position_at_2 = sum(full.values()) - 240 - 560  # per-position terms over 6 ...
+    per_position_at_2 = per_position_at_2 // 3  # ... over the 2 padded positions
+    assert redundant_flops(s, "classic", positions=4) == 3 * (2 * 560 + per_position_at_2)
+    assert redundant_flops(s, "captioner", positions=4) == 3 * 2 * 5 * 18 * 2  # embedding half
+    after = redundant_flops(s, "captioner", positions=4, attend="after")
+    assert after == 3 * (2 * 5 * 18 * 2 + 2 * (6 * 7 + 4 * 7 + 4 * 5) * 2)
+    tokens = np.array([[1, 5, 6, 2], [1, 2, 0, 0]])
+    assert real_positions(tokens) == 4
+
+
 def test_random_batch_targets():
     grids, tokens = random_batch(SHAPES, seed=1)
     assert grids.shape == (4, 9, 16) and grids.dtype == np.float32
@@ -130,6 +158,8 @@ def test_random_batch_targets():
         assert end >= TINY["max_length"] / 2
         assert (row[end + 1:] == Tokenizer.pad_id).all() and (row[1:end] > 3).all()
     assert tokens[0, -1] == Tokenizer.end_id  # one full row: T = L - 1 steps, no trimming
+    lengths = (tokens[:, 1:] != Tokenizer.pad_id).sum(1)
+    assert real_positions(tokens) == lengths.sum() < SHAPES.steps * SHAPES.batch_size
 
 
 # ---- structure: the tutorial's W1 per step, ours once per batch ------------------------

@@ -199,6 +199,59 @@ def test_hand_written_backward_equals_autodiff(attention, attend):
                                    err_msg=var.path)
 
 
+@pytest.mark.parametrize("attention, attend", [("additive", "before"), ("general", "before"),
+                                               ("additive", "after")])
+def test_target_mask_skips_padding_with_the_same_loss_and_gradients(attention, attend):
+    """Rows of different lengths, not sorted, one target column all padding: with
+    ``target_mask`` the recurrence runs on the rows still real at each step only, yet the
+    outputs at real positions, the loss and every gradient equal the unmasked computation
+    (hand-written backward) and TensorFlow's autodiff of the scheduled loop."""
+    from captioner.training import caption_loss
+
+    keras.utils.set_random_seed(4)
+    model = small_model(attention=attention, attend=attend)
+    images = tf.cast(tf.random.uniform((4, 32, 32, 3), 0, 255, tf.int32), tf.uint8)
+    tokens = tf.constant([[1, 5, 2, 0, 0, 0, 0], [1, 4, 5, 6, 7, 2, 0],
+                          [1, 2, 0, 0, 0, 0, 0], [1, 7, 4, 2, 0, 0, 0]])
+    targets = tokens[:, 1:]
+    mask = tf.not_equal(targets, 0)  # (B, T); the last column is all padding
+
+    def run(**extra):
+        with tf.GradientTape() as tape:
+            logits, alphas = model((images, tokens[:, :-1]), training=True, **extra)
+            loss, _, _ = caption_loss(logits, targets, alphas, 0, 1.0)
+        grads = [tf.convert_to_tensor(g).numpy()
+                 for g in tape.gradient(loss, model.trainable_variables)]
+        return float(loss), tf.boolean_mask(logits, mask).numpy(), grads
+
+    masked = run(target_mask=mask)
+    for reference in (run(), run(sampling_prob=tf.constant(0.0), seed=tf.constant([1, 2]))):
+        assert masked[0] == pytest.approx(reference[0], rel=1e-5)
+        np.testing.assert_allclose(masked[1], reference[1], atol=1e-5)
+        for var, a, b in zip(model.trainable_variables, masked[2], reference[2]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(b).max()),
+                                       err_msg=var.path)
+
+
+def test_target_mask_runs_each_row_only_to_its_length(monkeypatch):
+    """The step sees n_t rows: 4, 3, 2, 1 at t = 0..3 for lengths 2, 4, 1, 3, and
+    alphas at padded positions are 0."""
+    model = small_model()
+    rows = []
+    original = model.decoder.recurrence.step
+
+    def step(x, h, w, enc):
+        rows.append(int(x.shape[0]))
+        return original(x, h, w, enc)
+
+    monkeypatch.setattr(model.decoder.recurrence, "step", step)
+    mask = tf.constant([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]) > 0
+    _, alphas = model((tf.zeros((4, 32, 32, 3), tf.uint8), tf.ones((4, 4), tf.int32)),
+                      target_mask=mask)  # eager: the loop body runs once per step
+    assert rows == [4, 3, 2, 1]
+    np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), mask.numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize("attend", ["before", "after"])
 def test_mixed_bfloat16_stays_close_to_float32(attend):
     """Same (briefly trained) weights in both policies: the loss within 2e-2 relative,
