@@ -117,7 +117,8 @@ class GridAttention(keras.layers.Layer):
                 query, keys = query[:, :, None, :], keys[:, None, :, :]  # (B,T,1,A), (B,1,G,A)
             else:
                 query = query[:, None, :]  # (B, 1, A)
-            scores = tf.squeeze(self.v(tf.tanh(keys + query)), -1)  # (B, G) or (B, T, G)
+            th = tf.tanh(keys + _cast(query, keys.dtype))  # (B, G, A) or (B, T, G, A)
+            scores = tf.squeeze(self.v(th), -1)  # (B, G) or (B, T, G)
         else:
             pattern = "bgu,btu->btg" if steps else "bgu,bu->bg"
             scores = tf.einsum(pattern, keys, _cast(hidden, keys.dtype))
@@ -553,8 +554,13 @@ class AttentionDecoder(keras.layers.Layer):
 
     # ---- pieces shared by training and decoding -------------------------------------
     def prepare(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Per-image tensors reused at every step: features and attention keys."""
-        return {"features": features, "keys": self.attention.keys(features)}
+        """Per-image tensors reused at every step: features and attention keys (additive:
+        float32 under every policy, as tanh(keys + q) over (B, G, A) at every step runs
+        about 2x faster in float32 than in bfloat16 on a CPU)."""
+        keys = self.attention.keys(features)  # (B, G, A|U)
+        if self.attention_kind == "additive":
+            keys = _cast(keys, "float32")
+        return {"features": features, "keys": keys}
 
     def initial_state(self, enc: dict[str, tf.Tensor]) -> tf.Tensor:
         """The first GRU state (B, U), float32."""
