@@ -167,9 +167,6 @@ def flop_terms(s: BenchShapes, attend: str = "before", positions: int | None = N
     }
 
 
-PER_IMAGE_TERMS = ("encoder", "attention_keys")
-
-
 def train_step_flops(s: BenchShapes, attend: str = "before", positions: int | None = None
                      ) -> int:
     """Necessary FLOPs of one train step: 3 x the forward matmuls of :func:`flop_terms`
@@ -210,7 +207,8 @@ def redundant_flops(s: BenchShapes, impl: str, positions: int | None = None,
     at_padded = flop_terms(s, attend, padded)
     if impl == "classic":
         keys = flop_terms(s)["attention_keys"]
-        per_position = sum(v for k, v in at_padded.items() if k not in PER_IMAGE_TERMS)
+        per_position = sum(v for k, v in at_padded.items()
+                           if k not in ("encoder", "attention_keys"))  # not per image
         return 3 * ((s.steps - 1) * keys + per_position)
     e, u = s.embedding_dim, s.units
     extra = padded * e * 3 * u * 2

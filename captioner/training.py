@@ -106,8 +106,8 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
 
     ``inputs`` are uint8 images or cached grids. With ``backbone_optimizer`` the backbone's
     trainable variables get their own optimizer (and learning rate); the loss is
-    :func:`training_loss`. (XLA,
-    ``jit_compile=True``, measured 3x slower on a 2-core AVX-512 CPU, so it is not used.)
+    :func:`training_loss`. (XLA, ``jit_compile=True``, measured 3x slower on a 2-core
+    AVX-512 CPU, so it is not used.)
     """
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
