@@ -188,8 +188,8 @@ class Recurrence:
     context = alpha . features; h = GRU(x + context @ W_ctx, h). Without it the step is the
     GRU alone. Elementwise math and the state are float32; matmuls run in the weights'
     (compute) dtype. The forward pass keeps tanh(keys + query) (n_t, G, A) of every step
-    for the backward pass (``store_tanh``; T*B*G*A values, ~315 MB at B=64, T=49, G=49,
-    A=512 in float32, measured ~6% faster than recomputing it), and the backward pass
+    for the backward pass (additive attention; T*B*G*A values, ~315 MB at B=64, T=49,
+    G=49, A=512 in float32, measured ~6% faster than recomputing it), and the backward pass
     computes every weight gradient after its loop as one matmul over all T*B rows instead
     of T small ones accumulated inside it.
 
@@ -209,8 +209,6 @@ class Recurrence:
         >>> bool(tf.reduce_all(hs[2] == hs[1]) and tf.reduce_all(hs[1, 1] == hs[0, 1]))
         True
     """
-
-    store_tanh = True  # keep tanh(keys + q) of every step for the backward pass
 
     def __init__(self, attention: str | None, attention_units: int):
         self.attention = attention  # additive | dot | general, or None: the GRU alone
@@ -232,7 +230,7 @@ class Recurrence:
              ) -> tuple[tf.Tensor, tf.Tensor, tuple[Any, ...]]:
         """x (B, 3U) projected embedding and h (B, U), float32 -> new state (B, U),
         alpha (B, G) (B, 0 without attention) and what the backward pass reads: the
-        gates, and with attention q, ctx and (additive, ``store_tanh``) tanh(keys + q)."""
+        gates, and with attention q, ctx and (additive) tanh(keys + q)."""
         hc = tf.cast(h, w.hidden.dtype)
         hq = tf.matmul(hc, w.hidden)  # (B, A + 3U) or (B, 3U)
         hr = tf.cast(hq[:, self.split:], "float32") + w.bias_h  # (B, 3U)
@@ -244,11 +242,7 @@ class Recurrence:
         alpha = tf.nn.softmax(scores, axis=-1)  # (B, G)
         ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
         h_new, gates = gru_update(x + tf.cast(tf.matmul(ctx, w.ctx), "float32"), hr, h)
-        return h_new, alpha, (gates, q, ctx, th) if self._keeps_tanh else (gates, q, ctx)
-
-    @property
-    def _keeps_tanh(self) -> bool:
-        return bool(self.split) and self.store_tanh
+        return h_new, alpha, (gates, q, ctx, th) if self.split else (gates, q, ctx)
 
     # ---- all steps ----------------------------------------------------------------------
     def unroll(self, x_all: tf.Tensor, h0: tf.Tensor, w: StepWeights,
@@ -299,7 +293,7 @@ class Recurrence:
     def _forward_dtypes(self, w: StepWeights, enc: dict[str, tf.Tensor]) -> tuple[Any, ...]:
         gates = GruGates(*["float32"] * 4)
         saved = (gates,) if self.attention is None else (gates, w.hidden.dtype, w.ctx.dtype)
-        if self._keeps_tanh:
+        if self.split:  # tanh(keys + q)
             saved += (Unstacked(enc["keys"].dtype),)
         return ("float32", "float32", saved)
 
@@ -351,12 +345,11 @@ class Recurrence:
             dhq = tf.cast(dhr, cd)
             dh_prev += tf.cast(tf.matmul(dhq, w.hidden, transpose_b=True), "float32")
             return dh_prev, acc, (dx, dhq)
-        q = saved[1]
         dctx = tf.matmul(tf.cast(dx, w.ctx.dtype), w.ctx, transpose_b=True)  # (B, E)
         dalpha += tf.cast(tf.einsum("bge,be->bg", enc["features"], dctx), "float32")
         ds = alpha * (dalpha - tf.reduce_sum(alpha * dalpha, -1, keepdims=True))  # (B, G)
-        th = saved[3] if len(saved) > 3 else None  # (B, G, A) from the forward pass
-        dq, acc = self._scores_grad(ds, q, w, enc, acc, n, th)
+        th = saved[3] if self.split else None  # (B, G, A) from the forward pass
+        dq, acc = self._scores_grad(ds, w, enc, acc, n, th)
         if self.split:
             dhq = tf.concat([tf.cast(dq, cd), tf.cast(dhr, cd)], -1)  # (B, A + 3U)
         else:
@@ -365,19 +358,17 @@ class Recurrence:
         dh_prev += tf.cast(tf.matmul(dhq, w.hidden, transpose_b=True), "float32")
         return dh_prev, acc, (dx, dhq, dctx, ds)
 
-    def _scores_grad(self, ds, q, w, enc, acc, n=None, th=None):
+    def _scores_grad(self, ds, w, enc, acc, n, th):
         """dL/dscores (B, G) -> dL/dq (B, A|U) float32 and updated sums.
 
         Additive: with th = tanh(keys + q), dL/d(keys + q) = ds v (1 - th^2); as the
         softmax gradient ds sums to 0 over cells, dq = -v sum_g ds th^2, and the keys'
         gradient is v (sum_t ds_t - sum_t ds_t th_t^2), finished after the loop. ``th``
-        is the forward's tanh, recomputed when not given.
+        is the forward pass's tanh (None for bilinear scores).
         """
         keys = enc["keys"]
         if not self.split:  # bilinear: scores = keys . q; the keys' part comes after the loop
             return tf.cast(tf.einsum("bg,bgu->bu", tf.cast(ds, keys.dtype), keys), "float32"), acc
-        if th is None:
-            th = tf.tanh(keys + tf.cast(q, keys.dtype)[:, None, :])  # (B, G, A), recomputed
         th = tf.ensure_shape(th, keys.shape)  # (B, G, A)
         th2 = tf.cast(th * th, "float32")
         dq = -tf.einsum("bg,bga->ba", ds, th2) * tf.cast(w.v[:, 0], "float32")  # (B, A)
