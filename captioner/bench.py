@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import Config
+from captioner.kernels import KernelChoices
 from captioner.tokenizers import Tokenizer
 
 TrainFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (grids (B,G,C), tokens (B,L)) -> loss
@@ -351,7 +352,7 @@ class NeverEndIds:
 
 
 def build_ours(s: BenchShapes, precision: str = "float32", dropout: float | None = None,
-               attend: str = "before", seed: int = 0) -> Any:
+               attend: str = "before", seed: int = 0, attention_kernel: str = "auto") -> Any:
     """Our CaptionModel for grids (B, G, C), weights built; ``dropout`` defaults to the
     project's ModelConfig default.
 
@@ -376,7 +377,7 @@ def build_ours(s: BenchShapes, precision: str = "float32", dropout: float | None
         attention_units=int(s.attention_units),
         dropout=defaults.dropout if dropout is None else dropout,
         init_state=defaults.init_state, positional=defaults.positional, attend=attend,
-        dtype=keras.DTypePolicy(precision))
+        attention_kernel=attention_kernel, dtype=keras.DTypePolicy(precision))
     model((tf.zeros((1, s.grid, s.feature_dim)), tf.ones((1, 2), "int32")))  # builds encoder
     return model
 
@@ -671,11 +672,12 @@ def time_classic_decoding(encoder: CNNEncoder, decoder: RNNDecoder, grids: np.nd
             "beam3_images_per_s": None, "beam3_steps": None, "beam3_compile_s": None}
 
 
-def _prepare(impl: str, s: BenchShapes, cfg: Config, attend: str, seed: int
-             ) -> tuple[TrainFn, Any]:
+def _prepare(impl: str, s: BenchShapes, cfg: Config, attend: str, seed: int,
+             attention_kernel: str = "auto") -> tuple[TrainFn, Any]:
     """The train function and the model (ours) or (encoder, decoder) (classic)."""
     if impl == "captioner":
-        model = build_ours(s, cfg.train.precision, attend=attend, seed=seed)
+        model = build_ours(s, cfg.train.precision, attend=attend, seed=seed,
+                           attention_kernel=attention_kernel)
         train, _ = ours_train_fn(model, cfg)
         return train, model
     encoder, decoder = build_classic(s, cfg.train.precision, seed=seed)
@@ -688,13 +690,15 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
               max_length: int = 50, steps: int = 20, precision: str = "float32",
               impl: str = "captioner", end_to_end: bool = False,
               attention_units: int | None = None, seed: int = 0, *,
-              attend: str = "before", decode_repeats: int = 2,
+              attend: str = "before", attention_kernel: str = "auto", decode_repeats: int = 2,
               classic_decode_images: int = 2, peak_seconds: float = 1.0,
               e2e_backbones: Sequence[str] = ("small_cnn", "efficientnet_b0"),
               ) -> dict[str, Any]:
     """Train and decode on random grids; returns a JSON-ready dict (prints nothing).
 
-    Keys: the config echoed back (``impl``, ``precision``, shapes, ``steps``, ``attend``),
+    Keys: the config echoed back (``impl``, ``precision``, shapes, ``steps``, ``attend``,
+    ``attention_kernel``: the one that ran, ``fused`` or ``tensorflow``,
+    :mod:`captioner.kernels`),
     ``train_images_per_s`` (mean over ``steps`` steps after the compiling call and one
     warm-up step), ``train_step_s``, ``compile_s`` (wall time of the FIRST train step
     call: tracing + compile + one step), ``loss_first``/``loss_last``,
@@ -725,7 +729,8 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
     load = os.getloadavg()[0]
     grids_np, tokens_np = random_batch(s, seed)
     grids, tokens = tf.constant(grids_np), tf.constant(tokens_np)
-    train, model = _prepare(impl, s, cfg, attend, seed)
+    train, model = _prepare(impl, s, cfg, attend, seed, attention_kernel)
+    fused = impl == "captioner" and model.decoder.recurrence.kernel is not None
     timing = time_train(train, grids, tokens, steps)
     if impl == "captioner":
         decoding = time_ours_decoding(model, grids, max_length, decode_repeats)
@@ -739,7 +744,9 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
     gflop_s = flops / timing.step_s / 1e9
     result = {
         "impl": impl, "precision": precision, "attend": attend if impl == "captioner" else
-        "before (tutorial: GRU without state)", **asdict(s), "decoder_steps": s.steps,
+        "before (tutorial: GRU without state)",
+        "attention_kernel": "fused" if fused else "tensorflow", **asdict(s),
+        "decoder_steps": s.steps,
         "steps": steps, "seed": seed, "load_average": load, "cpu_count": os.cpu_count(),
         "train_images_per_s": batch_size / timing.step_s, "train_step_s": timing.step_s,
         "compile_s": timing.compile_s, "loss_first": timing.first_loss,
@@ -906,6 +913,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--attend", choices=["before", "after"], default="before")
+    p.add_argument("--attention-kernel", choices=KernelChoices().values, default="auto",
+                   help="additive attention as the fused CPU kernel or TensorFlow ops")
     p.add_argument("--end-to-end", action="store_true",
                    help="also time image decoding, backbones and the feature-cache pipeline")
     p.add_argument("--classic-decode-images", type=int, default=2,
@@ -920,4 +929,5 @@ def bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
                      vocab_size=args.vocab_size, max_length=args.max_length, steps=args.steps,
                      precision=args.precision, impl=args.impl, end_to_end=args.end_to_end,
                      attention_units=args.attention_units, seed=args.seed, attend=args.attend,
+                     attention_kernel=args.attention_kernel,
                      classic_decode_images=args.classic_decode_images)

@@ -109,6 +109,11 @@ class ModelConfig:
     ``cnn_filters`` sets the from-scratch ``small_cnn``: one stride-2 stage per entry,
     so the grid side is ``image_size / 2**len(cnn_filters)`` (224 and 5 stages: 7x7).
 
+    ``attention_kernel`` (additive attention before the GRU): ``auto`` runs the scores and
+    their gradient as a fused CPU kernel compiled on first use (:mod:`captioner.kernels`)
+    when no GPU is visible and it builds, else TensorFlow ops; ``fused`` requires the
+    kernel; ``tensorflow`` never uses it. Results agree to float32 rounding.
+
     Example:
         >>> ModelConfig(image_size=112, cnn_filters=[32, 64, 96, 128]).attention
         'additive'
@@ -130,6 +135,7 @@ class ModelConfig:
     init_state: str = "mean"
     positional: bool = True
     attend: str = "before"
+    attention_kernel: str = "auto"
 
 
 @dataclass
@@ -392,6 +398,8 @@ def validate(cfg: Config) -> None:
     _require(m.attend in ("before", "after"), "model.attend",
              "must be before (Show, Attend and Tell) or after (Lu et al. 2017)")
     _require(m.init_state in ("mean", "zeros"), "model.init_state", "must be mean or zeros")
+    _require(m.attention_kernel in ("auto", "fused", "tensorflow"), "model.attention_kernel",
+             "must be auto, fused (the compiled CPU kernel) or tensorflow (TensorFlow ops)")
     _require(len(m.cnn_kernels) in (1, 2) and min(m.cnn_kernels) >= 1, "model.cnn_kernels",
              "one or two kernel sizes (>= 1): the stride-2 conv and the optional second conv")
     _require(m.cnn_padding in ("same", "reflect"), "model.cnn_padding", "must be same or reflect")
