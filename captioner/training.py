@@ -36,6 +36,7 @@ from captioner.features import FeatureCache
 from captioner.inference import Captioner
 from captioner.metrics import validation_metric
 from captioner.model import CaptionModel
+from captioner.optimizers import FusedAdam
 from captioner.tokenizers import Tokenizer
 
 
@@ -158,8 +159,9 @@ def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]
 
 def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = None
                    ) -> keras.optimizers.Optimizer:
-    """Adam with global-norm clipping and the configured schedule (peak ``learning_rate``,
-    default ``train.learning_rate``); loss scaling for ``mixed_float16``."""
+    """Adam (:class:`~captioner.optimizers.FusedAdam`) with global-norm clipping and the
+    configured schedule (peak ``learning_rate``, default ``train.learning_rate``); loss
+    scaling for ``mixed_float16``."""
     t = cfg.train
     peak = learning_rate or t.learning_rate
     lr: Any = peak
@@ -173,7 +175,7 @@ def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = 
     elif t.lr_schedule == "exponential":
         per_epoch = max(1, total_steps // max(1, t.epochs))
         lr = keras.optimizers.schedules.ExponentialDecay(peak, per_epoch, t.decay_rate)
-    opt = keras.optimizers.Adam(learning_rate=lr, global_clipnorm=t.clip_norm)
+    opt = FusedAdam(learning_rate=lr, global_clipnorm=t.clip_norm)
     if t.precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
