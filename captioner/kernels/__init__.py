@@ -95,7 +95,11 @@ class KernelBuild:
 def _compiler_version(compiler: str) -> str:
     if shutil.which(compiler) is None:
         return "missing"
-    done = subprocess.run([compiler, "--version"], capture_output=True, text=True)
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
 
 
@@ -188,6 +192,9 @@ def _load(build: KernelBuild) -> AttentionKernel | KernelBuildError:
     except (KernelBuildError, OSError, tf.errors.NotFoundError) as exc:
         return exc if isinstance(exc, KernelBuildError) else KernelBuildError(
             f"loading the attention kernel failed: {exc}")
+    if not hasattr(library, "additive_attention_scores"):  # ops registered by another copy
+        return KernelBuildError(f"{path} defines ops that another build of the kernel already "
+                                "registered in this process (one build per process)")
     try:
         tf.RegisterGradient("AdditiveAttentionScores")(_scores_gradient)
     except KeyError:  # already registered by an earlier build in this process

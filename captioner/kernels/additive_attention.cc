@@ -86,9 +86,12 @@ REGISTER_OP("AdditiveAttentionScoresGrad")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &ds));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &v));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 3, &acc));
-      DimensionHandle n, a;
+      DimensionHandle n, g, a;
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(th, 0), c->Dim(ds, 0), &n));
+      TF_RETURN_IF_ERROR(c->Merge(c->Dim(th, 1), c->Dim(ds, 1), &g));
+      TF_RETURN_IF_ERROR(c->Merge(g, c->Dim(acc, 1), &g));
       TF_RETURN_IF_ERROR(c->Merge(c->Dim(th, 2), c->Dim(v, 0), &a));
+      TF_RETURN_IF_ERROR(c->Merge(a, c->Dim(acc, 2), &a));
       c->set_output(0, c->MakeShape({n, a}));
       c->set_output(1, c->MakeShape({a}));
       c->set_output(2, acc);
@@ -143,7 +146,9 @@ class AdditiveAttentionScoresGradOp : public OpKernel {
     const Tensor& acc = ctx->input(3);
     OP_REQUIRES(ctx, th.dims() == 3 && ds.dims() == 2 && v.dims() == 1 && acc.dims() == 3,
                 InvalidArgument("AdditiveAttentionScoresGrad: th (N, G, A), ds (N, G), v (A,)"
-                                " and acc (B, G, A) expected"));
+                                " and acc (B, G, A) expected, got ", th.shape().DebugString(),
+                                ", ", ds.shape().DebugString(), ", ", v.shape().DebugString(),
+                                ", ", acc.shape().DebugString()));
     const int64_t n = th.dim_size(0), g = th.dim_size(1), a = th.dim_size(2);
     OP_REQUIRES(ctx, ds.dim_size(0) == n && ds.dim_size(1) == g && v.dim_size(0) == a &&
                          acc.dim_size(0) >= n && acc.dim_size(1) == g && acc.dim_size(2) == a,
