@@ -304,25 +304,35 @@ class Recurrence:
 
     def _forward(self, x_all, h0, w, enc, counts):
         steps, batch = tf.shape(x_all)[0], tf.shape(x_all)[1]
+        dtypes = self._forward_dtypes(w, enc)
 
         def body(t, h):
             n = None if counts is None else counts[t]
             h_n, alpha, saved = self.step(_rows(x_all[t], n), _rows(h, n), w,
                                           self._active(enc, n))
             h = _merge_rows(h_n, h, n)  # (B, U)
-            kept = saved[3:]  # tanh (n_t, G, A): not padded, never stacked
-            alpha, saved = tf.nest.map_structure(lambda s: _pad_rows(s, batch, n),
-                                                 (alpha, saved[:3]))
-            return h, (h, alpha, saved + kept)
+            saved = tf.nest.map_structure(  # (n_t, ...) as is, or padded to (B, ...)
+                lambda s, d: s if isinstance(d, Unstacked) else _pad_rows(s, batch, n),
+                saved, dtypes[2])
+            return h, (h, _pad_rows(alpha, batch, n), saved)
 
-        _, (hs, alphas, saved) = _loop(body, steps, h0, self._forward_dtypes(w, enc))
+        _, (hs, alphas, saved) = _loop(body, steps, h0, dtypes)
         return hs, alphas, saved
 
     def _forward_dtypes(self, w: StepWeights, enc: dict[str, tf.Tensor]) -> tuple[Any, ...]:
-        gates = GruGates(*["float32"] * 4)
-        saved = (gates,) if self.attention is None else (gates, w.hidden.dtype, w.ctx.dtype)
-        if self.split:  # tanh(keys + q)
-            saved += (Unstacked("float32" if self.kernel is not None else enc["keys"].dtype),)
+        """Per-step outputs of the forward loop: state and alpha (stacked to (T, B, ...)),
+        then what the backward pass reads. Only the backward loop reads the gates, the
+        additive query and tanh: they stay per-step (n_t, ...) tensors (``Unstacked``: not
+        padded, not copied); the context (and a bilinear query) are stacked for the weight
+        gradients after the loop."""
+        raw = Unstacked("float32", (w.hidden.shape[0],))  # (n_t, U)
+        saved: tuple[Any, ...] = (GruGates(raw, raw, raw, raw),)
+        if self.attention is not None:
+            q = Unstacked(w.hidden.dtype, (self.split,)) if self.split else w.hidden.dtype
+            saved += (q, w.ctx.dtype)
+        if self.split:  # tanh(keys + q) (n_t, G, A)
+            dtype = "float32" if self.kernel is not None else enc["keys"].dtype
+            saved += (Unstacked(dtype, tuple(enc["keys"].shape[1:])),)
         return ("float32", "float32", saved)
 
     # ---- the backward pass ----------------------------------------------------------------
@@ -459,10 +469,12 @@ def _add_rows(acc: tf.Tensor, update: tf.Tensor, n: tf.Tensor | None) -> tf.Tens
 
 class Unstacked:
     """A :func:`_loop` output kept as a ``tf.TensorArray`` of per-step tensors of any row
-    count (not padded, not stacked); ``_read_rows`` reads step t."""
+    count (not padded, not stacked); ``_read_rows`` reads step t. ``shape``: the
+    per-step shape after the rows, e.g. (U,) for (n_t, U) tensors."""
 
-    def __init__(self, dtype: Any):
+    def __init__(self, dtype: Any, shape: tuple[int | None, ...] = ()):
         self.dtype = dtype
+        self.shape = shape
 
 
 def _read_rows(saved: Any, t: tf.Tensor, n: tf.Tensor | None) -> tf.Tensor:
@@ -486,7 +498,8 @@ def _loop(body: Callable[[tf.Tensor, Any], tuple[Any, Any]], steps: tf.Tensor, i
 
     def array(d: Any) -> tf.TensorArray:
         if isinstance(d, Unstacked):
-            return tf.TensorArray(d.dtype, size=steps, infer_shape=False)
+            return tf.TensorArray(d.dtype, size=steps, infer_shape=False,
+                                  element_shape=tf.TensorShape([None, *d.shape]))
         return tf.TensorArray(d, size=steps)
 
     arrays = tf.nest.map_structure(array, dtypes)

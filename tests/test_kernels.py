@@ -547,6 +547,8 @@ def test_a_second_build_in_the_same_process_is_refused(kernel, tmp_path):
     source = tmp_path / "additive_attention.cc"
     source.write_text(KernelBuild().source.read_text() + "\n// another build\n")
     other = KernelBuild(source=source, cache_dir=tmp_path / "cache")
-    with pytest.raises(KernelBuildError, match="already registered"):
+    other.library_path().parent.mkdir()
+    other.library_path().write_bytes(b"not a library")  # built already: found, never loaded
+    with pytest.raises(KernelBuildError, match="already loaded"):
         attention_kernel("fused", other)
     assert attention_kernel("auto", other) is None

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.python.framework import op_def_registry
 
 
 class KernelBuildError(RuntimeError):
@@ -185,20 +186,19 @@ def _scores_gradient(op: Any, dth: tf.Tensor | None, dscores: tf.Tensor | None
 
 @functools.cache
 def _load(build: KernelBuild) -> AttentionKernel | KernelBuildError:
-    """Build and load once per process; a failure is remembered, not retried."""
+    """Build and load once per process; a failure is remembered, not retried. Only one
+    build can be loaded in a process: loading a second library with the same ops would
+    register their kernels twice and break every later call."""
     try:
         path = build_library(build)
+        if op_def_registry.get("AdditiveAttentionScores") is not None:
+            return KernelBuildError(f"another build of {build.source.name} is already loaded "
+                                    "in this process (one build per process)")
         library = tf.load_op_library(str(path))
     except (KernelBuildError, OSError, tf.errors.NotFoundError) as exc:
         return exc if isinstance(exc, KernelBuildError) else KernelBuildError(
             f"loading the attention kernel failed: {exc}")
-    if not hasattr(library, "additive_attention_scores"):  # ops registered by another copy
-        return KernelBuildError(f"{path} defines ops that another build of the kernel already "
-                                "registered in this process (one build per process)")
-    try:
-        tf.RegisterGradient("AdditiveAttentionScores")(_scores_gradient)
-    except KeyError:  # already registered by an earlier build in this process
-        pass
+    tf.RegisterGradient("AdditiveAttentionScores")(_scores_gradient)
     return AttentionKernel(library, path)
 
 
