@@ -258,9 +258,11 @@ class Recurrence:
              ) -> tuple[tf.Tensor, tf.Tensor, tuple[Any, ...]]:
         """x (B, 3U) projected embedding and h (B, U), float32 -> new state (B, U),
         alpha (B, G) (B, 0 without attention) and what the backward pass reads: the
-        gates, and with attention q, ctx and (additive) tanh(keys + q)."""
+        gates, and with attention ctx and tanh(keys + q) (additive) or q (bilinear)."""
         hc = tf.cast(h, w.hidden.dtype)
         hq = tf.matmul(hc, w.hidden)  # (B, A + 3U) or (B, 3U)
+        if self.kernel is not None:  # additive: the kernels read q and hr out of hq
+            return self._fused_step(x, h, tf.cast(hq, "float32"), w, enc)
         hr = tf.cast(hq[:, self.split:], "float32") + w.bias_h  # (B, 3U)
         if self.attention is None:
             h_new, gates = gru_update(x, hr, h)
@@ -270,7 +272,17 @@ class Recurrence:
         alpha = tf.nn.softmax(scores, axis=-1)  # (B, G)
         ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
         h_new, gates = gru_update(x + tf.cast(tf.matmul(ctx, w.ctx), "float32"), hr, h)
-        return h_new, alpha, (gates, q, ctx, th) if self.split else (gates, q, ctx)
+        return h_new, alpha, (gates, ctx, th if self.split else q)
+
+    def _fused_step(self, x, h, hq, w, enc):
+        """:meth:`step` with the kernels: hq (B, A + 3U) float32 holds the query (first A
+        columns) and the recurrent projection; gates come packed (B, 4U)."""
+        scores, th = self.scores(enc["keys"], hq, w)  # the kernel reads hq[:, :A]
+        alpha = tf.nn.softmax(scores, axis=-1)  # (B, G)
+        ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
+        x = x + tf.cast(tf.matmul(ctx, w.ctx), "float32")  # (B, 3U)
+        h_new, gates = self.kernel.gru(x, hq, w.bias_h, h)  # (B, U), (B, 4U)
+        return h_new, alpha, (gates, ctx, th)
 
     # ---- all steps ----------------------------------------------------------------------
     def unroll(self, x_all: tf.Tensor, h0: tf.Tensor, w: StepWeights,
@@ -321,18 +333,22 @@ class Recurrence:
 
     def _forward_dtypes(self, w: StepWeights, enc: dict[str, tf.Tensor]) -> tuple[Any, ...]:
         """Per-step outputs of the forward loop: state and alpha (stacked to (T, B, ...)),
-        then what the backward pass reads. Only the backward loop reads the gates, the
-        additive query and tanh: they stay per-step (n_t, ...) tensors (``Unstacked``: not
-        padded, not copied); the context (and a bilinear query) are stacked for the weight
-        gradients after the loop."""
-        raw = Unstacked("float32", (w.hidden.shape[0],))  # (n_t, U)
-        saved: tuple[Any, ...] = (GruGates(raw, raw, raw, raw),)
-        if self.attention is not None:
-            q = Unstacked(w.hidden.dtype, (self.split,)) if self.split else w.hidden.dtype
-            saved += (q, w.ctx.dtype)
-        if self.split:  # tanh(keys + q) (n_t, G, A)
+        then what the backward pass reads: (gates, ctx, tanh(keys + q) or a bilinear q).
+        Only the backward loop reads the gates and tanh: they stay per-step (n_t, ...)
+        tensors (``Unstacked``: not padded, not copied); ctx and a bilinear q are stacked
+        for the weight gradients after the loop. With the kernels the gates come packed
+        (n_t, 4U)."""
+        units = w.hidden.shape[0]
+        if self.kernel is not None:
+            saved: tuple[Any, ...] = (Unstacked("float32", (4 * units,)),)  # packed gates
+        else:
+            raw = Unstacked("float32", (units,))  # (n_t, U)
+            saved = (GruGates(raw, raw, raw, raw),)
+        if self.split:  # ctx, tanh(keys + q) (n_t, G, A)
             dtype = "float32" if self.kernel is not None else enc["keys"].dtype
-            saved += (Unstacked(dtype, tuple(enc["keys"].shape[1:])),)
+            saved += (w.ctx.dtype, Unstacked(dtype, tuple(enc["keys"].shape[1:])))
+        elif self.attention is not None:  # ctx, q
+            saved += (w.ctx.dtype, w.hidden.dtype)
         return ("float32", "float32", saved)
 
     # ---- the backward pass ----------------------------------------------------------------
@@ -378,7 +394,8 @@ class Recurrence:
         """One step back on the (first n) active rows: dL/dh_t (n, U) -> dL/dh_{t-1},
         updated sums, per-step outputs."""
         cd = w.hidden.dtype
-        dx, dhr, dh_prev = gru_update_grad(dh, h, saved[0])  # (B, 3U), (B, 3U), (B, U)
+        gru_grad = gru_update_grad if self.kernel is None else self.kernel.gru_grad
+        dx, dhr, dh_prev = gru_grad(dh, h, saved[0])  # (B, 3U), (B, 3U), (B, U)
         acc = (acc[0] + tf.reduce_sum(dhr, 0), *acc[1:])
         if self.attention is None:
             dhq = tf.cast(dhr, cd)
@@ -387,7 +404,7 @@ class Recurrence:
         dctx = tf.matmul(tf.cast(dx, w.ctx.dtype), wt.ctx)  # (B, E)
         dalpha += tf.cast(tf.einsum("bge,be->bg", enc["features"], dctx), "float32")
         ds = alpha * (dalpha - tf.reduce_sum(alpha * dalpha, -1, keepdims=True))  # (B, G)
-        th = saved[3] if self.split else None  # (B, G, A) from the forward pass
+        th = saved[2] if self.split else None  # (B, G, A) from the forward pass
         dq, acc = self._scores_grad(ds, w, enc, acc, n, th)
         if self.split:
             dhq = tf.concat([tf.cast(dq, cd), tf.cast(dhr, cd)], -1)  # (B, A + 3U)
@@ -426,7 +443,7 @@ class Recurrence:
         if self.attention is None:
             zeros = [tf.zeros_like(x) for x in (w.v, w.v, w.ctx, w.v, w.v_bias)]
             return (*zeros[:2], d_hidden, acc[0], *zeros[2:])
-        q, ctx = saved[1:3]
+        ctx = saved[1]  # (T, B, E)
         dx, _, dctx, ds = outs
         d_ctx_w = _rows_matmul(ctx, tf.cast(dx, cd))  # (E, 3U)
         d_features = tf.einsum("tbg,tbe->bge", tf.cast(alphas, dctx.dtype), dctx)  # (B, G, E)
@@ -434,6 +451,7 @@ class Recurrence:
             _, m, s, dv = acc
             d_keys = tf.cast(w.v[:, 0], "float32") * (s[:, :, None] - m)  # (B, G, A)
         else:
+            q = saved[2]  # (T, B, U)
             d_keys = tf.einsum("tbg,tbu->bgu", ds, tf.cast(q, "float32"))  # (B, G, U)
             dv = tf.zeros_like(w.v)
         keys = enc["keys"]
@@ -656,6 +674,14 @@ class AttentionDecoder(keras.layers.Layer):
         """Output head over any leading dims: (..., U[+E]) -> (..., V) float32 logits."""
         logits = self.fc2(self.head_dropout(self.fc1(h), training=training))
         return tf.cast(logits, "float32")
+
+    def cross_entropy(self, labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+        """Token NLLs (N,) of float32 logits (N, V): the fused kernel's when the decoder
+        has one (:mod:`captioner.kernels`), else TensorFlow's sparse softmax one."""
+        kernel = self.recurrence.kernel
+        if kernel is None:
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        return kernel.cross_entropy(labels, logits)
 
     def step(self, tokens: tf.Tensor, h: tf.Tensor, enc: dict[str, tf.Tensor],
              weights: StepWeights | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

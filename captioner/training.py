@@ -55,14 +55,17 @@ def caption_loss(logits: tf.Tensor, targets: tf.Tensor, alphas: tf.Tensor, pad_i
 
 def packed_caption_loss(head: Callable[[tf.Tensor], tf.Tensor], outs: tf.Tensor,
                         targets: tf.Tensor, alphas: tf.Tensor, pad_id: int,
-                        attention_reg: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+                        attention_reg: float, cross_entropy: Callable[..., tf.Tensor] | None
+                        = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """:func:`caption_loss` from the head's inputs ``outs`` (B, T, U'): ``head`` runs only
     on the N real target positions, (N, U') -> (N, V) float32 logits, since the logits of
-    padding are never needed. Same results as ``caption_loss(head(outs), ...)``."""
+    padding are never needed. Same results as ``caption_loss(head(outs), ...)``.
+    ``cross_entropy(labels, logits)`` defaults to TensorFlow's sparse softmax one."""
     real = tf.not_equal(targets, pad_id)  # (B, T)
     where = tf.where(real)  # (N, 2)
     logits = head(tf.gather_nd(outs, where))  # (N, V)
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.gather_nd(targets, where), logits)
+    xent = cross_entropy or tf.nn.sparse_softmax_cross_entropy_with_logits
+    nll = xent(tf.gather_nd(targets, where), logits)  # (N,)
     return _combine(tf.reduce_sum(nll), tf.cast(real, "float32"), alphas, attention_reg)
 
 
@@ -95,7 +98,7 @@ def training_loss(model: CaptionModel, inputs: tf.Tensor, tokens: tf.Tensor, pad
                          greedy_sampling=greedy_sampling, logits=False,
                          target_mask=tf.not_equal(tgt, pad_id))
     return packed_caption_loss(lambda x: model.decoder.head(x, training=True), outs, tgt,
-                               alphas, pad_id, attention_reg)
+                               alphas, pad_id, attention_reg, model.decoder.cross_entropy)
 
 
 def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, pad_id: int,

@@ -1,10 +1,14 @@
-"""Compiled CPU kernels: fused additive-attention scores and their gradient.
+"""Compiled CPU kernels for the decoder step: additive-attention scores and the GRU
+update, each with its backward op.
 
 The decoder's additive attention does elementwise work over (B, G, A) at every step:
 tanh(keys + q), the score, and in the backward pass th^2, dL/dq, dL/dV and the keys'
 gradient sum. As TensorFlow ops that is about 14 passes over a 6 MB tensor per step; the
-two ops of ``additive_attention.cc`` do the same math in 4, each row of A values handled
-while it is in cache (3.2x faster on the step's attention part, see the README).
+two ops of ``decoder_step.cc`` do the same math in 4, each row of A values handled while
+it is in cache (3.2x faster on the step's attention part, see the README). The GRU update
+(gates, candidate, new state) and its gradient are ~15 small TensorFlow ops each way; here
+one op each. The training loss's softmax cross-entropy over (N, V) logits runs 3x faster
+than TensorFlow's (27.7 -> 8.8 ms at N = 2,368, V = 5,000 on 2 cores).
 
 :func:`attention_kernel` turns the ``model.attention_kernel`` setting into a kernel or
 ``None`` (TensorFlow ops). The library is compiled with g++ (``$CXX``) and TensorFlow's own
@@ -66,10 +70,10 @@ class KernelBuild:
     Example:
         >>> b = KernelBuild(cache_dir=Path("/tmp/k"))
         >>> b.source.name, b.compiler_cmd[-1].startswith("-march")
-        ('additive_attention.cc', True)
+        ('decoder_step.cc', True)
     """
 
-    source: Path = Path(__file__).with_name("additive_attention.cc")
+    source: Path = Path(__file__).with_name("decoder_step.cc")
     cache_dir: Path = field(default_factory=lambda: Path(
         os.environ.get("CAPTIONER_CACHE", Path.home() / ".cache" / "captioner")) / "kernels")
     compiler: str = field(default_factory=lambda: os.environ.get("CXX", "g++"))
@@ -141,13 +145,21 @@ def build_library(build: KernelBuild) -> Path:
 
 
 class AttentionKernel:
-    """The loaded ops (float32): ``scores`` and ``scores_grad``.
+    """The loaded ops (float32): ``scores``, ``scores_grad``, ``gru`` and ``gru_grad``.
 
-    * ``scores(keys (N, G, A), q (N, A), v (A,))`` -> th = tanh(keys + q) (N, G, A),
-      scores = th . v (N, G). Differentiable (a registered gradient in TensorFlow ops).
+    * ``scores(keys (N, G, A), q (N, K), v (A,))``, K >= A, with q's first A columns ->
+      th = tanh(keys + q) (N, G, A), scores = th . v (N, G). Differentiable (a registered
+      gradient in TensorFlow ops).
     * ``scores_grad(th (N, G, A), ds (N, G), v (A,), acc (B, G, A))`` with B >= N ->
       dq = v sum_g ds (1 - th^2) (N, A), dv = sum ds th (A,), and acc with
       acc[:N] += ds th^2 (updated in place when TensorFlow allows).
+    * ``gru(x (N, 3U), hq (N, K), bias (3U,), h (N, U))``, K >= 3U -> h_new (N, U) and
+      gates (N, 4U) = [z, r, n, hh] of Keras' ``reset_after`` GRU whose recurrent
+      projection is hq[:, K - 3U:] + bias (see :func:`captioner.model.gru_update`).
+    * ``gru_grad(dh (N, U), h (N, U), gates (N, 4U))`` -> dL/dx (N, 3U), dL/dhr (N, 3U)
+      and the direct part of dL/dh, dh z (N, U) (:func:`captioner.model.gru_update_grad`).
+    * ``cross_entropy(labels (N,) int32, logits (N, V))`` -> the loss (N,) of
+      ``tf.nn.sparse_softmax_cross_entropy_with_logits``, differentiable in the logits.
 
     Example:
         >>> import numpy as np
@@ -168,12 +180,23 @@ class AttentionKernel:
                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return self.library.additive_attention_scores_grad(th, ds, v, acc)
 
+    def cross_entropy(self, labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+        return self.library.softmax_xent(logits, tf.cast(labels, "int32"))[0]
+
+    def gru(self, x: tf.Tensor, hq: tf.Tensor, bias: tf.Tensor, h: tf.Tensor
+            ) -> tuple[tf.Tensor, tf.Tensor]:
+        return self.library.gru_update(x, hq, bias, h)
+
+    def gru_grad(self, dh: tf.Tensor, h: tf.Tensor, gates: tf.Tensor
+                 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return self.library.gru_update_grad(dh, h, gates)
+
 
 def _scores_gradient(op: Any, dth: tf.Tensor | None, dscores: tf.Tensor | None
                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Gradient of AdditiveAttentionScores in TensorFlow ops (for autodiff callers:
     scheduled sampling; the teacher-forced recurrence calls ``scores_grad`` itself)."""
-    _, _, v = op.inputs
+    _, query, v = op.inputs
     th = op.outputs[0]  # (N, G, A)
     dscores = tf.zeros_like(op.outputs[1]) if dscores is None else dscores
     dth_total = dscores[:, :, None] * v  # (N, G, A)
@@ -181,7 +204,26 @@ def _scores_gradient(op: Any, dth: tf.Tensor | None, dscores: tf.Tensor | None
         dth_total += dth
     d_pre = dth_total * (1.0 - th * th)  # (N, G, A)
     dv = tf.einsum("ng,nga->a", dscores, th)
-    return d_pre, tf.reduce_sum(d_pre, 1), dv
+    unused = tf.shape(query)[1] - tf.shape(v)[0]  # query columns after the first A
+    dq = tf.pad(tf.reduce_sum(d_pre, 1), [[0, 0], [0, unused]])  # (N, K)
+    return d_pre, dq, dv
+
+
+def _gru_gradient(kernel: AttentionKernel, op: Any, dh_new: tf.Tensor, _dgates: Any
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Gradient of GruUpdate (x, hq, bias, h) for autodiff callers. The gates output is
+    what the hand-written backward pass reads; it carries no gradient of its own."""
+    _, hq, _, h = op.inputs
+    dx, dhr, dh = kernel.gru_grad(dh_new, h, op.outputs[1])  # (N, 3U), (N, 3U), (N, U)
+    query_cols = tf.shape(hq)[1] - tf.shape(dhr)[1]  # hq's columns before the GRU's
+    dhq = tf.pad(dhr, [[0, 0], [query_cols, 0]])  # (N, K)
+    return dx, dhq, tf.reduce_sum(dhr, 0), dh
+
+
+def _xent_gradient(op: Any, dloss: tf.Tensor, _dbackprop: Any) -> tuple[tf.Tensor, None]:
+    """Gradient of SoftmaxXent in the logits: backprop (softmax - onehot) scaled by dloss
+    (first order, as TensorFlow's own op)."""
+    return op.outputs[1] * dloss[:, None], None
 
 
 @functools.cache
@@ -198,8 +240,11 @@ def _load(build: KernelBuild) -> AttentionKernel | KernelBuildError:
     except (KernelBuildError, OSError, tf.errors.NotFoundError) as exc:
         return exc if isinstance(exc, KernelBuildError) else KernelBuildError(
             f"loading the attention kernel failed: {exc}")
+    kernel = AttentionKernel(library, path)
     tf.RegisterGradient("AdditiveAttentionScores")(_scores_gradient)
-    return AttentionKernel(library, path)
+    tf.RegisterGradient("GruUpdate")(functools.partial(_gru_gradient, kernel))
+    tf.RegisterGradient("SoftmaxXent")(_xent_gradient)
+    return kernel
 
 
 def attention_kernel(choice: str, build: KernelBuild | None = None) -> AttentionKernel | None:
