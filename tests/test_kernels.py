@@ -561,3 +561,123 @@ def test_a_second_build_in_the_same_process_is_refused(kernel, tmp_path):
     with pytest.raises(KernelBuildError, match="already loaded"):
         attention_kernel("fused", other)
     assert attention_kernel("auto", other) is None
+
+
+# ---- the wider query, the GRU update and the cross-entropy ------------------------------
+def test_scores_read_the_first_a_columns_of_a_wider_query(kernel):
+    """The decoder passes the whole fused-matmul output h [W2 | U_r] as the query."""
+    rng = np.random.default_rng(5)
+    n, g, a, extra = 3, 4, 6, 9
+    keys, wide, v = (tf.constant(x) for x in (_normal(rng, n, g, a), _normal(rng, n, a + extra),
+                                              _normal(rng, a)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(wide)
+        th, scores = kernel.scores(keys, wide, v)
+        th_ref, scores_ref = kernel.scores(keys, wide[:, :a], v)
+        loss, loss_ref = (tf.reduce_sum(tf.sin(s)) for s in (scores, scores_ref))
+    np.testing.assert_array_equal(th.numpy(), th_ref.numpy())
+    np.testing.assert_array_equal(scores.numpy(), scores_ref.numpy())
+    dq, dq_ref = tape.gradient(loss, wide), tape.gradient(loss_ref, wide)
+    assert dq.shape == (n, a + extra)
+    _close(dq.numpy(), dq_ref.numpy(), 1e-6)
+    assert not np.any(dq.numpy()[:, a:]) and np.any(dq.numpy()[:, :a])
+
+
+def _gru_inputs(n, u, k, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(tf.constant(x) for x in (_normal(rng, n, 3 * u), _normal(rng, n, k),
+                                          _normal(rng, 3 * u), _normal(rng, n, u)))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("n, u, k", [(4, 5, 15), (3, 8, 31), (1, 1, 3), (0, 4, 12)])
+def test_gru_matches_tensorflow_ops(kernel, n, u, k, compiled):
+    from captioner.model import gru_update, gru_update_grad
+
+    x, hq, bias, h = _gru_inputs(n, u, k, seed=n + u + k)
+    dh = tf.constant(_normal(np.random.default_rng(1), n, u))
+
+    def both(x, hq, bias, h, dh):
+        h_new, gates = kernel.gru(x, hq, bias, h)
+        return (h_new, gates, *kernel.gru_grad(dh, h, gates))
+
+    def reference(x, hq, bias, h, dh):
+        h_new, g = gru_update(x, hq[:, k - 3 * u:] + bias, h)
+        return (h_new, tf.concat(list(g), -1), *gru_update_grad(dh, h, g))
+
+    run = tf.function(both) if compiled else both
+    ours, ref = run(x, hq, bias, h, dh), reference(x, hq, bias, h, dh)
+    for name, a, b in zip(["h_new", "gates", "dx", "dhr", "dh"], ours, ref):
+        assert a.shape == b.shape, name
+        _close(a.numpy(), b.numpy(), 1e-5, name)
+
+
+def test_gru_registered_gradient_matches_tensorflow_ops(kernel):
+    """Scheduled sampling differentiates through ``step``: GruUpdate's registered
+    gradient must equal autodiff of the TensorFlow-op GRU (x, hq, bias and h)."""
+    from captioner.model import gru_update
+
+    n, u, k = 4, 5, 19  # 4 query columns before the GRU's 15
+    inputs = _gru_inputs(n, u, k, seed=3)
+    w = tf.constant(_normal(np.random.default_rng(4), n, u))
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            loss = tf.reduce_sum(tf.sin(fn(*inputs)) * w)
+        return tape.gradient(loss, inputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    ours = grads(lambda x, hq, b, h: kernel.gru(x, hq, b, h)[0])
+    ref = grads(lambda x, hq, b, h: gru_update(x, hq[:, k - 3 * u:] + b, h)[0])
+    for name, a, b in zip(["x", "hq", "bias", "h"], ours, ref):
+        _close(a.numpy(), b.numpy(), 1e-5, name)
+    assert not np.any(ours[1].numpy()[:, :k - 3 * u])  # the query columns get nothing here
+
+
+@pytest.mark.parametrize("bad", ["x width", "hq narrow", "bias length", "rows"])
+def test_gru_rejects_bad_shapes_naming_them(kernel, bad):
+    x, hq, bias, h = _gru_inputs(3, 4, 12)
+    x, hq, bias, h = {"x width": (x[:, :-1], hq, bias, h), "hq narrow": (x, hq[:, :-1], bias, h),
+                      "bias length": (x, hq, bias[:-1], h), "rows": (x, hq, bias, h[:2])}[bad]
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        kernel.gru(x, hq, bias, h)
+    assert "GruUpdate" in str(info.value) and _shapes_in(str(info.value), x, hq, bias, h)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize("scale", [1.0, 80.0])  # 80: exp overflows without the max shift
+def test_cross_entropy_matches_tensorflow(kernel, scale, compiled):
+    rng = np.random.default_rng(int(scale))
+    logits = tf.constant(_normal(rng, 7, 301, scale=scale))
+    labels = tf.constant(rng.integers(0, 301, 7).astype("int32"))
+    w = tf.constant(_normal(rng, 7))
+
+    def run(xent, logits):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            nll = xent(labels, logits)
+            loss = tf.reduce_sum(nll * w)
+        return nll, tape.gradient(loss, logits)
+
+    fn = tf.function(run) if compiled else run
+    nll, grad = fn(kernel.cross_entropy, logits)
+    nll_ref, grad_ref = fn(tf.nn.sparse_softmax_cross_entropy_with_logits, logits)
+    assert np.all(np.isfinite(nll.numpy())) and nll.shape == (7,)
+    _close(nll.numpy(), nll_ref.numpy(), 1e-5, "nll")
+    _close(grad.numpy(), grad_ref.numpy(), 1e-5, "grad")
+
+
+def test_cross_entropy_rejects_a_label_out_of_range(kernel):
+    logits = tf.zeros((3, 5))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"label 5 at row 1 .*\[0, 5\)"):
+        kernel.cross_entropy(tf.constant([0, 5, 2]), logits)
+
+
+def test_decoder_cross_entropy_with_and_without_the_kernel(model_pair):
+    fused, plain = model_pair["fused"], model_pair["tensorflow"]
+    rng = np.random.default_rng(2)
+    logits = tf.constant(_normal(rng, 5, 13, scale=3.0))
+    labels = tf.constant([0, 12, 3, 3, 7])
+    assert fused.decoder.recurrence.kernel is not None and plain.decoder.recurrence.kernel is None
+    _close(fused.decoder.cross_entropy(labels, logits).numpy(),
+           plain.decoder.cross_entropy(labels, logits).numpy(), 1e-5)
