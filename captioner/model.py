@@ -14,7 +14,12 @@ import tensorflow as tf
 
 from captioner.backbones import build_backbone
 from captioner.config import ModelConfig
-from captioner.kernels import AttentionKernel, KernelBuildError, attention_kernel
+from captioner.kernels import (
+    AttentionKernel,
+    KernelBuildError,
+    KernelChoices,
+    attention_kernel,
+)
 
 
 def _cast(x: Any, dtype: str) -> tf.Tensor:
@@ -211,9 +216,10 @@ class Recurrence:
     for the backward pass (additive attention; T*B*G*A values, ~315 MB at B=64, T=49,
     G=49, A=512 in float32, measured ~6% faster than recomputing it), and the backward pass
     computes every weight gradient after its loop as one matmul over all T*B rows instead
-    of T small ones accumulated inside it. With ``kernel`` (:mod:`captioner.kernels`) the
-    additive scores and their gradient are two fused ops (4 passes over (n_t, G, A) per
-    step instead of ~14); without it, TensorFlow ops.
+    of T small ones accumulated inside it. With ``kernel`` (:mod:`captioner.kernels`,
+    additive attention only) the scores and their gradient are two fused ops (4 passes
+    over (n_t, G, A) per step instead of ~14) and the GRU update and its gradient one op
+    each; without it, TensorFlow ops.
 
     ``unroll(..., counts)`` runs step t on the first ``counts[t]`` rows only (rows sorted
     by length, longest first; ``counts`` non-increasing): the other rows' state is
@@ -236,13 +242,14 @@ class Recurrence:
                  kernel: AttentionKernel | None = None):
         self.attention = attention  # additive | dot | general, or None: the GRU alone
         self.split = attention_units if attention == "additive" else 0
-        self.kernel = kernel if self.split else None  # fused additive scores, or TF ops
+        self.kernel = kernel if self.split else None  # decoder-step kernels, or TF ops
 
     # ---- one step ---------------------------------------------------------------------
     def scores(self, keys: tf.Tensor, q: tf.Tensor, w: StepWeights
                ) -> tuple[tf.Tensor, tf.Tensor | None]:
         """keys (B, G, A|U), query (B, A|U) -> scores (B, G) float32 and, for additive
-        attention, th = tanh(keys + q) (B, G, A) (else None)."""
+        attention, th = tanh(keys + q) (B, G, A) (else None). With the kernel the query
+        may be wider (B, K >= A): its first A columns are used."""
         q = tf.cast(q, keys.dtype)
         if self.kernel is not None:  # float32 (keys already are after prepare())
             th, scores = self.kernel.scores(tf.cast(keys, "float32"), tf.cast(q, "float32"),
@@ -569,6 +576,9 @@ class AttentionDecoder(keras.layers.Layer):
         super().__init__(**kwargs)
         if attend not in ("before", "after"):
             raise ValueError(f"attend must be 'before' or 'after', got {attend!r}")
+        if attention_kernel not in KernelChoices().values:
+            raise ValueError(f"attention_kernel must be one of {KernelChoices().values}, "
+                             f"got {attention_kernel!r}")
         self.attend = attend
         self.attention_kernel = attention_kernel
         self.vocab_size = vocab_size
