@@ -22,7 +22,8 @@ Example:
     >>> k is None
     True
     >>> k = attention_kernel("fused")         # doctest: +SKIP
-    >>> th, scores = k.scores(tf.zeros((2, 49, 8)), tf.zeros((2, 8)), tf.ones((8,)))
+    >>> th, scores = k.scores(tf.zeros((2, 49, 8)), tf.zeros((2, 8)),  # doctest: +SKIP
+    ...                       tf.ones((8,)))
     >>> th.shape, scores.shape                # doctest: +SKIP
     (TensorShape([2, 49, 8]), TensorShape([2, 49]))
 """
