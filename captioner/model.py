@@ -250,11 +250,11 @@ class Recurrence:
         """keys (B, G, A|U), query (B, A|U) -> scores (B, G) float32 and, for additive
         attention, th = tanh(keys + q) (B, G, A) (else None). With the kernel the query
         may be wider (B, K >= A): its first A columns are used."""
-        q = tf.cast(q, keys.dtype)
         if self.kernel is not None:  # float32 (keys already are after prepare())
             th, scores = self.kernel.scores(tf.cast(keys, "float32"), tf.cast(q, "float32"),
                                             tf.cast(w.v[:, 0], "float32"))
             return scores + w.v_bias, th  # (B, G), (B, G, A)
+        q = tf.cast(q, keys.dtype)
         if self.split:
             th = tf.tanh(keys + q[:, None, :])  # (B, G, A)
             scores = tf.tensordot(th, tf.cast(w.v, th.dtype), 1)[..., 0]  # (B, G)
@@ -269,27 +269,24 @@ class Recurrence:
         hc = tf.cast(h, w.hidden.dtype)
         hq = tf.matmul(hc, w.hidden)  # (B, A + 3U) or (B, 3U)
         if self.kernel is not None:  # additive: the kernels read q and hr out of hq
-            return self._fused_step(x, h, tf.cast(hq, "float32"), w, enc)
-        hr = tf.cast(hq[:, self.split:], "float32") + w.bias_h  # (B, 3U)
+            q = hq = tf.cast(hq, "float32")
+
+            def gru(x_in):  # gates come packed (B, 4U)
+                return self.kernel.gru(x_in, hq, w.bias_h, h)
+        else:
+            hr = tf.cast(hq[:, self.split:], "float32") + w.bias_h  # (B, 3U)
+            q = hq[:, :self.split] if self.split else hc  # (B, A) or (B, U)
+
+            def gru(x_in):
+                return gru_update(x_in, hr, h)
         if self.attention is None:
-            h_new, gates = gru_update(x, hr, h)
+            h_new, gates = gru(x)
             return h_new, tf.zeros((tf.shape(h)[0], 0)), (gates,)
-        q = hq[:, :self.split] if self.split else hc  # (B, A) or (B, U)
         scores, th = self.scores(enc["keys"], q, w)
         alpha = tf.nn.softmax(scores, axis=-1)  # (B, G)
         ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
-        h_new, gates = gru_update(x + tf.cast(tf.matmul(ctx, w.ctx), "float32"), hr, h)
+        h_new, gates = gru(x + tf.cast(tf.matmul(ctx, w.ctx), "float32"))
         return h_new, alpha, (gates, ctx, th if self.split else q)
-
-    def _fused_step(self, x, h, hq, w, enc):
-        """:meth:`step` with the kernels: hq (B, A + 3U) float32 holds the query (first A
-        columns) and the recurrent projection; gates come packed (B, 4U)."""
-        scores, th = self.scores(enc["keys"], hq, w)  # the kernel reads hq[:, :A]
-        alpha = tf.nn.softmax(scores, axis=-1)  # (B, G)
-        ctx = tf.einsum("bg,bge->be", tf.cast(alpha, w.ctx.dtype), enc["features"])  # (B, E)
-        x = x + tf.cast(tf.matmul(ctx, w.ctx), "float32")  # (B, 3U)
-        h_new, gates = self.kernel.gru(x, hq, w.bias_h, h)  # (B, U), (B, 4U)
-        return h_new, alpha, (gates, ctx, th)
 
     # ---- all steps ----------------------------------------------------------------------
     def unroll(self, x_all: tf.Tensor, h0: tf.Tensor, w: StepWeights,
@@ -576,9 +573,7 @@ class AttentionDecoder(keras.layers.Layer):
         super().__init__(**kwargs)
         if attend not in ("before", "after"):
             raise ValueError(f"attend must be 'before' or 'after', got {attend!r}")
-        if attention_kernel not in KernelChoices().values:
-            raise ValueError(f"attention_kernel must be one of {KernelChoices().values}, "
-                             f"got {attention_kernel!r}")
+        KernelChoices().check(attention_kernel)
         self.attend = attend
         self.attention_kernel = attention_kernel
         self.vocab_size = vocab_size

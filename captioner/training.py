@@ -153,7 +153,7 @@ def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]
         outs, alphas = model((images, tokens[:, :-1]), training=False, logits=False,
                              target_mask=tf.not_equal(tokens[:, 1:], pad_id))
         _, nll, _ = packed_caption_loss(model.decoder.head, outs, tokens[:, 1:], alphas,
-                                        pad_id, 0.0)
+                                        pad_id, 0.0, model.decoder.cross_entropy)
         n = tf.reduce_sum(tf.cast(tf.not_equal(tokens[:, 1:], pad_id), "float32"))
         return tf.stack([nll * n, n])
 

@@ -63,6 +63,11 @@ class KernelChoices:
 
     values: tuple[str, ...] = ("auto", "fused", "tensorflow")
 
+    def check(self, choice: str) -> None:
+        """ValueError unless ``choice`` is one of :attr:`values`."""
+        if choice not in self.values:
+            raise ValueError(f"attention_kernel must be one of {self.values}, got {choice!r}")
+
 
 @dataclass(frozen=True)
 class KernelBuild:
@@ -255,9 +260,7 @@ def attention_kernel(choice: str, build: KernelBuild | None = None) -> Attention
     back to TensorFlow ops with a warning when it cannot be built; ``fused`` raises
     :class:`KernelBuildError` then.
     """
-    if choice not in KernelChoices().values:
-        raise ValueError(f"attention_kernel must be one of {KernelChoices().values}, "
-                         f"got {choice!r}")
+    KernelChoices().check(choice)
     if choice == "tensorflow" or (choice == "auto" and tf.config.list_physical_devices("GPU")):
         return None
     loaded = _load(build or KernelBuild())
