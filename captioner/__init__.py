@@ -17,11 +17,11 @@ __all__ = ["Captioner", "Config", "Generation", "Trainer", "load_config", "train
 
 def __getattr__(name: str) -> Any:
     if name in ("Captioner", "Generation"):
-        from captioner import inference
+        from captioner.generate import captioner as inference
 
         return getattr(inference, name)
     if name in ("Trainer", "train"):
-        from captioner import training
+        from captioner.train import steps as training
 
         return getattr(training, name)
     if name in ("Config", "load_config"):

@@ -48,8 +48,8 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import Config
-from captioner.kernels import KernelChoices
-from captioner.tokenizers import Tokenizer
+from captioner.data.tokenizers import Tokenizer
+from captioner.model.kernels import KernelChoices
 
 TrainFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (grids (B,G,C), tokens (B,L)) -> loss
 
@@ -329,7 +329,7 @@ def bench_config(precision: str = "float32", learning_rate: float = 1e-3) -> Con
 
 def make_bench_optimizer(cfg: Config, variables: Sequence[Any]) -> keras.optimizers.Optimizer:
     """The project's optimizer, built on ``variables`` (as the Trainer does)."""
-    from captioner.training import make_optimizer
+    from captioner.train.steps import make_optimizer
 
     opt = make_optimizer(cfg, total_steps=1000)
     opt.build(list(variables))
@@ -366,7 +366,7 @@ def build_ours(s: BenchShapes, precision: str = "float32", dropout: float | None
         (4, 8, 0)
     """
     from captioner.config import ModelConfig
-    from captioner.model import CaptionModel
+    from captioner.model.layers import CaptionModel
 
     keras.utils.set_random_seed(seed)
     defaults = ModelConfig()
@@ -384,7 +384,7 @@ def build_ours(s: BenchShapes, precision: str = "float32", dropout: float | None
 
 def ours_train_fn(model: Any, cfg: Config) -> tuple[TrainFn, keras.optimizers.Optimizer]:
     """Our compiled train step as ``(grids, tokens) -> loss`` (teacher forcing)."""
-    from captioner.training import make_train_step
+    from captioner.train.steps import make_train_step
 
     opt = make_bench_optimizer(cfg, model.trainable_variables)
     step = make_train_step(model, opt, Tokenizer.pad_id, cfg.train.attention_reg)
@@ -398,7 +398,7 @@ def ours_train_fn(model: Any, cfg: Config) -> tuple[TrainFn, keras.optimizers.Op
 
 def ours_decoders(model: Any) -> dict[str, Callable[[tf.Tensor, int], Any]]:
     """Compiled greedy and beam-3 decoding from grids: ``fn(grids, max_length) -> dict``."""
-    from captioner.inference import DecodeOptions, make_generate_function
+    from captioner.generate.captioner import DecodeOptions, make_generate_function
 
     out = {}
     for name, options in (("greedy", DecodeOptions("greedy")),
@@ -797,7 +797,7 @@ def backbone_encoder(name: str, s: BenchShapes, image_size: int, precision: str
     ``small_cnn`` uses the project's default filters with the last stage set to C, so at
     32 * side pixels its grid is exactly (G, C); ``efficientnet_b0`` gives 1280 channels.
     """
-    from captioner.backbones import build_backbone
+    from captioner.model.backbones import build_backbone
 
     filters = [32, 64, 128, 256, s.feature_dim]
     net = build_backbone(name, image_size, None, "frozen", cnn_filters=filters,
@@ -817,7 +817,7 @@ def backbone_encoder(name: str, s: BenchShapes, image_size: int, precision: str
 def decode_rate(paths: Sequence[str], size: int) -> tuple[float, np.ndarray]:
     """Images/s of ``captioner.data.load_image`` (decode + resize, one thread) and the
     decoded images (N, S, S, 3) uint8."""
-    from captioner.data import load_image
+    from captioner.data.images import load_image
 
     t0 = time.perf_counter()
     images = np.stack([load_image(p, size) for p in paths])
@@ -853,7 +853,7 @@ def end_to_end_stages(s: BenchShapes, precision: str, train_images_per_s: float,
         >>> r["bound_by"] in r["stage_images_per_s"]                          # doctest: +SKIP
         True
     """
-    from captioner.features import FeatureCache, benchmark_input, extract_features
+    from captioner.data.features import FeatureCache, benchmark_input, extract_features
 
     size = 32 * s.side
     n = n_images or max(s.batch_size, 8)

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from captioner.config import load_config
-    from captioner.training import Trainer
+    from captioner.train.trainer import Trainer
 
     if args.config is None and not (args.run_dir and Path(args.run_dir, "config.json").is_file()):
         raise SystemExit("train: give --config, or a --run-dir that holds a run to resume")
@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from captioner.inference import Captioner, expand_images, write_results
+    from captioner.generate.captioner import Captioner, expand_images, write_results
 
     cap = Captioner.load(args.run, args.checkpoint)
     paths = expand_images(args.images)
@@ -145,7 +145,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from captioner.evaluation import evaluate
+    from captioner.evaluate.runs import evaluate
 
     evaluate(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
              metrics=args.metrics, report=args.report, **_decode_args(args))
@@ -154,8 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from captioner.attention_maps import write_attention
-    from captioner.inference import expand_images
+    from captioner.generate.captioner import expand_images
+    from captioner.viz.attention import write_attention
 
     write_attention(args.run, expand_images(args.images), args.out, **_decode_args(args))
     return 0
@@ -163,7 +163,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_extract_features(args: argparse.Namespace) -> int:
     from captioner.config import load_config
-    from captioner.training import extract_for_config
+    from captioner.train.feature_cache import extract_for_config
 
     cache = extract_for_config(load_config(args.config, args.overrides))
     print(f"{len(cache.paths)} grids of shape {cache.grid_shape} in {cache.dir}")
@@ -171,7 +171,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
 
 
 def cmd_render_molecules(args: argparse.Namespace) -> int:
-    from captioner.molecules import render_molecules
+    from captioner.data.molecules import render_molecules
 
     summary = render_molecules(args.smiles, args.out, size=args.size, augment=args.augment,
                                seed=args.seed, limit=args.limit, workers=args.workers,
@@ -200,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_make_shapes(args: argparse.Namespace) -> int:
-    from captioner.shapes import generate_shapes
+    from captioner.data.shapes import generate_shapes
 
     path = generate_shapes(args.out, args.n, args.size, max_objects=args.max_objects,
                            seed=args.seed)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "render-molecules": cmd_render_molecules,
                 "extract-features": cmd_extract_features}
     from captioner.config import ConfigError
-    from captioner.data import DataError
+    from captioner.data.manifests import DataError
 
     try:
         return commands[args.command](args)

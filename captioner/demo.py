@@ -15,20 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from captioner.config import Config, load_config
-from captioner.evaluation import evaluate
-from captioner.training import Trainer
+from captioner.evaluate.runs import evaluate
+from captioner.train.trainer import Trainer
 
 
 def default_config_path() -> Path:
-    """``configs/shapes.yaml`` of the source tree this package lives in."""
-    return Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+    """The built-in ``shapes`` config (package data)."""
+    return Path(__file__).resolve().parent / "configs" / "shapes.yaml"
 
 
 def run_demo(run_dir: str | Path = "runs/demo", overrides: list[str] | None = None,
              config: Config | None = None, log: Callable[[str], None] = print,
              figures: int = 8) -> dict[str, Any]:
     """Generate the data, train (or resume), then caption and score the test split."""
-    from captioner.attention_maps import write_attention
+    from captioner.viz.attention import write_attention
 
     run_dir = Path(run_dir)
     cfg = config or load_config(default_config_path(), overrides)

@@ -60,7 +60,7 @@ def tiny_config(project_root, tiny_overrides):
 def trained_run(tmp_path_factory, project_root, shapes_dir) -> Path:
     """A tiny run trained once for the session (2 epochs)."""
     from captioner.config import load_config
-    from captioner.training import train
+    from captioner.train.trainer import train
 
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(project_root / "configs" / "shapes.yaml",

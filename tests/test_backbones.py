@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.backbones import (
+from captioner.model.backbones import (
     PretrainedBackbone,
     SmallCNN,
     available_backbones,

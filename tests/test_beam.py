@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.decoding import (
+from captioner.generate.decoding import (
     beam_search,
     greedy_search,
     sample_search,

@@ -25,7 +25,7 @@ from captioner.bench import (
     to_host,
     train_step_flops,
 )
-from captioner.tokenizers import Tokenizer
+from captioner.data.tokenizers import Tokenizer
 
 TINY = dict(batch_size=4, grid=9, feature_dim=16, embedding_dim=8, units=16, vocab_size=50,
             max_length=6)

@@ -7,17 +7,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioner.data import (
-    DataError,
-    LoadReport,
-    PairTensors,
-    Record,
-    build_split,
-    epoch_batches,
-    gather_batch,
-    load_image,
-    read_csv_manifest,
-)
+from captioner.data.images import load_image
+from captioner.data.manifests import DataError, LoadReport, Record, read_csv_manifest
+from captioner.data.splits import PairTensors, build_split, epoch_batches, gather_batch
 
 
 def write_manifest(path, rows, header="image,caption,split"):
@@ -52,7 +44,7 @@ def test_extra_json_columns_become_meta(tmp_path):
 
 
 def test_splits_are_by_image_and_never_leak():
-    from captioner.datasets import group_splits
+    from captioner.data.formats import group_splits
 
     recs = group_splits([Record(f"img{i // 5}.png", f"text {i}") for i in range(500)],
                         0.1, 0.2, seed=3)

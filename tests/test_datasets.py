@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captioner.data import DataError, Record
-from captioner.datasets import (
+from captioner.data.formats import (
     ReadResult,
     canonical_smiles_key,
     coco_split_from_name,
@@ -26,6 +25,7 @@ from captioner.datasets import (
     read_jsonl,
     read_karpathy,
 )
+from captioner.data.manifests import DataError, Record
 
 FLICKR = Path("/work/shared/data/flickr8k")
 

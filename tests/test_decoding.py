@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from captioner.decoding import greedy_search
+from captioner.generate.decoding import greedy_search
 
 END, PAD, START = 2, 0, 1
 

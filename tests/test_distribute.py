@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from captioner.config import Config, apply_overrides
-from captioner.distribute import (
+from captioner.train.distribute import (
     build_model_and_optimizers,
     check_tf_config,
     distribute_batches,
@@ -28,7 +28,7 @@ from captioner.distribute import (
     make_strategy,
     split_cpu,
 )
-from captioner.training import make_train_step, split_variables
+from captioner.train.steps import make_train_step, split_variables
 
 TINY = ["model.image_size=32", "model.cnn_filters=[4, 8]", "model.embedding_dim=8",
         "model.units=8", "model.attention_units=8", "model.dropout=0.0",
@@ -298,7 +298,7 @@ def assert_same_training(a: Path, b: Path, rel: float, atol: float) -> None:
 @pytest.fixture
 def strategy_overrides(tiny_overrides, tiny_config, tmp_path) -> list[str]:
     """The tiny shapes run (data generated once here), single device, as the reference."""
-    from captioner.training import train
+    from captioner.train.trainer import train
 
     train(tiny_config, tmp_path / "single", log=lambda _msg: None)
     return tiny_overrides
@@ -309,7 +309,7 @@ def test_trainer_mirrored_on_two_cpus_equals_default_then_resumes_under_default(
     """``train.strategy=mirrored`` over 2 logical CPUs trains the same epoch as one device
     (same losses, same weights and optimizer state), and the run resumes without it."""
     from captioner.config import load_config
-    from captioner.training import train
+    from captioner.train.trainer import train
 
     mirrored = tmp_path / "mirrored"
     log = finish(cli_train(project_root, mirrored, [

@@ -16,14 +16,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioner.data import epoch_batches
-from captioner.features import (
+from captioner.data.features import (
     CacheLayout,
     FeatureCache,
     FeatureCacheError,
     benchmark_input,
     extract_features,
 )
+from captioner.data.splits import epoch_batches
 
 G, C, SIZE = 4, 6, 8
 N_PATHS, CORRUPT, MISSING = 40, 5, 17  # positions of the unreadable images
@@ -156,7 +156,7 @@ def test_fingerprint_or_dtype_change_discards_cache(images, tmp_path, caplog):
     out = tmp_path / "cache"
     extract(images, out)
     enc = FakeEncoder()
-    with caplog.at_level(logging.WARNING, logger="captioner.features"):
+    with caplog.at_level(logging.WARNING, logger="captioner.data.features"):
         s = extract(images, out, enc, fp={**FP, "weights": "imagenet"}, shard_size=16)
     assert enc.calls > 0 and s.status == "fresh" and "weights" in s.invalidated
     assert "weights: 'none' -> 'imagenet'" in caplog.text
@@ -325,7 +325,7 @@ def test_broken_files_give_clear_errors(cache, images, caplog):
     (cache.dir / "index.json").write_text("{not json")
     with pytest.raises(FeatureCacheError, match=r"index\.json: not valid JSON"):
         FeatureCache(cache.dir).open()
-    with caplog.at_level(logging.WARNING, logger="captioner.features"):
+    with caplog.at_level(logging.WARNING, logger="captioner.data.features"):
         assert extract(images, cache.dir).status == "fresh"
     assert "unusable index" in caplog.text
     with pytest.raises(FeatureCacheError, match="'fingerprint' does not match.*weights"):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captioner.grounding import (
+from captioner.data.shapes import render_sample
+from captioner.evaluate.grounding import (
     match_phrases,
     parse_phrases,
     peak_cell_center,
     point_in_box,
     shapes_grounding,
 )
-from captioner.shapes import render_sample
 
 GRID = (7, 7)
 IMAGE = (112, 112)
@@ -178,7 +178,7 @@ def test_oracle_attention_on_generated_samples_is_fully_grounded() -> None:
 
 
 def test_molecule_grounding_hand_made_maps():
-    from captioner.grounding import molecule_grounding
+    from captioner.evaluate.grounding import molecule_grounding
 
     # "C(=O)O": atom tokens at 0, 3, 5; atoms drawn in cells (0,0), (0,6) and (6,6)
     atoms = [{"symbol": "C", "x": 5, "y": 5}, {"symbol": "O", "x": 220, "y": 5},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captioner.inference import Captioner, DecodeOptions
+from captioner.generate.captioner import Captioner, DecodeOptions
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_bad_options_are_rejected():
 
 def test_smiles_rerank_prefers_valid_candidates(cap):
     """With a SMILES tokenizer, a higher-scoring unparseable candidate moves behind a valid one."""
-    from captioner.tokenizers import Tokenizer
+    from captioner.data.tokenizers import Tokenizer
 
     smiles_tok = Tokenizer.create("smiles").fit(["C1CC", "CCO"])
     ids = {t: smiles_tok.token_to_id(t) for t in ("C", "1", "O")}

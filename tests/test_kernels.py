@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.kernels import (
+from captioner.model.kernels import (
     AttentionKernel,
     KernelBuild,
     KernelBuildError,
     attention_kernel,
     build_library,
 )
-from captioner.model import AttentionDecoder, CaptionModel, Recurrence, StepWeights
+from captioner.model.layers import AttentionDecoder, CaptionModel
+from captioner.model.recurrence import Recurrence, StepWeights
 
 # grids (B, G, C) go straight to the encoder: G = 4 (a 2x2 grid of 8 channels)
 TINY_MODEL = dict(vocab_size=13, image_size=4, cnn_filters=[8], cnn_kernels=[1, 1],
@@ -374,7 +375,7 @@ def test_models_are_built_with_and_without_the_kernel(model_pair, kernel):
 
 @pytest.mark.parametrize("mode", ["teacher forcing", "target mask", "scheduled sampling"])
 def test_model_logits_alphas_and_gradients_agree(model_pair, mode):
-    from captioner.training import caption_loss
+    from captioner.train.steps import caption_loss
 
     grids, tokens = _batch()
     targets = tokens[:, 1:]
@@ -422,7 +423,7 @@ def test_decoding_step_agrees(model_pair):
 
 
 def test_fused_build_failure_in_the_model_names_the_config_key(monkeypatch):
-    import captioner.model as model_module
+    import captioner.model.layers as model_module
 
     def broken(choice, build=None):
         raise KernelBuildError("no C++ compiler 'nope'")
@@ -592,7 +593,7 @@ def _gru_inputs(n, u, k, seed=0):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
 @pytest.mark.parametrize("n, u, k", [(4, 5, 15), (3, 8, 31), (1, 1, 3), (0, 4, 12)])
 def test_gru_matches_tensorflow_ops(kernel, n, u, k, compiled):
-    from captioner.model import gru_update, gru_update_grad
+    from captioner.model.recurrence import gru_update, gru_update_grad
 
     x, hq, bias, h = _gru_inputs(n, u, k, seed=n + u + k)
     dh = tf.constant(_normal(np.random.default_rng(1), n, u))
@@ -615,7 +616,7 @@ def test_gru_matches_tensorflow_ops(kernel, n, u, k, compiled):
 def test_gru_registered_gradient_matches_tensorflow_ops(kernel):
     """Scheduled sampling differentiates through ``step``: GruUpdate's registered
     gradient must equal autodiff of the TensorFlow-op GRU (x, hq, bias and h)."""
-    from captioner.model import gru_update
+    from captioner.model.recurrence import gru_update
 
     n, u, k = 4, 5, 19  # 4 query columns before the GRU's 15
     inputs = _gru_inputs(n, u, k, seed=3)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from captioner.metrics import (
+from captioner.data.chem import canonical_smiles
+from captioner.evaluate.metrics import (
     MeteorUnavailable,
-    canonical_smiles,
     caption_metrics,
     cider_d,
     cider_d_per_image,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.backbones import SmallCNN
-from captioner.model import AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention
+from captioner.model.backbones import SmallCNN
+from captioner.model.layers import AttentionDecoder, CaptionModel, FeatureEncoder, GridAttention
 
 SMALL = dict(vocab_size=11, image_size=32, cnn_filters=[8, 16], embedding_dim=12, units=20,
              attention_units=10, dropout=0.0)
@@ -177,7 +177,7 @@ def test_mixed_bfloat16_policy_runs():
 def test_hand_written_backward_equals_autodiff(attention, attend):
     """The teacher-forced recurrence's custom gradient matches TensorFlow's autodiff of the
     same steps (the scheduled-sampling loop with probability 0), for every variable."""
-    from captioner.training import caption_loss
+    from captioner.train.steps import caption_loss
 
     kw = {"attention": attention, "attend": attend, "units": 12 if attention == "dot" else 20}
     keras.utils.set_random_seed(3)
@@ -206,7 +206,7 @@ def test_target_mask_skips_padding_with_the_same_loss_and_gradients(attention, a
     ``target_mask`` the recurrence runs on the rows still real at each step only, yet the
     outputs at real positions, the loss and every gradient equal the unmasked computation
     (hand-written backward) and TensorFlow's autodiff of the scheduled loop."""
-    from captioner.training import caption_loss
+    from captioner.train.steps import caption_loss
 
     keras.utils.set_random_seed(4)
     model = small_model(attention=attention, attend=attend)
@@ -257,9 +257,9 @@ def test_mixed_bfloat16_stays_close_to_float32(attend):
     """Same (briefly trained) weights in both policies: the loss within 2e-2 relative,
     teacher-forced argmax >= 90% and greedy tokens >= 80% equal, attention within 0.05,
     and not bit-identical (bfloat16 really runs)."""
-    from captioner.inference import DecodeOptions, make_generate_function
-    from captioner.tokenizers import Tokenizer
-    from captioner.training import caption_loss, make_train_step
+    from captioner.data.tokenizers import Tokenizer
+    from captioner.generate.captioner import DecodeOptions, make_generate_function
+    from captioner.train.steps import caption_loss, make_train_step
 
     kw = {**SMALL, "vocab_size": 40, "units": 32, "embedding_dim": 16, "attend": attend}
     keras.utils.set_random_seed(0)

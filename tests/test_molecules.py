@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("rdkit")
 
-from captioner.molecules import (  # noqa: E402
+from captioner.data.molecules import (  # noqa: E402
     RenderError,
     RenderOptions,
     atom_tokens_positions,
@@ -285,7 +285,7 @@ def test_selfies_column(tmp_path):
 
 
 def test_sample_takes_a_seeded_random_subset_in_file_order(tmp_path):
-    from captioner.molecules import render_molecules
+    from captioner.data.molecules import render_molecules
 
     src = tmp_path / "in.csv"
     smiles = ["C" * (i + 1) for i in range(12)]

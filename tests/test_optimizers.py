@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from captioner.config import Config
-from captioner.optimizers import FusedAdam
-from captioner.training import make_optimizer
+from captioner.train.optimizers import FusedAdam
+from captioner.train.steps import make_optimizer
 
 
 def _variables(seed: int) -> list[keras.Variable]:

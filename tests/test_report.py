@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.report import ReportItem, write_report
-from captioner.visualize import upsample_attention
+from captioner.viz.figures import upsample_attention
+from captioner.viz.report import ReportItem, write_report
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

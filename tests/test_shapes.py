@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioner.shapes import (
+from captioner.data.shapes import (
     ShapesSpec,
     assign_splits,
     box_center,

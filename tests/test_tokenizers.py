@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captioner import tokenizers
-from captioner.tokenizers import CharTokenizer, SmilesTokenizer, Tokenizer, WordTokenizer
+from captioner.data import tokenizers
+from captioner.data.tokenizers import CharTokenizer, SmilesTokenizer, Tokenizer, WordTokenizer
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
 CORPORA = {

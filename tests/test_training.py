@@ -10,15 +10,16 @@ import pytest
 import tensorflow as tf
 
 from captioner.config import ConfigError
-from captioner.inference import Captioner
-from captioner.model import CaptionModel
-from captioner.training import (
-    Trainer,
+from captioner.data.images import load_image
+from captioner.generate.captioner import Captioner
+from captioner.model.layers import CaptionModel
+from captioner.train.steps import (
     caption_loss,
     make_optimizer,
     make_train_step,
     sampling_probability,
 )
+from captioner.train.trainer import Trainer
 
 
 def test_caption_loss_by_hand():
@@ -201,7 +202,7 @@ def test_training_from_a_feature_cache(tiny_config, tmp_path):
     """A frozen backbone's grids are extracted once; training and validation read them,
     and the saved run still captions images end to end."""
     from captioner.config import apply_overrides
-    from captioner.features import FeatureCache
+    from captioner.data.features import FeatureCache
 
     cache_dir = tmp_path / "cache"
     cfg = apply_overrides(tiny_config, ["model.trainable=frozen",
@@ -222,7 +223,7 @@ def test_training_from_a_feature_cache(tiny_config, tmp_path):
     # cached grids equal what the restored model computes from the pixels
     cap = Captioner.load(tmp_path / "run", checkpoint="latest")
     image = trainer.data.val.paths[0]
-    from captioner.data import load_image
+    from captioner.data.images import load_image
 
     grid = cap.model.grid(load_image(image, 32)[None]).numpy()[0]
     np.testing.assert_allclose(grid, trainer.data.val.images[0].astype(np.float32),
@@ -259,7 +260,7 @@ def test_backbone_learning_rate_uses_its_own_optimizer(tiny_config, tmp_path):
 
 def test_extract_features_then_train_reuses_the_cache(tiny_config, tmp_path):
     from captioner.config import apply_overrides
-    from captioner.training import extract_for_config
+    from captioner.train.feature_cache import extract_for_config
 
     cfg = apply_overrides(tiny_config, ["model.trainable=frozen",
                                         f"data.feature_cache={tmp_path / 'cache'}"])
@@ -270,6 +271,6 @@ def test_extract_features_then_train_reuses_the_cache(tiny_config, tmp_path):
     assert "up-to-date" in messages[-1]  # the trainer's backbone gives the same fingerprint
     again, _ = trainer.cache.load_all()
     np.testing.assert_array_equal(grids, again)
-    fresh = trainer.model.grid(np.stack([__import__("captioner.data").data.load_image(p, 32)
+    fresh = trainer.model.grid(np.stack([load_image(p, 32)
                                          for p in first.paths[:2]])).numpy()
     np.testing.assert_allclose(fresh, grids[:2].astype(np.float32), rtol=2e-2, atol=2e-2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import captioner.visualize as viz
+import captioner.viz.figures as viz
 
 mpl = pytest.importorskip("matplotlib")
 mpl.use("Agg")

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from captioner.data import load_image
-from captioner.inference import Captioner, Generation
+from captioner.data.images import load_image
+from captioner.generate.captioner import Captioner, Generation
 
 
 def figure_name(path: str, index: int, taken: set[str]) -> str:
@@ -34,7 +34,7 @@ def figure_name(path: str, index: int, taken: set[str]) -> str:
 def write_figures(cap: Captioner, gen: Generation, out_dir: Path,
                   titles: Sequence[str] | None = None) -> list[Path]:
     """One PNG grid per image of ``gen`` (token panels over the original image)."""
-    from captioner.visualize import attention_figure
+    from captioner.viz.figures import attention_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
@@ -54,7 +54,7 @@ def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]
                  images: Sequence[str] | None = None) -> list[Any]:
     """:class:`captioner.report.ReportItem` for every image of ``gen`` (``images``: the
     files, when ``gen`` was decoded from arrays)."""
-    from captioner.report import ReportItem
+    from captioner.viz.report import ReportItem
 
     items = []
     for i, image_path in enumerate(images or gen.images):
@@ -71,7 +71,7 @@ def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]
 def write_attention(run_dir: str | Path, images: Sequence[str], out_dir: str | Path,
                     log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
     """Caption ``images`` with a run and write the figures and ``index.html``."""
-    from captioner.report import write_report
+    from captioner.viz.report import write_report
 
     cap = Captioner.load(run_dir)
     gen = cap.generate(list(images), **decode)

@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from captioner.visualize import _as_rgb_uint8, _check_hw, jet_colormap
+from captioner.viz.figures import _as_rgb_uint8, _check_hw, jet_colormap
 
 __all__ = ["ReportItem", "write_report"]
 

@@ -17,10 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import Config, DecodeConfig, config_from_dict
-from captioner.data import image_batches, load_image
-from captioner.decoding import beam_search, greedy_search, sample_search, tile_for_beams
-from captioner.model import CaptionModel
-from captioner.tokenizers import Tokenizer
+from captioner.data.images import image_batches, load_image
+from captioner.data.tokenizers import Tokenizer
+from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
+from captioner.model.layers import CaptionModel
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class Generation:
 
 
 def _valid_smiles(text: str) -> bool:
-    from captioner.metrics import canonical_smiles
+    from captioner.data.chem import canonical_smiles
 
     return bool(text) and canonical_smiles(text) is not None
 
@@ -200,7 +200,7 @@ class Captioner:
     def load(cls, run_dir: str | Path, checkpoint: str = "best") -> Captioner:
         """Rebuild from ``run_dir`` alone: config.json, tokenizer.json, model.json and
         the ``best`` (or ``latest``) checkpoint."""
-        from captioner.training import restore_weights
+        from captioner.model.restore import restore_weights
 
         run_dir = Path(run_dir)
         for name in ("config.json", "tokenizer.json", "model.json"):

@@ -9,7 +9,6 @@ A run directory holds ``config.json`` (fully resolved), ``tokenizer.json``,
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,192 +20,29 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import Config, ConfigError, config_from_dict
-from captioner.data import (
-    LoadReport,
+from captioner.data.features import FeatureCache
+from captioner.data.formats import read_records
+from captioner.data.images import image_batches
+from captioner.data.manifests import LoadReport, Record
+from captioner.data.splits import (
     PairTensors,
-    Record,
     SplitData,
     build_split,
     epoch_batches,
-    image_batches,
-    read_records,
     steps_per_epoch,
 )
-from captioner.features import FeatureCache
-from captioner.inference import Captioner
-from captioner.metrics import validation_metric
-from captioner.model import CaptionModel
-from captioner.optimizers import FusedAdam
-from captioner.tokenizers import Tokenizer
-
-
-def caption_loss(logits: tf.Tensor, targets: tf.Tensor, alphas: tf.Tensor, pad_id: int,
-                 attention_reg: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Masked cross-entropy plus doubly stochastic attention regularisation.
-
-    ``loss = (sum of token NLLs + lambda * sum_images sum_cells (1 - sum_steps alpha)^2)
-    / number of real tokens`` -- the paper's per-caption objective, summed over the
-    batch and divided by the real-token count. Returns (loss, mean token NLL, reg term).
-    """
-    mask = tf.cast(tf.not_equal(targets, pad_id), "float32")  # (B, T)
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)  # (B, T)
-    return _combine(tf.reduce_sum(nll * mask), mask, alphas, attention_reg)
-
-
-def packed_caption_loss(head: Callable[[tf.Tensor], tf.Tensor], outs: tf.Tensor,
-                        targets: tf.Tensor, alphas: tf.Tensor, pad_id: int,
-                        attention_reg: float, cross_entropy: Callable[..., tf.Tensor] | None
-                        = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """:func:`caption_loss` from the head's inputs ``outs`` (B, T, U'): ``head`` runs only
-    on the N real target positions, (N, U') -> (N, V) float32 logits, since the logits of
-    padding are never needed. Same results as ``caption_loss(head(outs), ...)``.
-    ``cross_entropy(labels, logits)`` defaults to TensorFlow's sparse softmax one."""
-    real = tf.not_equal(targets, pad_id)  # (B, T)
-    where = tf.where(real)  # (N, 2)
-    logits = head(tf.gather_nd(outs, where))  # (N, V)
-    xent = cross_entropy or tf.nn.sparse_softmax_cross_entropy_with_logits
-    nll = xent(tf.gather_nd(targets, where), logits)  # (N,)
-    return _combine(tf.reduce_sum(nll), tf.cast(real, "float32"), alphas, attention_reg)
-
-
-def _combine(nll_sum: tf.Tensor, mask: tf.Tensor, alphas: tf.Tensor, attention_reg: float
-             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(loss, mean token NLL, reg term) from the summed NLL and the (B, T) token mask."""
-    n_tokens = tf.maximum(tf.reduce_sum(mask), 1.0)
-    coverage = tf.reduce_sum(alphas * mask[:, :, None], axis=1)  # (B, G)
-    reg_sum = tf.reduce_sum(tf.square(1.0 - coverage))
-    loss = (nll_sum + attention_reg * reg_sum) / n_tokens
-    return loss, nll_sum / n_tokens, attention_reg * reg_sum / n_tokens
-
-
-def _trim(tokens: tf.Tensor, pad_id: int) -> tf.Tensor:
-    """Drop padding columns that no row of the batch uses: (B, L) -> (B, L')."""
-    length = tf.reduce_max(tf.reduce_sum(tf.cast(tf.not_equal(tokens, pad_id), "int32"), 1))
-    return tokens[:, :length]
-
-
-def training_loss(model: CaptionModel, inputs: tf.Tensor, tokens: tf.Tensor, pad_id: int,
-                  attention_reg: float, sampling_prob: tf.Tensor | None = None,
-                  seed: tf.Tensor | None = None, greedy_sampling: bool = False
-                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The training forward pass and loss of one batch, tokens (B, L) -> (loss, mean token
-    NLL, reg): teacher forcing (or scheduled sampling with ``sampling_prob``), the
-    recurrence skipping each row's padded steps (``target_mask``) and the output head on
-    the real target positions only (:func:`packed_caption_loss`)."""
-    inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (B, T), (B, T)
-    outs, alphas = model((inputs, inp), training=True, sampling_prob=sampling_prob, seed=seed,
-                         greedy_sampling=greedy_sampling, logits=False,
-                         target_mask=tf.not_equal(tgt, pad_id))
-    return packed_caption_loss(lambda x: model.decoder.head(x, training=True), outs, tgt,
-                               alphas, pad_id, attention_reg, model.decoder.cross_entropy)
-
-
-def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, pad_id: int,
-                    attention_reg: float, scheduled_sampling: bool = False,
-                    greedy_sampling: bool = False,
-                    backbone_optimizer: keras.optimizers.Optimizer | None = None
-                    ) -> Callable[..., dict[str, tf.Tensor]]:
-    """Compile one training step (teacher forcing, or scheduled sampling when enabled).
-
-    ``inputs`` are uint8 images or cached grids. With ``backbone_optimizer`` the backbone's
-    trainable variables get their own optimizer (and learning rate); the loss is
-    :func:`training_loss`. (XLA, ``jit_compile=True``, measured 3x slower on a 2-core
-    AVX-512 CPU, so it is not used.)
-    """
-    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
-
-    @tf.function(reduce_retracing=True)
-    def train_step(inputs, tokens, sampling_prob, seed):
-        with tf.GradientTape() as tape:
-            loss, nll, reg = training_loss(
-                model, inputs, _trim(tokens, pad_id), pad_id, attention_reg,
-                sampling_prob if scheduled_sampling else None, seed, greedy_sampling)
-            scaled = optimizer.scale_loss(loss) if loss_scaled else loss
-        grads = tape.gradient(scaled, main_vars + backbone_vars)
-        optimizer.apply_gradients(zip(grads[:len(main_vars)], main_vars))
-        if backbone_vars:
-            backbone_optimizer.apply_gradients(zip(grads[len(main_vars):], backbone_vars))
-        return {"loss": loss, "nll": nll, "reg": reg}
-
-    return train_step
-
-
-def split_variables(model: CaptionModel, separate_backbone: bool
-                    ) -> tuple[list[Any], list[Any]]:
-    """Trainable variables -> (the rest, the backbone's) or (all, []) when not separate."""
-    if not separate_backbone:
-        return list(model.trainable_variables), []
-    from captioner.backbones import backbone_variables
-
-    ids = {id(v) for v in backbone_variables(model.backbone)}
-    main = [v for v in model.trainable_variables if id(v) not in ids]
-    return main, [v for v in model.trainable_variables if id(v) in ids]
-
-
-def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]:
-    """Compile the validation loss: (sum of token NLLs, number of tokens) of a batch."""
-
-    @tf.function(reduce_retracing=True)
-    def eval_step(images, tokens):
-        tokens = _trim(tokens, pad_id)
-        outs, alphas = model((images, tokens[:, :-1]), training=False, logits=False,
-                             target_mask=tf.not_equal(tokens[:, 1:], pad_id))
-        _, nll, _ = packed_caption_loss(model.decoder.head, outs, tokens[:, 1:], alphas,
-                                        pad_id, 0.0, model.decoder.cross_entropy)
-        n = tf.reduce_sum(tf.cast(tf.not_equal(tokens[:, 1:], pad_id), "float32"))
-        return tf.stack([nll * n, n])
-
-    return eval_step
-
-
-def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = None
-                   ) -> keras.optimizers.Optimizer:
-    """Adam (:class:`~captioner.optimizers.FusedAdam`) with global-norm clipping and the
-    configured schedule (peak ``learning_rate``, default ``train.learning_rate``); loss
-    scaling for ``mixed_float16``."""
-    t = cfg.train
-    peak = learning_rate or t.learning_rate
-    lr: Any = peak
-    if t.lr_schedule == "cosine":
-        decay_steps = max(1, total_steps - t.warmup_steps)
-        lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if t.warmup_steps else peak, decay_steps,
-            alpha=min(1.0, t.min_learning_rate / peak),
-            warmup_target=peak if t.warmup_steps else None,
-            warmup_steps=t.warmup_steps)
-    elif t.lr_schedule == "exponential":
-        per_epoch = max(1, total_steps // max(1, t.epochs))
-        lr = keras.optimizers.schedules.ExponentialDecay(peak, per_epoch, t.decay_rate)
-    opt = FusedAdam(learning_rate=lr, global_clipnorm=t.clip_norm)
-    if t.precision == "mixed_float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
-    return opt
-
-
-def sampling_probability(cfg: Config, epoch: int) -> float:
-    """Scheduled-sampling probability for 1-based ``epoch``."""
-    ss = cfg.train.scheduled_sampling
-    if not ss.enabled:
-        return 0.0
-    span = max(1, ss.to_epoch - ss.from_epoch)
-    frac = min(1.0, max(0.0, (epoch - ss.from_epoch) / span))
-    if ss.schedule == "inverse_sigmoid":
-        k = 5.0  # steepness: the curve goes from ~1% to ~99% of the way across the span
-        frac = 1.0 / (1.0 + math.exp(-k * (2.0 * frac - 1.0)))
-    return ss.start + (ss.end - ss.start) * frac
-
-
-def restore_weights(model: CaptionModel, run_dir: str | Path, which: str = "best") -> str:
-    """Restore model weights from ``best/`` (falling back to ``checkpoints/``)."""
-    run_dir = Path(run_dir)
-    dirs = ["best", "checkpoints"] if which == "best" else ["checkpoints"]
-    for sub in dirs:
-        path = tf.train.latest_checkpoint(str(run_dir / sub))
-        if path:
-            tf.train.Checkpoint(model=model).restore(path).expect_partial()
-            return path
-    raise FileNotFoundError(f"no checkpoint in {run_dir}/best or {run_dir}/checkpoints")
+from captioner.data.tokenizers import Tokenizer
+from captioner.evaluate.metrics import validation_metric
+from captioner.generate.captioner import Captioner
+from captioner.model.layers import CaptionModel
+from captioner.train.feature_cache import ensure_feature_cache
+from captioner.train.steps import (
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    sampling_probability,
+    split_variables,
+)
 
 
 @dataclass
@@ -303,7 +139,7 @@ class Trainer:
 
     def _make_strategy(self) -> tf.distribute.Strategy:
         """``train.strategy`` (after splitting the CPU into ``train.logical_cpus``)."""
-        from captioner.distribute import make_strategy, split_cpu  # imports this module
+        from captioner.train.distribute import make_strategy, split_cpu  # imports this module
 
         t = self.cfg.train
         if t.logical_cpus > 1:
@@ -439,7 +275,7 @@ class Trainer:
             return make_train_step(self.model, self.optimizer, self.tokenizer.pad_id,
                                    t.attention_reg, ss.enabled, ss.greedy,
                                    self.backbone_optimizer)
-        from captioner.distribute import make_distributed_train_step  # imports this module
+        from captioner.train.distribute import make_distributed_train_step  # imports this module
 
         return make_distributed_train_step(
             self.strategy, self.model, self.optimizer, self.tokenizer.pad_id, t.attention_reg,
@@ -487,7 +323,7 @@ class Trainer:
                                                    epoch, skip, t.max_steps_per_epoch))
         if not self.distributed:
             return ds
-        from captioner.distribute import distribute_batches  # imports this module
+        from captioner.train.distribute import distribute_batches  # imports this module
 
         return distribute_batches(self.strategy, ds)  # each global batch split by replica
 
@@ -561,7 +397,7 @@ class Trainer:
     def _write_history(self) -> None:
         (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
         try:
-            from captioner.visualize import plot_history
+            from captioner.viz.figures import plot_history
 
             plot_history(self.history, self.run_dir / "history.png")
         except ImportError as exc:
@@ -597,56 +433,4 @@ def caption_split(captioner: Captioner, split: SplitData, batch_size: int
                          "tokens": gen.tokens[i], "attention": gen.attention[i],
                          "references": split.references[j], "meta": split.meta[j]})
     return rows
-
-
-def cache_fingerprint(cfg: Config) -> dict[str, Any]:
-    """What the cached grids depend on: the backbone, its weights, input size, precision."""
-    m = cfg.model
-    fp = {"backbone": m.backbone, "weights": m.weights or "none", "image_size": m.image_size,
-          "precision": cfg.train.precision}
-    if m.backbone == "small_cnn":
-        fp.update(cnn_filters=m.cnn_filters, cnn_kernels=m.cnn_kernels, cnn_padding=m.cnn_padding)
-    if m.weights is None:  # random frozen weights: they depend on the seed
-        fp["seed"] = cfg.train.seed
-    return fp
-
-
-def ensure_feature_cache(cfg: Config, model: CaptionModel, paths: list[str],
-                         log: Callable[[str], None] = print) -> FeatureCache:
-    """Extract the grids of ``paths`` into ``data.feature_cache`` unless they are there.
-
-    ``paths`` must come in a canonical (sorted) order: the cache is keyed by the list.
-    """
-    from captioner.features import extract_features
-
-    size = cfg.model.image_size
-
-    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
-    def encode(images: tf.Tensor) -> tf.Tensor:
-        return tf.cast(model.grid(images, training=False), "float32")  # (B, G, C)
-
-    summary = extract_features(paths, encode, cfg.data.feature_cache, cache_fingerprint(cfg),
-                               size, batch_size=cfg.decode.batch_size,
-                               shard_size=cfg.data.shard_size, dtype=cfg.data.feature_dtype,
-                               workers=cfg.data.load_workers, progress=cfg.train.progress)
-    log(f"feature cache {summary.path}: {summary.num_cached} images ({summary.status}, "
-        f"{summary.images_per_s:.0f} images/s)")
-    cache = FeatureCache(cfg.data.feature_cache).open()
-    cache.check(cache_fingerprint(cfg), size)
-    return cache
-
-
-def extract_for_config(cfg: Config, log: Callable[[str], None] = print) -> FeatureCache:
-    """``extract-features``: the grids of every image the config's data names, with the
-    backbone built exactly as :class:`Trainer` builds it (same seed, same weights)."""
-    if not cfg.data.feature_cache:
-        raise ConfigError("data.feature_cache is not set: name the folder for the cache")
-    if cfg.model.trainable != "frozen":
-        raise ConfigError("extract-features needs model.trainable: frozen")
-    keras.utils.set_random_seed(cfg.train.seed)
-    records = read_records(cfg.data, smiles_targets=cfg.tokenizer.kind == "smiles")
-    policy = keras.DTypePolicy(cfg.train.precision)
-    model = CaptionModel.from_model_config(cfg.model, vocab_size=8, dtype=policy)
-    paths = sorted({r.image for r in records})  # the same order as the Trainer's
-    return ensure_feature_cache(cfg, model, paths, log)
 

@@ -27,11 +27,12 @@ import subprocess
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from captioner.data.chem import chem, parse, quiet_rdkit
 
 Splitter = Callable[[str], list[str]]
 NGram = tuple[str, ...]
@@ -406,54 +407,6 @@ def per_example_caption_metrics(predictions: list[str], references: list[list[st
 # ------------------------------------------------------------------------------------ SMILES
 
 
-def _chem() -> Any:
-    try:
-        from rdkit import Chem
-    except ImportError as exc:
-        raise ImportError("SMILES metrics need RDKit: pip install rdkit") from exc
-    return Chem
-
-
-@contextmanager
-def quiet_rdkit() -> Iterator[None]:
-    """Silence RDKit's ``rdApp.*`` logging inside the block, then restore each channel.
-
-    Example:
-        >>> with quiet_rdkit():
-        ...     canonical_smiles("C1CC") is None
-        True
-    """
-    _chem()
-    from rdkit import RDLogger, rdBase
-
-    before = [line.split(":") for line in rdBase.LogStatus().splitlines() if ":" in line]
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        yield
-    finally:
-        for name, state in before:
-            (RDLogger.EnableLog if state.strip() == "enabled" else RDLogger.DisableLog)(name)
-
-
-def _parse(smiles: str) -> Any:
-    """RDKit molecule with at least one atom, or None (``""`` parses to an empty molecule)."""
-    mol = _chem().MolFromSmiles(smiles)
-    return mol if mol is not None and mol.GetNumAtoms() > 0 else None
-
-
-def canonical_smiles(smiles: str, isomeric: bool = True) -> str | None:
-    """RDKit canonical SMILES (without stereo when ``isomeric=False``); None if invalid.
-
-    Example:
-        >>> canonical_smiles("OCC"), canonical_smiles("C[C@H](N)O", isomeric=False)
-        ('CCO', 'CC(N)O')
-        >>> canonical_smiles("C1CC") is None
-        True
-    """
-    with quiet_rdkit():
-        mol = _parse(smiles)
-        return None if mol is None else _chem().MolToSmiles(mol, isomericSmiles=isomeric)
-
 
 def levenshtein(a: str, b: str) -> int:
     """Edit distance (insertions, deletions, substitutions of one character each).
@@ -522,13 +475,13 @@ class _Molecule:
 
 
 def _describe(smiles: str, generator: Any) -> _Molecule:
-    chem = _chem()
-    mol = _parse(smiles)
+    rd = chem()
+    mol = parse(smiles)
     if mol is None:
         return _Molecule(smiles, None, None, None, None, None)
-    inchi = chem.MolToInchi(mol) or None
-    flat = chem.MolToSmiles(mol, isomericSmiles=False)
-    return _Molecule(smiles, mol, chem.MolToSmiles(mol), flat, inchi,
+    inchi = rd.MolToInchi(mol) or None
+    flat = rd.MolToSmiles(mol, isomericSmiles=False)
+    return _Molecule(smiles, mol, rd.MolToSmiles(mol), flat, inchi,
                      generator.GetFingerprint(mol))
 
 

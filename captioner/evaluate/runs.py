@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from captioner.config import DataConfig, load_config
-from captioner.data import LoadReport, Record, SplitData, build_split, read_records
-from captioner.inference import Captioner, Generation
+from captioner.data.formats import read_records
+from captioner.data.manifests import LoadReport, Record
+from captioner.data.splits import SplitData, build_split
+from captioner.generate.captioner import Captioner, Generation
 
 
 @dataclass
@@ -55,7 +57,7 @@ def _records(cap: Captioner, data: str | None, split: str) -> tuple[list[Record]
     path = Path(data)
     if path.suffix.lower() in (".yaml", ".yml"):
         return read_records(load_config(path).data, smiles), str(path)
-    from captioner.datasets import read_any
+    from captioner.data.formats import read_any
 
     cfg = _manifest_config(path, cap.config.data)
     records = read_any(cfg.format, cfg.path, None, cfg.image_column, cfg.text_column,
@@ -81,7 +83,7 @@ def load_eval_data(cap: Captioner, data: str | None = None, split: str = "test",
 
 
 def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[str, Any]]:
-    from captioner.metrics import per_example_caption_metrics, per_example_smiles_metrics
+    from captioner.evaluate.metrics import per_example_caption_metrics, per_example_smiles_metrics
 
     if family == "smiles":
         heavy = [m.get("heavy_atoms") for m in split.meta]
@@ -104,7 +106,7 @@ def image_hw(path: str) -> tuple[int, int]:
 def grounding_scores(cap: Captioner, gen: Generation, split: SplitData) -> dict[str, Any] | None:
     """Attention grounding where the data says where things are: shapes (object boxes,
     colour and shape words) or rendered molecules (atom positions, atom tokens)."""
-    from captioner.grounding import molecule_grounding, shapes_grounding
+    from captioner.evaluate.grounding import molecule_grounding, shapes_grounding
 
     metas = split.meta
     words = [cap.tokenizer.ids_to_tokens(t) for t in gen.tokens]
@@ -144,7 +146,7 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     writes ``index.html``: every image with its per-token attention, sortable by the
     per-example metrics and score.
     """
-    from captioner.metrics import compute_metrics, metric_family, metrics_markdown
+    from captioner.evaluate.metrics import compute_metrics, metric_family, metrics_markdown
 
     cap = Captioner.load(run_dir)
     ev = load_eval_data(cap, data, split, limit)
@@ -176,8 +178,8 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
 
 def _write_report(cap: Captioner, gen: Generation, split: SplitData,
                   rows: list[dict[str, Any]], path: Path) -> Path:
-    from captioner.attention_maps import report_items
-    from captioner.report import write_report
+    from captioner.viz.attention import report_items
+    from captioner.viz.report import write_report
 
     numeric = [{k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
                for row in rows]  # exact_match and friends become 0/1

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from captioner.tokenizers import SmilesTokenizer
+from captioner.data.tokenizers import SmilesTokenizer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -210,7 +210,7 @@ def parse_smiles(smiles: str) -> Any:
         >>> parse_smiles("C1CC")
         Traceback (most recent call last):
         ...
-        captioner.molecules.RenderError: SMILES Parse Error: unclosed ring for input: 'C1CC'
+        captioner.data.molecules.RenderError: SMILES Parse Error: unclosed ring for input: 'C1CC'
     """
     chem = _rdkit()
     from rdkit import rdBase

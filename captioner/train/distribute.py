@@ -36,8 +36,8 @@ import keras
 import tensorflow as tf
 
 from captioner.config import Config
-from captioner.model import CaptionModel
-from captioner.training import _trim, make_optimizer, split_variables, training_loss
+from captioner.model.layers import CaptionModel
+from captioner.train.steps import _trim, make_optimizer, split_variables, training_loss
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 SUM = tf.distribute.ReduceOp.SUM

@@ -58,7 +58,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from captioner.data import _try_load, epoch_batches, steps_per_epoch
+from captioner.data.images import try_load_image as try_load_image
+from captioner.data.splits import epoch_batches, steps_per_epoch
 
 EncodeFn = Callable[[np.ndarray], Any]  # (B, S, S, 3) uint8 -> (B, G, C) array or tensor
 
@@ -81,7 +82,7 @@ class CacheLayout:
     dtypes: tuple[str, ...] = ("float16", "float32")
     # pair_dataset keeps the whole cache in memory up to this size (stored dtype).
     memory_limit_bytes: int = 2 * 1024**3
-    logger: str = "captioner.features"
+    logger: str = "captioner.data.features"
 
     def shard_name(self, k: int, n: int) -> str:
         return f"{self.shard_prefix}-{k:05d}-of-{n:05d}{self.shard_suffix}"
@@ -265,7 +266,7 @@ def _loaded_batches(paths: list[str], start: int, size: int, batch_size: int,
     def submit() -> None:
         lo = next(chunks, None)
         if lo is not None:
-            pending.append([(start + i, pool.submit(_try_load, paths[i], size))
+            pending.append([(start + i, pool.submit(try_load_image, paths[i], size))
                             for i in range(lo, min(lo + batch_size, len(paths)))])
 
     submit()
@@ -560,7 +561,7 @@ class FeatureCache:
         >>> FeatureCache("/no/such/cache").open()
         Traceback (most recent call last):
         ...
-        captioner.features.FeatureCacheError: /no/such/cache/index.json: not found ...
+        captioner.data.features.FeatureCacheError: /no/such/cache/index.json: not found ...
     """
 
     def __init__(self, out_dir: str | Path):
