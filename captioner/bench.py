@@ -47,24 +47,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from captioner.choices import Choices
 from captioner.config import Config
 from captioner.data.tokenizers import Tokenizer
-from captioner.model.kernels import KernelChoices
 
 TrainFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (grids (B,G,C), tokens (B,L)) -> loss
-
-
-@dataclass(frozen=True)
-class BenchChoices:
-    """The accepted values of ``impl`` and ``precision`` (the first ones are the defaults).
-
-    Example:
-        >>> BenchChoices().impls
-        ('captioner', 'classic')
-    """
-
-    impls: tuple[str, ...] = ("captioner", "classic")
-    precisions: tuple[str, ...] = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 # ---- shapes, data and the FLOP count ---------------------------------------------------
@@ -149,8 +136,7 @@ def flop_terms(s: BenchShapes, attend: str = "before", positions: int | None = N
         >>> flop_terms(s, positions=1)["head"], sum(flop_terms(s, positions=1).values())
         (12, 40)
     """
-    if attend not in ("before", "after"):
-        raise ValueError(f"attend must be 'before' or 'after', got {attend!r}")
+    Choices().check("attend", attend)
     b, g, c, e = s.batch_size, s.grid, s.feature_dim, s.embedding_dim
     u, a, v = s.units, int(s.attention_units), s.vocab_size
     n = s.steps * b if positions is None else int(positions)
@@ -317,9 +303,7 @@ def bench_config(precision: str = "float32", learning_rate: float = 1e-3) -> Con
         >>> bench_config("mixed_bfloat16").train.precision
         'mixed_bfloat16'
     """
-    precisions = BenchChoices().precisions
-    if precision not in precisions:
-        raise ValueError(f"precision must be one of {', '.join(precisions)}, got {precision!r}")
+    Choices().check("precision", precision)
     cfg = Config()
     cfg.train.precision = precision
     cfg.train.learning_rate = learning_rate
@@ -720,9 +704,7 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
         >>> run_bench(steps=5, impl="classic")["greedy_images_per_s"]  # doctest: +SKIP
         1.5
     """
-    impls = BenchChoices().impls
-    if impl not in impls:
-        raise ValueError(f"impl must be one of {', '.join(impls)}, got {impl!r}")
+    Choices().check("bench_impl", impl, "impl")
     s = BenchShapes(batch_size, grid, feature_dim, embedding_dim, units, attention_units,
                     vocab_size, max_length)
     cfg = bench_config(precision)
@@ -900,9 +882,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         >>> p.parse_args(["--impl", "classic", "--steps", "5"]).impl
         'classic'
     """
-    choices = BenchChoices()
-    p.add_argument("--impl", choices=choices.impls, default="captioner")
-    p.add_argument("--precision", choices=choices.precisions, default="float32")
+    choices = Choices()
+    p.add_argument("--impl", choices=choices.bench_impl, default="captioner")
+    p.add_argument("--precision", choices=choices.precision, default="float32")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=49, help="grid cells G (a square: 49, 64)")
     p.add_argument("--feature-dim", type=int, default=1280, help="backbone channels C")
@@ -913,7 +895,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--attend", choices=["before", "after"], default="before")
-    p.add_argument("--attention-kernel", choices=KernelChoices().values, default="auto",
+    p.add_argument("--attention-kernel", choices=Choices().attention_kernel, default="auto",
                    help="additive attention as the fused CPU kernel or TensorFlow ops")
     p.add_argument("--end-to-end", action="store_true",
                    help="also time image decoding, backbones and the feature-cache pipeline")

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from captioner.choices import ChoiceError, Choices
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a wrong value."""
@@ -375,52 +377,44 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type annotation cannot express."""
-    m, t, d = cfg.model, cfg.train, cfg.data
-    formats = ("csv", "jsonl", "coco", "karpathy", "flickr8k", "captions_csv", "auto", "shapes")
-    _require(d.format in formats, "data.format", f"must be one of {', '.join(formats)}")
-    _require(d.feature_dtype in ("float16", "float32"), "data.feature_dtype",
-             "must be float16 or float32")
-    _require(d.split_by in ("auto", "image", "smiles"), "data.split_by",
-             "must be auto, image or smiles")
-    _require(cfg.tokenizer.kind in ("word", "smiles", "char"), "tokenizer.kind",
-             "must be word, smiles or char")
-    backbones = ("small_cnn", "efficientnet_b0", "mobilenet_v2", "resnet50", "inception_v3")
-    _require(m.backbone in backbones, "model.backbone", f"must be one of {', '.join(backbones)}")
-    _require(m.trainable in ("frozen", "full", "fine_tune"), "model.trainable",
-             "must be frozen, full or fine_tune")
+    """Allowed values (:class:`~captioner.choices.Choices`) and the cross-field checks
+    that a type annotation cannot express."""
+    m, t, d, dc = cfg.model, cfg.train, cfg.data, cfg.decode
+    choices = Choices()
+    for key, name, value in (
+            ("data.format", "data_format", d.format),
+            ("data.feature_dtype", "feature_dtype", d.feature_dtype),
+            ("data.split_by", "split_by", d.split_by),
+            ("tokenizer.kind", "tokenizer", cfg.tokenizer.kind),
+            ("model.backbone", "backbone", m.backbone),
+            ("model.trainable", "trainable", m.trainable),
+            ("model.attention", "attention", m.attention),
+            ("model.attend", "attend", m.attend),
+            ("model.init_state", "init_state", m.init_state),
+            ("model.attention_kernel", "attention_kernel", m.attention_kernel),
+            ("model.cnn_padding", "cnn_padding", m.cnn_padding),
+            ("train.lr_schedule", "lr_schedule", t.lr_schedule),
+            ("train.val_metric", "val_metric", t.val_metric),
+            ("train.precision", "precision", t.precision),
+            ("train.strategy", "strategy", t.strategy),
+            ("train.scheduled_sampling.schedule", "sampling_schedule",
+             t.scheduled_sampling.schedule),
+            ("decode.strategy", "decode_strategy", dc.strategy)):
+        try:
+            choices.check(name, value, key)
+        except ChoiceError as exc:
+            raise ConfigError(str(exc)) from None
     _require((m.trainable == "fine_tune") == (m.fine_tune_from is not None),
              "model.fine_tune_from", "names the first trainable layer, with trainable: fine_tune")
-    _require(m.attention in ("additive", "dot", "general"), "model.attention",
-             "must be additive, dot or general")
     _require(m.attention != "dot" or m.embedding_dim == m.units, "model.attention",
              "'dot' scores need model.embedding_dim == model.units")
-    _require(m.attend in ("before", "after"), "model.attend",
-             "must be before (Show, Attend and Tell) or after (Lu et al. 2017)")
-    _require(m.init_state in ("mean", "zeros"), "model.init_state", "must be mean or zeros")
-    _require(m.attention_kernel in ("auto", "fused", "tensorflow"), "model.attention_kernel",
-             "must be auto, fused (the compiled CPU kernel) or tensorflow (TensorFlow ops)")
     _require(len(m.cnn_kernels) in (1, 2) and min(m.cnn_kernels) >= 1, "model.cnn_kernels",
              "one or two kernel sizes (>= 1): the stride-2 conv and the optional second conv")
-    _require(m.cnn_padding in ("same", "reflect"), "model.cnn_padding", "must be same or reflect")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     side = m.image_size / 2 ** len(m.cnn_filters)
     _require(m.backbone != "small_cnn" or (side >= 1 and side == int(side)), "model.image_size",
              f"must be divisible by 2**len(model.cnn_filters) = {2 ** len(m.cnn_filters)}")
-    _require(t.lr_schedule in ("constant", "cosine", "exponential"), "train.lr_schedule",
-             "must be constant, cosine or exponential")
-    _require(t.val_metric in ("auto", "exact_match", "bleu4"), "train.val_metric",
-             "must be auto, exact_match or bleu4")
-    _require(t.precision in ("float32", "mixed_bfloat16", "mixed_float16"), "train.precision",
-             "must be float32, mixed_bfloat16 or mixed_float16")
-    _require(t.strategy in ("default", "mirrored", "multi_worker"), "train.strategy",
-             "must be default, mirrored or multi_worker")
     _require(t.logical_cpus >= 0, "train.logical_cpus", "must be 0 (no split) or more")
-    _require(t.scheduled_sampling.schedule in ("linear", "inverse_sigmoid"),
-             "train.scheduled_sampling.schedule", "must be linear or inverse_sigmoid")
-    dc = cfg.decode
-    _require(dc.strategy in ("greedy", "beam", "sample"), "decode.strategy",
-             "must be greedy, beam or sample")
     _require(1 <= dc.n_best <= dc.beam_size, "decode.n_best", "must be in 1..decode.beam_size")
     _require(dc.temperature > 0, "decode.temperature", "must be positive")
     _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from captioner.choices import Choices
 from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data.images import image_batches, load_image
 from captioner.data.tokenizers import Tokenizer
@@ -40,9 +41,7 @@ class DecodeOptions:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("greedy", "beam", "sample"):
-            raise ValueError(f"decoding strategy must be greedy, beam or sample, "
-                             f"got {self.strategy!r}")
+        Choices().check("decode_strategy", self.strategy, "decoding strategy")
         if self.strategy == "beam" and not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best ({self.n_best}) must be between 1 and beam_size "
                              f"({self.beam_size})")

@@ -41,6 +41,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from captioner.choices import Choices
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -69,27 +71,27 @@ def _default_specs() -> Mapping[str, BackboneSpec]:
 
 @dataclass(frozen=True)
 class BackboneDefaults:
-    """The pretrained backbones and the accepted option values (immutable).
+    """The pretrained backbones (immutable).
 
-    ``specs`` maps each pretrained backbone name (in :func:`available_backbones` order) to
-    its :class:`BackboneSpec`; ``caffe_mean_bgr`` holds the ImageNet channel means in BGR
-    order, subtracted by the ``"caffe"`` preprocessing.
+    ``specs`` maps each pretrained backbone name (``Choices().backbone`` after
+    ``small_cnn``, in that order) to its :class:`BackboneSpec`; ``caffe_mean_bgr`` holds
+    the ImageNet channel means in BGR order, subtracted by the ``"caffe"`` preprocessing.
 
     Example:
-        >>> BackboneDefaults().trainable_modes
-        ('frozen', 'full', 'fine_tune')
         >>> BackboneDefaults().specs["inception_v3"].default_size
         299
+        >>> ("small_cnn", *BackboneDefaults().specs) == Choices().backbone
+        True
     """
 
-    trainable_modes: tuple[str, ...] = ("frozen", "full", "fine_tune")
     caffe_mean_bgr: tuple[float, float, float] = (103.939, 116.779, 123.68)
     specs: Mapping[str, BackboneSpec] = field(default_factory=_default_specs)
 
 
 def available_backbones() -> tuple[str, ...]:
-    """Names accepted by :func:`build_backbone`, ``"small_cnn"`` first."""
-    return ("small_cnn", *BackboneDefaults().specs)
+    """Names accepted by :func:`build_backbone` (``model.backbone``), ``"small_cnn"``
+    first."""
+    return Choices().backbone
 
 
 def default_image_size(name: str) -> int:
@@ -138,9 +140,7 @@ def _check_trainable(trainable: str | bool, fine_tune_from: str | None) -> str:
     """Normalises ``trainable`` (a bool from Keras' own config means full/frozen)."""
     if isinstance(trainable, bool):
         trainable = "full" if trainable else "frozen"
-    modes = BackboneDefaults().trainable_modes
-    if trainable not in modes:
-        raise ValueError(f"trainable must be one of {modes}, got {trainable!r}")
+    Choices().check("trainable", trainable)
     if trainable == "fine_tune" and not fine_tune_from:
         raise ValueError("trainable='fine_tune' needs fine_tune_from=<layer name>")
     if trainable != "fine_tune" and fine_tune_from:
@@ -319,8 +319,7 @@ class SmallCNN(keras.layers.Layer):
                  kernels: list[int] | tuple[int, ...] = (3, 3), padding: str = "same",
                  **kwargs):
         super().__init__(**kwargs)
-        if padding not in ("same", "reflect"):
-            raise ValueError(f"padding must be 'same' or 'reflect', got {padding!r}")
+        Choices().check("cnn_padding", padding)
         self.filters = list(filters)
         self.kernels = list(kernels)
         self.padding = padding

@@ -11,12 +11,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from captioner.choices import Choices
 from captioner.config import ModelConfig
 from captioner.model.backbones import build_backbone
 from captioner.model.kernels import (
     AttentionKernel,
     KernelBuildError,
-    KernelChoices,
     attention_kernel,
 )
 from captioner.model.recurrence import (
@@ -89,8 +89,7 @@ class GridAttention(keras.layers.Layer):
 
     def __init__(self, kind: str = "additive", units: int = 512, **kwargs):
         super().__init__(**kwargs)
-        if kind not in ("additive", "dot", "general"):
-            raise ValueError(f"attention kind must be additive, dot or general, got {kind!r}")
+        Choices().check("attention", kind)
         self.kind = kind
         self.units = units
 
@@ -181,9 +180,8 @@ class AttentionDecoder(keras.layers.Layer):
                  dropout: float = 0.0, init_state: str = "mean", attend: str = "before",
                  attention_kernel: str = "auto", **kwargs):
         super().__init__(**kwargs)
-        if attend not in ("before", "after"):
-            raise ValueError(f"attend must be 'before' or 'after', got {attend!r}")
-        KernelChoices().check(attention_kernel)
+        Choices().check("attend", attend)
+        Choices().check("attention_kernel", attention_kernel)
         self.attend = attend
         self.attention_kernel = attention_kernel
         self.vocab_size = vocab_size

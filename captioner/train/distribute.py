@@ -35,11 +35,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from captioner.choices import Choices
 from captioner.config import Config
 from captioner.model.layers import CaptionModel
 from captioner.train.steps import _trim, make_optimizer, split_variables, training_loss
 
-STRATEGIES = ("default", "mirrored", "multi_worker")
 SUM = tf.distribute.ReduceOp.SUM
 
 
@@ -58,7 +58,7 @@ def make_strategy(name: str, devices: list[str] | None = None) -> tf.distribute.
         >>> make_strategy("ring")
         Traceback (most recent call last):
         ...
-        ValueError: unknown strategy 'ring' (choose one of default, mirrored, multi_worker)
+        captioner.choices.ChoiceError: train.strategy must be one of default, mirrored, multi_worker; got 'ring'
     """
     if name == "default":
         return tf.distribute.get_strategy()
@@ -67,7 +67,8 @@ def make_strategy(name: str, devices: list[str] | None = None) -> tf.distribute.
     if name == "multi_worker":
         check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"unknown strategy {name!r} (choose one of {', '.join(STRATEGIES)})")
+    Choices().check("strategy", name, "train.strategy")
+    raise AssertionError(f"strategy {name!r} is allowed but not built")
 
 
 def local_devices() -> list[str]:

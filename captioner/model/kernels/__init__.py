@@ -45,28 +45,11 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
+from captioner.choices import Choices
+
 
 class KernelBuildError(RuntimeError):
     """The kernel library could not be compiled or loaded (the message says why)."""
-
-
-@dataclass(frozen=True)
-class KernelChoices:
-    """Accepted values of ``model.attention_kernel``: ``auto`` (the fused kernel on a
-    CPU-only machine when it builds, else TensorFlow ops, with a warning), ``fused``
-    (the kernel or an error) and ``tensorflow`` (never the kernel).
-
-    Example:
-        >>> KernelChoices().values
-        ('auto', 'fused', 'tensorflow')
-    """
-
-    values: tuple[str, ...] = ("auto", "fused", "tensorflow")
-
-    def check(self, choice: str) -> None:
-        """ValueError unless ``choice`` is one of :attr:`values`."""
-        if choice not in self.values:
-            raise ValueError(f"attention_kernel must be one of {self.values}, got {choice!r}")
 
 
 @dataclass(frozen=True)
@@ -260,7 +243,7 @@ def attention_kernel(choice: str, build: KernelBuild | None = None) -> Attention
     back to TensorFlow ops with a warning when it cannot be built; ``fused`` raises
     :class:`KernelBuildError` then.
     """
-    KernelChoices().check(choice)
+    Choices().check("attention_kernel", choice, "model.attention_kernel")
     if choice == "tensorflow" or (choice == "auto" and tf.config.list_physical_devices("GPU")):
         return None
     loaded = _load(build or KernelBuild())
