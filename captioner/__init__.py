@@ -1,5 +1,11 @@
 """captioner: Show, Attend and Tell image-to-sequence models (captions or SMILES).
 
+The package is laid out by stage: :mod:`captioner.data` (manifests, images, tokenizers,
+shapes, molecules, feature cache), :mod:`captioner.model` (layers, recurrence, backbones,
+kernels), :mod:`captioner.train` (trainer, steps, distribute, optimizers),
+:mod:`captioner.generate` (decoding, Captioner), :mod:`captioner.evaluate` (metrics,
+grounding, runs), :mod:`captioner.viz` (figures, report) and :mod:`captioner.cli`.
+
 Heavy modules (TensorFlow) load on first use, so ``import captioner`` stays cheap::
 
     from captioner import Captioner
@@ -9,6 +15,7 @@ Heavy modules (TensorFlow) load on first use, so ``import captioner`` stays chea
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -16,16 +23,11 @@ __all__ = ["Captioner", "Config", "Generation", "Trainer", "load_config", "train
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Captioner", "Generation"):
-        from captioner.generate import captioner as inference
-
-        return getattr(inference, name)
-    if name in ("Trainer", "train"):
-        from captioner.train import steps as training
-
-        return getattr(training, name)
-    if name in ("Config", "load_config"):
-        from captioner import config
-
-        return getattr(config, name)
-    raise AttributeError(f"module 'captioner' has no attribute {name!r}")
+    """The public API by name, importing its module on first use."""
+    where = {"Captioner": "captioner.generate.captioner",
+             "Generation": "captioner.generate.captioner",
+             "Trainer": "captioner.train.trainer", "train": "captioner.train.trainer",
+             "Config": "captioner.config", "load_config": "captioner.config"}
+    if name not in where:
+        raise AttributeError(f"module 'captioner' has no attribute {name!r}")
+    return getattr(importlib.import_module(where[name]), name)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from captioner.data.molecules import atom_tokens_positions
 from captioner.data.shapes import ShapesSpec
 
 
@@ -237,8 +238,6 @@ def molecule_grounding(pred_tokens: Sequence[Sequence[str]], attentions: Sequenc
         >>> molecule_grounding([["C", "O"]], [att], ["CO"], atoms, [(224, 224)], (7, 7))
         {'grounding': 0.5, 'grounded': 1, 'object_words': 2, 'molecules': 1, 'within_one_cell': 1.0}
     """
-    from captioner.data.molecules import atom_tokens_positions
-
     n_ok = n_near = n_total = n_mols = 0
     for tokens, attention, ref, mol_atoms, hw in zip(pred_tokens, attentions, references, atoms,
                                                     image_hws, strict=True):

@@ -14,11 +14,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageOps
+
 from captioner.config import DataConfig, load_config
-from captioner.data.formats import read_records
+from captioner.data.formats import read_any, read_records
 from captioner.data.manifests import LoadReport, Record
 from captioner.data.splits import SplitData, build_split
+from captioner.evaluate.grounding import molecule_grounding, shapes_grounding
+from captioner.evaluate.metrics import (
+    compute_metrics,
+    metric_family,
+    metrics_markdown,
+    per_example_caption_metrics,
+    per_example_smiles_metrics,
+)
 from captioner.generate.captioner import Captioner, Generation
+from captioner.viz.attention import report_items
+from captioner.viz.report import write_report
 
 
 @dataclass
@@ -57,7 +69,6 @@ def _records(cap: Captioner, data: str | None, split: str) -> tuple[list[Record]
     path = Path(data)
     if path.suffix.lower() in (".yaml", ".yml"):
         return read_records(load_config(path).data, smiles), str(path)
-    from captioner.data.formats import read_any
 
     cfg = _manifest_config(path, cap.config.data)
     records = read_any(cfg.format, cfg.path, None, cfg.image_column, cfg.text_column,
@@ -83,8 +94,6 @@ def load_eval_data(cap: Captioner, data: str | None = None, split: str = "test",
 
 
 def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[str, Any]]:
-    from captioner.evaluate.metrics import per_example_caption_metrics, per_example_smiles_metrics
-
     if family == "smiles":
         heavy = [m.get("heavy_atoms") for m in split.meta]
         heavy = [int(h) for h in heavy] if all(h not in (None, "") for h in heavy) else None
@@ -96,8 +105,6 @@ def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[s
 
 def image_hw(path: str) -> tuple[int, int]:
     """(height, width) of an image file, read from its header (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
-
     with Image.open(path) as im:
         width, height = ImageOps.exif_transpose(im).size if im.getexif() else im.size
     return height, width
@@ -106,8 +113,6 @@ def image_hw(path: str) -> tuple[int, int]:
 def grounding_scores(cap: Captioner, gen: Generation, split: SplitData) -> dict[str, Any] | None:
     """Attention grounding where the data says where things are: shapes (object boxes,
     colour and shape words) or rendered molecules (atom positions, atom tokens)."""
-    from captioner.evaluate.grounding import molecule_grounding, shapes_grounding
-
     metas = split.meta
     words = [cap.tokenizer.ids_to_tokens(t) for t in gen.tokens]
     attention = [gen.attention[i, :len(w)] for i, w in enumerate(words)]
@@ -146,8 +151,6 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     writes ``index.html``: every image with its per-token attention, sortable by the
     per-example metrics and score.
     """
-    from captioner.evaluate.metrics import compute_metrics, metric_family, metrics_markdown
-
     cap = Captioner.load(run_dir)
     ev = load_eval_data(cap, data, split, limit)
     started = time.perf_counter()
@@ -178,9 +181,6 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
 
 def _write_report(cap: Captioner, gen: Generation, split: SplitData,
                   rows: list[dict[str, Any]], path: Path) -> Path:
-    from captioner.viz.attention import report_items
-    from captioner.viz.report import write_report
-
     numeric = [{k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
                for row in rows]  # exact_match and friends become 0/1
     items = report_items(cap, gen, split.references, numeric, images=split.paths)

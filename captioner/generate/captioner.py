@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,10 +20,12 @@ import tensorflow as tf
 
 from captioner.choices import Choices
 from captioner.config import Config, DecodeConfig, config_from_dict
+from captioner.data.chem import canonical_smiles
 from captioner.data.images import image_batches, load_image
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
 from captioner.model.layers import CaptionModel
+from captioner.model.restore import restore_weights
 
 
 @dataclass(frozen=True)
@@ -173,8 +177,6 @@ class Generation:
 
 
 def _valid_smiles(text: str) -> bool:
-    from captioner.data.chem import canonical_smiles
-
     return bool(text) and canonical_smiles(text) is not None
 
 
@@ -199,8 +201,6 @@ class Captioner:
     def load(cls, run_dir: str | Path, checkpoint: str = "best") -> Captioner:
         """Rebuild from ``run_dir`` alone: config.json, tokenizer.json, model.json and
         the ``best`` (or ``latest``) checkpoint."""
-        from captioner.model.restore import restore_weights
-
         run_dir = Path(run_dir)
         for name in ("config.json", "tokenizer.json", "model.json"):
             if not (run_dir / name).is_file():
@@ -317,8 +317,6 @@ def expand_images(specs: Sequence[str]) -> list[str]:
 
     Raises FileNotFoundError naming every spec that matched nothing.
     """
-    import glob
-
     suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
     paths, missing = [], []
     for spec in specs:
@@ -339,8 +337,6 @@ def expand_images(specs: Sequence[str]) -> list[str]:
 
 def write_results(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write ``caption`` results as JSON lines (``.jsonl``) or CSV (``.csv``)."""
-    import csv
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".csv":

@@ -14,6 +14,8 @@ from typing import Any
 
 from captioner.data.images import load_image
 from captioner.generate.captioner import Captioner, Generation
+from captioner.viz.figures import attention_figure
+from captioner.viz.report import ReportItem, write_report
 
 
 def figure_name(path: str, index: int, taken: set[str]) -> str:
@@ -34,8 +36,6 @@ def figure_name(path: str, index: int, taken: set[str]) -> str:
 def write_figures(cap: Captioner, gen: Generation, out_dir: Path,
                   titles: Sequence[str] | None = None) -> list[Path]:
     """One PNG grid per image of ``gen`` (token panels over the original image)."""
-    from captioner.viz.figures import attention_figure
-
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     paths = []
@@ -54,8 +54,6 @@ def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]
                  images: Sequence[str] | None = None) -> list[Any]:
     """:class:`captioner.report.ReportItem` for every image of ``gen`` (``images``: the
     files, when ``gen`` was decoded from arrays)."""
-    from captioner.viz.report import ReportItem
-
     items = []
     for i, image_path in enumerate(images or gen.images):
         tokens = cap.tokenizer.ids_to_tokens(gen.tokens[i])
@@ -71,8 +69,6 @@ def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]
 def write_attention(run_dir: str | Path, images: Sequence[str], out_dir: str | Path,
                     log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
     """Caption ``images`` with a run and write the figures and ``index.html``."""
-    from captioner.viz.report import write_report
-
     cap = Captioner.load(run_dir)
     gen = cap.generate(list(images), **decode)
     out = Path(out_dir)

@@ -1,0 +1,116 @@
+"""Manifests: image-text records, the errors that name the file and line, and the
+report of images that could not be used."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A manifest or image problem, with the file (and line) that caused it."""
+
+
+@dataclass
+class Record:
+    """One image-text pair as read from a manifest.
+
+    Example:
+        >>> Record(image="/data/a.png", text="a red circle", split="train").split
+        'train'
+    """
+
+    image: str
+    text: str
+    split: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """Images that could not be used, with reasons; written into the run directory.
+
+    Example:
+        >>> r = LoadReport(); r.add("x.jpg", "missing file"); r.count
+        1
+    """
+
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, reason: str) -> None:
+        self.failures.append((path, reason))
+
+    @property
+    def count(self) -> int:
+        return len(self.failures)
+
+    def write(self, path: str | Path) -> None:
+        lines = [f"{p}\t{reason}" for p, reason in self.failures]
+        Path(path).write_text("".join(line + "\n" for line in lines))
+
+
+# ---- manifests ---------------------------------------------------------------------------
+def _resolve_image(name: str, base: Path) -> str:
+    p = Path(name).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _parse_meta(row: dict[str, str], used: set[str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in used or key is None:
+            continue
+        if value and value[:1] in "[{":
+            try:
+                meta[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                pass
+        meta[key] = value
+    return meta
+
+
+def read_csv_manifest(path: str | Path, image_column: str = "image", text_column: str = "caption",
+                      split_column: str | None = "split", images_dir: str | None = None
+                      ) -> list[Record]:
+    """Read a CSV manifest; relative image paths resolve against ``images_dir`` or the
+    manifest's own folder. Extra columns (JSON decoded where possible) go to ``meta``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    base = Path(images_dir) if images_dir else path.parent
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        for col in (image_column, text_column):
+            if col not in columns:
+                raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns)})")
+        has_split = bool(split_column) and split_column in columns
+        used = {image_column, text_column, split_column or ""}
+        records = []
+        for line, row in enumerate(reader, start=2):
+            image, text = row.get(image_column), row.get(text_column)
+            if not image or text is None or not text.strip():
+                raise DataError(f"{path}:{line}: empty {image_column!r} or {text_column!r}")
+            split = normalise_split(row.get(split_column), path, line) if has_split else None
+            records.append(Record(_resolve_image(image, base), text.strip(), split,
+                                  _parse_meta(row, used)))
+    if not records:
+        raise DataError(f"{path}: no rows")
+    return records
+
+
+def normalise_split(value: str | None, path: Path, line: int) -> str | None:
+    if not value:
+        return None
+    aliases = {"train": "train", "restval": "train", "val": "val", "valid": "val",
+               "validation": "val", "dev": "val", "test": "test"}
+    split = aliases.get(value.strip().lower())
+    if split is None:
+        raise DataError(f"{path}:{line}: unknown split {value!r} (use train, val or test)")
+    return split
+
