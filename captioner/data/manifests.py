@@ -19,8 +19,8 @@ class Record:
     """One image-text pair as read from a manifest.
 
     Example:
-        >>> Record(image="/data/a.png", text="a red circle", split="train").split
-        'train'
+        >>> Record(image="/data/a.png", text="a red circle").meta
+        {}
     """
 
     image: str

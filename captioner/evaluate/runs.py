@@ -38,8 +38,10 @@ class EvalData:
     """The images of one split with their references, as read for evaluation.
 
     Example:
-        >>> EvalData.__name__
-        'EvalData'
+        >>> split = build_split([Record("missing.png", "a b", "test")], 8, load=False)
+        >>> data = EvalData(split, "config data", LoadReport())
+        >>> data.split.paths, data.split.references, data.report.count
+        (['missing.png'], [['a b']], 0)
     """
 
     split: SplitData
