@@ -455,3 +455,35 @@ def test_samples_respect_end_pad_top_k_and_score_rules(temperature, top_k):
             assert all(row[j] in np.argsort(-lp)[:top_k] for j, lp in enumerate(log_probs))
         score = sum(lp[row[j]] for j, lp in enumerate(log_probs))  # before temperature
         np.testing.assert_allclose(out["scores"][b], score, rtol=1e-5)
+
+
+# ---- per-token scores -----------------------------------------------------------------
+
+
+def test_token_scores_are_each_tokens_log_prob_along_its_own_beam():
+    table = GREEDY_TRAP
+    out = run_beam(table_step(table), [START], beam_size=2, n_best=2, max_length=10)
+    for i, seq in enumerate([[B, C, END], [A, END]]):
+        fed = [START, *seq[:-1]]
+        expect = [table[p, t] for p, t in zip(fed, seq)]
+        np.testing.assert_allclose(out["token_scores"][0, i, :len(seq)], expect, rtol=1e-6)
+        assert np.all(out["token_scores"][0, i, len(seq):] == 0)
+    greedy = run_greedy(table_step(table), [START])
+    np.testing.assert_allclose(greedy["token_scores"][0, :2], [table[START, A], table[A, END]],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_token_scores_sum_to_the_raw_score_when_beams_cross(compiled):
+    model, starts, k = ToyModel(seed=3, end_bias=0.3), [START, B, D], 3
+    out = run_beam(model.step, starts, beam_size=k, n_best=k, length_penalty=0.6,
+                   state=model.initial_state(3), compiled=compiled)
+    for b, start in enumerate(starts):
+        for i in range(k):
+            n = out["lengths"][b, i]
+            seq = trimmed(out["tokens"][b, i], n)
+            replay = [model.log_probs(start, seq[:s])[tok] for s, tok in enumerate(seq)]
+            np.testing.assert_allclose(out["token_scores"][b, i, :n], replay, rtol=1e-4,
+                                       atol=1e-5)
+            np.testing.assert_allclose(out["token_scores"][b, i].sum(), out["log_probs"][b, i],
+                                       rtol=1e-5, atol=1e-5)

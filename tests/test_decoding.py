@@ -79,3 +79,12 @@ def test_eager_and_compiled_agree():
     a, b = run(SCRIPT, 6), run(SCRIPT, 6, compiled=True)
     for key in a:
         np.testing.assert_allclose(a[key], b[key])
+
+
+def test_token_scores_are_the_chosen_log_probs_and_zero_after_end():
+    for compiled in (False, True):
+        out = run(SCRIPT, max_length=6, compiled=compiled)
+        live = np.arange(6)[None, :] < out["lengths"][:, None]  # (B, T)
+        np.testing.assert_allclose(out["token_scores"][live], np.log(0.5), rtol=1e-6)
+        assert np.all(out["token_scores"][~live] == 0)
+        np.testing.assert_allclose(out["token_scores"].sum(1), out["scores"], rtol=1e-6)

@@ -71,6 +71,7 @@ def test_smiles_rerank_prefers_valid_candidates(cap):
     tokens = np.array([[[ids["C"], ids["1"], ids["C"], ids["C"], end],
                         [ids["C"], ids["C"], ids["O"], end, 0]]])
     part = {"tokens": tokens, "lengths": np.array([[5, 4]]), "scores": np.array([[-1.0, -2.0]]),
+            "token_scores": np.zeros((1, 2, 5), np.float32),
             "attention": np.zeros((1, 2, 5, 64), np.float32)}
     other = Captioner(cap.config, smiles_tok, cap.model)
     plain = other._collect([part], ["x"], rerank=False, n_best=2)

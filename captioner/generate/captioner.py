@@ -80,7 +80,8 @@ def _run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf
         out = beam_search(lambda t, h: model.decoder.step(t, h, enc, weights), h0,
                           tf.fill([batch * k], start_id), end_id, pad_id, max_length, k,
                           options.n_best, options.length_penalty)
-        return {key: out[key] for key in ("tokens", "lengths", "scores", "attention")}
+        return {key: out[key] for key in ("tokens", "lengths", "scores", "token_scores",
+                                          "attention")}
     h0 = model.decoder.initial_state(enc)  # (B, U)
     start = tf.fill([batch], start_id)
 
@@ -124,7 +125,8 @@ def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tok
 
 @dataclass
 class Candidate:
-    """One decoded sequence: text, token ids (no ``<end>``), score and its attention.
+    """One decoded sequence: text, token ids (no ``<end>``), score, its attention and
+    each token's log-prob (``token_scores``, same length as ``tokens``).
 
     Example:
         >>> Candidate("a b", [4, 5], -0.5, np.zeros((2, 49))).attention.shape
@@ -135,6 +137,7 @@ class Candidate:
     tokens: list[int]
     score: float
     attention: np.ndarray  # (len(tokens), G)
+    token_scores: np.ndarray | None = None  # (len(tokens),) float32 log-probs
 
 
 @dataclass
@@ -144,7 +147,8 @@ class Generation:
     ``tokens[i]`` are the ids generated for image i without ``<end>``; ``attention`` is
     (B, T, G) with ``attention[i, t]`` the weights used to emit ``tokens[i][t]``
     (zero rows past each sequence); ``scores`` are sums of token log-probs (``<end>``
-    included; length-normalised when beam search uses a length penalty).
+    included; length-normalised when beam search uses a length penalty) and
+    ``token_scores`` (B, T) each token's log-prob (zeros past each sequence).
     ``candidates[i]`` holds the n-best list of image i (one entry unless beam search
     was asked for more), best first.
 
@@ -160,6 +164,7 @@ class Generation:
     attention: np.ndarray  # (B, T, G)
     images: list[str]
     candidates: list[list[Candidate]] | None = None
+    token_scores: np.ndarray | None = None  # (B, T)
 
     def records(self, tokenizer: Tokenizer) -> list[dict[str, Any]]:
         """One JSON-ready dict per image (the ``caption --json`` output)."""
@@ -169,6 +174,8 @@ class Generation:
             rec = {"image": self.images[i], "text": text,
                    "tokens": tokenizer.ids_to_tokens(self.tokens[i]),
                    "score": float(self.scores[i]),
+                   "token_scores": ([] if self.token_scores is None else
+                                    np.round(self.token_scores[i, :n], 5).tolist()),
                    "attention": np.round(self.attention[i, :n], 5).tolist()}
             if self.candidates and len(self.candidates[i]) > 1:
                 rec["n_best"] = [{"text": c.text, "score": c.score} for c in self.candidates[i]]
@@ -288,7 +295,8 @@ class Captioner:
                     ids = ids[:-1] if ids and ids[-1] == self.tokenizer.end_id else ids
                     row.append(Candidate(self.tokenizer.decode(ids), ids,
                                          float(p["scores"][b, n]),
-                                         p["attention"][b, n, :len(ids)]))
+                                         p["attention"][b, n, :len(ids)],
+                                         p["token_scores"][b, n, :len(ids)]))
                 out.append(row)
         return out
 
@@ -301,11 +309,13 @@ class Captioner:
         best = [c[0] for c in candidates]
         steps = max([len(c.tokens) for c in best] + [1])
         attention = np.zeros((len(best), steps, self.model.grid_size), np.float32)
+        token_scores = np.zeros((len(best), steps), np.float32)
         for i, c in enumerate(best):
             attention[i, :len(c.tokens)] = c.attention
+            token_scores[i, :len(c.tokens)] = c.token_scores
         return Generation([c.text for c in best], [c.tokens for c in best],
                           np.array([c.score for c in best], np.float32), attention, names,
-                          candidates)
+                          candidates, token_scores)
 
     def caption(self, images: Sequence[str | Path] | np.ndarray, **decode: Any) -> list[str]:
         """Just the texts."""

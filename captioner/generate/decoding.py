@@ -30,31 +30,35 @@ def _sequential_search(step_fn: StepFn, initial_state: Any, start_ids: tf.Tensor
     batch = tf.shape(start_ids)[0]
     max_length = tf.cast(max_length, "int32")
     tokens_ta = tf.TensorArray("int32", size=0, dynamic_size=True)
+    lp_ta = tf.TensorArray("float32", size=0, dynamic_size=True)
     attn_ta = tf.TensorArray("float32", size=0, dynamic_size=True)
 
     def cond(t, _prev, _state, finished, *_):
         return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(finished)))
 
-    def body(t, prev, state, finished, scores, lengths, tokens_ta, attn_ta):
+    def body(t, prev, state, finished, scores, lengths, tokens_ta, lp_ta, attn_ta):
         log_probs, state, attn = step_fn(prev, state)  # (B, V), nest, (B, G)
         best = tf.cast(choose(t, log_probs), "int32")  # (B,)
         best_lp = tf.gather(log_probs, best, axis=1, batch_dims=1)  # (B,)
         live = tf.logical_not(finished)
         token = tf.where(live, best, pad_id)
-        scores += tf.where(live, tf.cast(best_lp, "float32"), 0.0)
+        token_lp = tf.where(live, tf.cast(best_lp, "float32"), 0.0)  # (B,)
+        scores += token_lp
         lengths += tf.cast(live, "int32")
         attn = tf.where(live[:, None], tf.cast(attn, "float32"), 0.0)
         finished = tf.logical_or(finished, tf.equal(token, end_id))
         return (t + 1, token, state, finished, scores, lengths,
-                tokens_ta.write(t, token), attn_ta.write(t, attn))
+                tokens_ta.write(t, token), lp_ta.write(t, token_lp), attn_ta.write(t, attn))
 
     init = (tf.constant(0), start_ids, initial_state, tf.zeros((batch,), "bool"),
-            tf.zeros((batch,), "float32"), tf.zeros((batch,), "int32"), tokens_ta, attn_ta)
-    _, _, _, _, scores, lengths, tokens_ta, attn_ta = tf.while_loop(cond, body, init)
+            tf.zeros((batch,), "float32"), tf.zeros((batch,), "int32"), tokens_ta, lp_ta,
+            attn_ta)
+    _, _, _, _, scores, lengths, tokens_ta, lp_ta, attn_ta = tf.while_loop(cond, body, init)
     return {
         "tokens": tf.transpose(tokens_ta.stack(), [1, 0]),  # (B, T)
         "lengths": lengths,  # (B,)
         "scores": scores,  # (B,)
+        "token_scores": tf.transpose(lp_ta.stack(), [1, 0]),  # (B, T), 0 past the end
         "attention": tf.transpose(attn_ta.stack(), [1, 0, 2]),  # (B, T, G)
     }
 
@@ -65,7 +69,8 @@ def greedy_search(step_fn: StepFn, initial_state: Any, start_ids: tf.Tensor, end
 
     Returns ``tokens`` (B, T) int32 (generated ids, ``end_id`` included, ``pad_id`` after),
     ``lengths`` (B,) (tokens up to and including ``end_id``), ``scores`` (B,) (sum of the
-    chosen tokens' log-probs) and ``attention`` (B, T, G) (zeros after the end). T is the
+    chosen tokens' log-probs), ``token_scores`` (B, T) (each chosen token's log-prob, 0
+    after the end) and ``attention`` (B, T, G) (zeros after the end). T is the
     number of steps actually run: at most ``max_length``, fewer when every row ended.
 
     Example:
@@ -167,6 +172,7 @@ class _Hyps(NamedTuple):
     raw: tf.Tensor  # (B, M) float32 sum of token log-probs
     length: tf.Tensor  # (B, M) int32 generated tokens (``<end>`` included)
     seq: tf.Tensor  # (B, M, L) int32, pad_id past the length
+    token_lp: tf.Tensor  # (B, M, L) float32 each token's log-prob, 0 past the length
     attn: tf.Tensor  # (B, M, L, G) float32, zeros past the length
     finished: tf.Tensor  # (B, M) bool: ended with ``<end>``
 
@@ -185,6 +191,7 @@ def _empty_hyps(batch: tf.Tensor, width: int, max_length: tf.Tensor, grid: tf.Te
                   [batch, 1])  # (B, M)
     return _Hyps(score=raw, raw=raw, length=tf.zeros([batch, width], "int32"),
                  seq=tf.fill([batch, width, max_length], pad_id),
+                 token_lp=tf.zeros([batch, width, max_length], "float32"),
                  attn=tf.zeros([batch, width, max_length, grid], "float32"),
                  finished=tf.zeros([batch, width], "bool"))
 
@@ -225,13 +232,16 @@ def _expand(t: tf.Tensor, log_probs: tf.Tensor, attn: tf.Tensor, alive: _Hyps,
     total = alive.raw[:, :, None] + log_probs  # (B, K, V)
     raw, flat = tf.math.top_k(tf.reshape(total, [batch, k * vocab]), k=2 * k)  # (B, 2K)
     parent, token = flat // vocab, flat % vocab  # (B, 2K)
+    step_lp = tf.gather(tf.reshape(log_probs, [batch, k * vocab]), flat, batch_dims=1)  # (B, 2K)
     hist = _gather_hyps(alive, parent)
     step_attn = tf.reshape(tf.cast(attn, "float32"), [batch, k, -1])  # (B, K, G)
     step_attn = tf.gather(step_attn, parent, batch_dims=1)  # (B, 2K, G)
     at_t = tf.equal(tf.range(cfg.max_length), t)  # (L,)
     seq = tf.where(at_t, token[:, :, None], hist.seq)  # (B, 2K, L)
+    token_lp = tf.where(at_t, step_lp[:, :, None], hist.token_lp)  # (B, 2K, L)
     attn_hist = tf.where(at_t[:, None], step_attn[:, :, None, :], hist.attn)  # (B, 2K, L, G)
-    cands = _Hyps(score=raw, raw=raw, length=hist.length + 1, seq=seq, attn=attn_hist,
+    cands = _Hyps(score=raw, raw=raw, length=hist.length + 1, seq=seq, token_lp=token_lp,
+                  attn=attn_hist,
                   finished=tf.equal(token, cfg.end_id))
     return cands, parent
 
@@ -303,7 +313,8 @@ def beam_search(step_fn: StepFn, initial_state: Any, start_ids: tf.Tensor, end_i
 
     Returns ``tokens`` (B, n_best, T) int32 (``end_id`` included, ``pad_id`` after),
     ``lengths`` (B, n_best) int32, ``scores`` (B, n_best) normalised, ``log_probs``
-    (B, n_best) raw sums, ``finished`` (B, n_best) bool (ended with ``end_id``) and
+    (B, n_best) raw sums, ``token_scores`` (B, n_best, T) each token's log-prob (they sum
+    to ``log_probs``; 0 past the end), ``finished`` (B, n_best) bool (ended with ``end_id``) and
     ``attention`` (B, n_best, T, G) float32: each sequence's own attention history, zeros
     past its end. T is the number of steps run (<= ``max_length``, which must be >= 1).
 
@@ -360,6 +371,7 @@ def _final_ranking(steps: tf.Tensor, alive: _Hyps, pool: _Hyps, done: tf.Tensor,
         "lengths": best.length,  # (B, n_best)
         "scores": best.score,  # (B, n_best)
         "log_probs": best.raw,  # (B, n_best)
+        "token_scores": best.token_lp[:, :, :steps],  # (B, n_best, T)
         "finished": best.finished,  # (B, n_best)
         "attention": best.attn[:, :, :steps],  # (B, n_best, T, G)
     }
