@@ -39,7 +39,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 class Tokenizer(ABC):
     """Base class: vocabulary, special tokens, encoding/decoding and serialisation.
 
-    Subclasses implement :meth:`tokenize`, :meth:`detokenize` and :attr:`options`.
+    Subclasses implement :meth:`tokenize` and :attr:`options` and set :attr:`joiner`.
 
     Example:
         >>> tok = Tokenizer.create("word").fit(["a cat", "a dog"])
@@ -55,6 +55,7 @@ class Tokenizer(ABC):
     unk_id: ClassVar[int] = 3
     special_tokens: ClassVar[tuple[str, ...]] = ("<pad>", "<start>", "<end>", "<unk>")
     kind: ClassVar[str]
+    joiner: ClassVar[str] = ""  # what detokenize puts between tokens (exports use it too)
 
     def __init__(self) -> None:
         self._vocab: list[str] = list(self.special_tokens)
@@ -66,9 +67,9 @@ class Tokenizer(ABC):
     def tokenize(self, text: str) -> list[str]:
         """Split ``text`` into string tokens."""
 
-    @abstractmethod
     def detokenize(self, tokens: list[str]) -> str:
-        """Join string tokens back into text."""
+        """Join string tokens back into text with :attr:`joiner`."""
+        return self.joiner.join(tokens)
 
     @property
     @abstractmethod
@@ -279,6 +280,7 @@ class WordTokenizer(Tokenizer):
     """
 
     kind = "word"
+    joiner = " "
 
     def __init__(
         self,
@@ -309,9 +311,6 @@ class WordTokenizer(Tokenizer):
         if self.strip_punctuation:
             text = "".join(" " if unicodedata.category(c)[0] == "P" else c for c in text)
         return text.split()
-
-    def detokenize(self, tokens: list[str]) -> str:
-        return " ".join(tokens)
 
     def _select(self, ranked: list[tuple[str, int]]) -> list[str]:
         kept = [tok for tok, count in ranked if count >= self.min_count]
@@ -364,9 +363,6 @@ class SmilesTokenizer(Tokenizer):
             pos = match.end()
         return tokens
 
-    def detokenize(self, tokens: list[str]) -> str:
-        return "".join(tokens)
-
     def validate(self, smiles: str) -> None:
         """Raise ``ValueError`` if ``smiles`` cannot be fully tokenized."""
         self.tokenize(smiles)
@@ -395,6 +391,3 @@ class CharTokenizer(Tokenizer):
 
     def tokenize(self, text: str) -> list[str]:
         return list(text.lower() if self.lower else text)
-
-    def detokenize(self, tokens: list[str]) -> str:
-        return "".join(tokens)

@@ -66,7 +66,7 @@ class DecodeOptions:
         return cls(**values)
 
 
-def _run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf.Tensor],
+def run_strategy(options: DecodeOptions, model: CaptionModel, enc: dict[str, tf.Tensor],
                   ids: tuple[int, int, int], max_length: tf.Tensor, seed: tf.Tensor
                   ) -> dict[str, tf.Tensor]:
     """Decode from encoder outputs; every strategy returns (B, n, ...) shaped results."""
@@ -118,7 +118,7 @@ def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tok
     def generate(images: tf.Tensor, max_length: tf.Tensor, seed: tf.Tensor
                  ) -> dict[str, tf.Tensor]:
         enc = model.encode(images, training=False)  # features (B, G, E), keys (B, G, A)
-        return _run_strategy(options, model, enc, ids, max_length, seed)
+        return run_strategy(options, model, enc, ids, max_length, seed)
 
     return generate
 
@@ -205,9 +205,11 @@ class Captioner:
         self._compiled: dict[tuple[DecodeOptions, bool], Callable[..., dict[str, tf.Tensor]]] = {}
 
     @classmethod
-    def load(cls, run_dir: str | Path, checkpoint: str = "best") -> Captioner:
+    def load(cls, run_dir: str | Path, checkpoint: str = "best",
+             attention_kernel: str | None = None) -> Captioner:
         """Rebuild from ``run_dir`` alone: config.json, tokenizer.json, model.json and
-        the ``best`` (or ``latest``) checkpoint."""
+        the ``best`` (or ``latest``) checkpoint; ``attention_kernel`` overrides the
+        run's ``model.attention_kernel`` (e.g. ``tensorflow`` for an export)."""
         run_dir = Path(run_dir)
         for name in ("config.json", "tokenizer.json", "model.json"):
             if not (run_dir / name).is_file():
@@ -215,7 +217,7 @@ class Captioner:
                                         "directory written by 'captioner train'?")
         config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-        model = model_from_run(run_dir, config)
+        model = model_from_run(run_dir, config, attention_kernel)
         restore_weights(model, run_dir, checkpoint)
         return cls(config, tokenizer, model)
 
@@ -362,9 +364,13 @@ def write_results(records: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def model_from_run(run_dir: Path, config: Config) -> CaptionModel:
-    """Rebuild the model from ``model.json`` (its ``get_config``) with the run's precision."""
+def model_from_run(run_dir: Path, config: Config, attention_kernel: str | None = None
+                   ) -> CaptionModel:
+    """Rebuild the model from ``model.json`` (its ``get_config``) with the run's precision
+    (and ``attention_kernel`` instead of the run's, when given)."""
     args = json.loads((Path(run_dir) / "model.json").read_text())
+    if attention_kernel is not None:
+        args["attention_kernel"] = attention_kernel
     args["dtype"] = keras.DTypePolicy(config.train.precision)
     args["weights"] = None  # the checkpoint holds every weight: never download or read files
     return CaptionModel.from_config(args).build_weights()

@@ -1,0 +1,145 @@
+"""SavedModel export: loads without captioner, same texts as Captioner, bad bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from captioner.generate.captioner import Captioner
+from captioner.generate.export import ExportOptions, decode_images, export_run, next_version
+
+# Runs in a fresh interpreter where ``import captioner`` fails: the SavedModel must need
+# nothing but TensorFlow.
+LOAD_WITHOUT_CAPTIONER = r"""
+import json, sys
+sys.modules["captioner"] = None  # any import of captioner now raises ImportError
+import tensorflow as tf
+try:
+    import captioner  # noqa: F401
+    raise SystemExit("captioner was importable")
+except ImportError:
+    pass
+m = tf.saved_model.load(sys.argv[1])
+data = [open(p, "rb").read() for p in sys.argv[2:]] + [b"definitely not an image", b""]
+out = {}
+for sig in ("serving_default", "serving_beam"):
+    r = m.signatures[sig](images=tf.constant(data))
+    out[sig] = {k: v.numpy().tolist() for k, v in r.items() if k != "text"}
+    out[sig]["text"] = [t.decode() for t in r["text"].numpy()]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    return export_run(trained_run, tmp_path_factory.mktemp("export") / "tiny",
+                      ExportOptions(beam_size=3))
+
+
+@pytest.fixture(scope="module")
+def cap(trained_run) -> Captioner:
+    return Captioner.load(trained_run)
+
+
+@pytest.fixture(scope="module")
+def images(shapes_dir) -> list[Path]:
+    return sorted((shapes_dir / "images").glob("*.png"))[:6]
+
+
+def test_versioned_layout_and_signatures(exported):
+    assert exported.name == "1" and (exported / "saved_model.pb").is_file()
+    assert next_version(exported.parent) == 2
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    shown = subprocess.run([str(cli), "show", "--dir", str(exported), "--all"],
+                           capture_output=True, text=True, check=True).stdout
+    for name in ("serving_default", "serving_beam", "serving_pixels", "token_scores",
+                 "attention"):
+        assert name in shown
+
+
+def test_loads_without_captioner_and_matches_caption(exported, cap, images):
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_CAPTIONER, str(exported),
+                           *map(str, images)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    greedy, beam = out["serving_default"], out["serving_beam"]
+    n = len(images)
+    gen = cap.generate(images)
+    assert greedy["text"][:n] == gen.texts
+    assert greedy["valid"] == [True] * n + [False, False]
+    assert greedy["text"][n:] == ["", ""] and greedy["length"][n:] == [0, 0]
+    np.testing.assert_allclose(greedy["score"][:n], gen.scores, rtol=1e-4, atol=1e-4)
+    for i in range(n):
+        length = greedy["length"][i]
+        tokens = greedy["tokens"][i][:length]
+        assert tokens[:len(gen.tokens[i])] == gen.tokens[i]
+        np.testing.assert_allclose(sum(greedy["token_scores"][i]), greedy["score"][i],
+                                   rtol=1e-4, atol=1e-4)
+        att = np.array(greedy["attention"][i])  # (T, G)
+        np.testing.assert_allclose(att[:length].sum(-1), 1.0, atol=1e-4)
+        assert np.all(att[length:] == 0)
+    beam_gen = cap.generate(images, strategy="beam", beam_size=3, n_best=1)
+    assert beam["text"][:n] == beam_gen.texts
+
+
+def test_other_modes_and_formats_decode_like_pillow(exported, cap, images, tmp_path):
+    """RGBA (composited on white), grayscale and a lossless resize give the texts
+    ``captioner caption`` gives on the same files."""
+    base = np.asarray(Image.open(images[0]).convert("RGB"))
+    rgba = np.dstack([base, np.full(base.shape[:2], 255, np.uint8)])
+    rgba[:4, :4, 3] = 0  # a transparent corner: white after compositing
+    files = {"rgba.png": Image.fromarray(rgba, "RGBA"),
+             "gray.png": Image.fromarray(base).convert("L"),
+             "big.png": Image.fromarray(base).resize((base.shape[1] * 2,) * 2,
+                                                     Image.Resampling.NEAREST)}
+    paths = []
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        paths.append(tmp_path / name)
+    m = tf.saved_model.load(str(exported))
+    data = tf.constant([p.read_bytes() for p in paths])
+    texts = [t.decode() for t in m.signatures["serving_default"](images=data)["text"].numpy()]
+    assert texts == cap.generate(paths).texts
+    size = cap.image_size
+    pixels, valid = decode_images(data, size)
+    assert pixels.shape == (3, size, size, 3) and bool(tf.reduce_all(valid))
+    assert np.all(pixels.numpy()[0, :2, :2] == 255)  # transparent corner composited on white
+
+
+def test_pixels_signature_resizes_any_size(exported, cap, images):
+    m = tf.saved_model.load(str(exported))
+    arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images[:2]])
+    out = m.signatures["serving_pixels"](pixels=tf.constant(arr))
+    assert [t.decode() for t in out["text"].numpy()] == cap.generate(images[:2]).texts
+    odd = tf.constant(np.zeros((1, 45, 70, 3), np.uint8))
+    assert m.signatures["serving_pixels"](pixels=odd)["attention"].shape[-1] == 64
+
+
+def test_truncated_image_fails_the_call_and_the_process_goes_on(exported, images):
+    m = tf.saved_model.load(str(exported))
+    whole = images[0].read_bytes()
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        m.signatures["serving_default"](images=tf.constant([whole[: len(whole) // 2]]))
+    again = m.signatures["serving_default"](images=tf.constant([whole]))
+    assert bool(again["valid"][0])
+
+
+def test_jpeg_bytes_are_decoded(exported, images):
+    m = tf.saved_model.load(str(exported))
+    buf = io.BytesIO()
+    Image.open(images[0]).convert("RGB").save(buf, format="JPEG", quality=95)
+    out = m.signatures["serving_default"](images=tf.constant([buf.getvalue()]))
+    assert bool(out["valid"][0]) and out["tokens"].shape[0] == 1
+
+
+def test_existing_version_is_refused(trained_run, exported):
+    with pytest.raises(FileExistsError, match="exists"):
+        export_run(trained_run, exported.parent, version=1)
