@@ -423,14 +423,66 @@ def test_decoding_step_agrees(model_pair):
 
 
 def test_fused_build_failure_in_the_model_names_the_config_key(monkeypatch):
-    import captioner.model.layers as model_module
+    import captioner.model.recurrence as recurrence_module
 
     def broken(choice, build=None):
         raise KernelBuildError("no C++ compiler 'nope'")
 
-    monkeypatch.setattr(model_module, "attention_kernel", broken)
+    monkeypatch.setattr(recurrence_module, "attention_kernel", broken)
+    dec = AttentionDecoder(9, 4, 6, attention_units=5, attention_kernel="fused")
+    dec.build((None, 3, 4))  # neither constructing nor building resolves the kernel
     with pytest.raises(ValueError, match=r"model\.attention_kernel=fused.*nope"):
-        AttentionDecoder(9, 4, 6, attention_units=5, attention_kernel="fused")
+        dec(dec.prepare(tf.ones((2, 3, 4))), tf.ones((2, 3), tf.int32))  # the first use
+
+
+def _counting_loader(monkeypatch, result=None):
+    """Replace the kernel loader by one that records its calls and returns ``result``
+    (by default what the real loader returns)."""
+    import captioner.model.kernels as kernels_module
+
+    real, calls = kernels_module._load, []
+
+    def load(build):
+        calls.append(build)
+        return real(build) if result is None else result
+
+    monkeypatch.setattr(kernels_module, "_load", load)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:Layer .* looks like it has unbuilt state")
+def test_constructing_the_model_does_not_build_or_load_the_kernel(monkeypatch):
+    calls = _counting_loader(monkeypatch, KernelBuildError("no library: stub loader"))
+    models = {choice: CaptionModel(**TINY_MODEL, attention_kernel=choice)
+              for choice in ("fused", "auto", "tensorflow")}  # builds the decoder too
+    AttentionDecoder(9, 4, 6, attention_units=5, attention_kernel="fused")
+    clone = CaptionModel.from_config(models["fused"].get_config())
+    assert calls == []
+    models["tensorflow"]((tf.zeros((1, 4, 8)), tf.ones((1, 2), tf.int32)))
+    assert calls == []  # tensorflow never loads it
+    with pytest.raises(ValueError, match=r"model\.attention_kernel=fused.*stub loader"):
+        clone((tf.zeros((1, 4, 8)), tf.ones((1, 2), tf.int32)))  # the first forward pass
+    assert len(calls) == 1
+
+
+def test_the_kernel_is_resolved_once_at_the_first_forward_pass(kernel, monkeypatch):
+    calls = _counting_loader(monkeypatch)
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    for choice in ("fused", "auto"):
+        calls.clear()
+        model = CaptionModel(**TINY_MODEL, attention_kernel=choice)
+        assert calls == []
+        inputs = (tf.zeros((2, 4, 8)), tf.ones((2, 3), tf.int32))
+        model(inputs)
+        resolved = 0 if choice == "auto" and gpu else 1  # auto skips the CPU kernel on a GPU
+        assert len(calls) == resolved, choice
+        model(inputs, sampling_prob=tf.constant(0.5))
+        enc = model.encode(inputs[0])
+        model.decoder.step(inputs[1][:, 0], model.decoder.initial_state(enc), enc)
+        model.decoder.cross_entropy(tf.constant([1, 2]), tf.zeros((2, 13)))
+        assert len(calls) == resolved, choice  # kept, not resolved again
+        expected = None if resolved == 0 else kernel
+        assert model.decoder.recurrence.kernel is expected
 
 
 # ---- choosing and building -------------------------------------------------------------

@@ -14,25 +14,11 @@ import tensorflow as tf
 from captioner.choices import Choices
 from captioner.config import ModelConfig
 from captioner.model.backbones import build_backbone
-from captioner.model.kernels import (
-    AttentionKernel,
-    KernelBuildError,
-    attention_kernel,
-)
 from captioner.model.recurrence import (
     Recurrence,
     StepWeights,
     _cast,
 )
-
-
-def _kernel(choice: str) -> AttentionKernel | None:
-    """``model.attention_kernel`` -> the fused kernel or None; a build failure under
-    ``fused`` becomes a ValueError naming the key."""
-    try:
-        return attention_kernel(choice)
-    except KernelBuildError as exc:
-        raise ValueError(f"model.attention_kernel=fused: {exc}") from exc
 
 
 class FeatureEncoder(keras.layers.Layer):
@@ -164,7 +150,10 @@ class AttentionDecoder(keras.layers.Layer):
     input projection runs for all steps in one matmul under teacher forcing, and the
     output head runs once over all steps after the loop. The loop itself is a
     :class:`Recurrence` with a hand-written backward pass; its state is float32 under
-    every policy (matmuls run in the compute dtype).
+    every policy (matmuls run in the compute dtype). ``attention_kernel`` is checked
+    here but resolved on first use (the first step, unroll or :meth:`cross_entropy`):
+    only then is the kernel library built or loaded, and a ``fused`` build failure
+    raised.
 
     Example:
         >>> dec = AttentionDecoder(vocab_size=10, embedding_dim=8, units=12, attention_units=6)
@@ -200,10 +189,9 @@ class AttentionDecoder(keras.layers.Layer):
         self.fc2 = keras.layers.Dense(vocab_size, name="logits", dtype=pol)
         self.init_dense = (keras.layers.Dense(units, activation="tanh", name="init_h", dtype=pol)
                            if init_state == "mean" else None)
-        fused = attention == "additive" and attend == "before"
+        # the kernel choice is resolved (the library built or loaded) on first use
         self.recurrence = Recurrence(attention if attend == "before" else None,
-                                     attention_units,
-                                     _kernel(attention_kernel) if fused else None)
+                                     attention_units, attention_kernel)
 
     def build(self, features_shape: Any) -> None:
         feat_dim, u = int(features_shape[-1]), self.units

@@ -11,7 +11,8 @@ one op each. The training loss's softmax cross-entropy over (N, V) logits runs 3
 than TensorFlow's (27.7 -> 8.8 ms at N = 2,368, V = 5,000 on 2 cores).
 
 :func:`attention_kernel` turns the ``model.attention_kernel`` setting into a kernel or
-``None`` (TensorFlow ops). The library is compiled with g++ (``$CXX``) and TensorFlow's own
+``None`` (TensorFlow ops); the decoder asks for it the first time it runs a step, not when
+it is constructed. The library is compiled with g++ (``$CXX``) and TensorFlow's own
 compile flags the first time it is asked for (about 6 s), cached under
 ``$CAPTIONER_CACHE`` (default ``~/.cache/captioner``) keyed by the source, the TensorFlow
 version, the compiler and the CPU, and loaded from there afterwards.
@@ -38,6 +39,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,9 @@ def _xent_gradient(op: Any, dloss: tf.Tensor, _dbackprop: Any) -> tuple[tf.Tenso
     return op.outputs[1] * dloss[:, None], None
 
 
+_LOAD_LOCK = threading.Lock()  # functools.cache alone would let two threads both load
+
+
 @functools.cache
 def _load(build: KernelBuild) -> AttentionKernel | KernelBuildError:
     """Build and load once per process; a failure is remembered, not retried. Only one
@@ -246,12 +251,13 @@ def attention_kernel(choice: str, build: KernelBuild | None = None) -> Attention
     Choices().check("attention_kernel", choice, "model.attention_kernel")
     if choice == "tensorflow" or (choice == "auto" and tf.config.list_physical_devices("GPU")):
         return None
-    loaded = _load(build or KernelBuild())
-    if isinstance(loaded, AttentionKernel):
-        return loaded
-    if choice == "fused":
-        raise loaded
-    _warn_once(str(loaded))
+    with _LOAD_LOCK:  # replicas may trace their first step in threads at the same time
+        loaded = _load(build or KernelBuild())
+        if isinstance(loaded, AttentionKernel):
+            return loaded
+        if choice == "fused":
+            raise loaded
+        _warn_once(str(loaded))
     return None
 
 
