@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioner.data.images import load_image
+from captioner.data.images import ImageError, ImageLimits, load_image
 from captioner.data.manifests import DataError, LoadReport, Record, read_csv_manifest
 from captioner.data.splits import PairTensors, build_split, epoch_batches, gather_batch
 
@@ -149,3 +152,30 @@ def test_pair_tensors_batches_gather_the_right_rows():
     got = [(im.numpy()[:, 0, 0, 0].tolist(), tok.numpy()[:, 0].tolist())
            for im, tok in pairs.batches(np.array([[5, 2], [0, 3]]))]
     assert got == [([3, 1], [5, 2]), ([0, 2], [0, 3])]
+
+
+def test_load_image_names_each_kind_of_bad_input(tmp_path):
+    good = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(good, "PNG")
+    data = good.getvalue()
+    assert load_image(data, 8).shape == (8, 8, 3)
+    (tmp_path / "text.png").write_text("just text\n")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    cases = {b"": "empty", tmp_path / "empty.jpg": "empty",
+             tmp_path / "text.png": "not_an_image",
+             data[:-12]: "truncated",  # the IEND chunk cut off: pixels decode, verify fails
+             data[: len(data) // 2]: "truncated"}
+    for source, reason in cases.items():
+        with pytest.raises(ImageError) as info:
+            load_image(source, 8)
+        assert info.value.reason == reason, (source, info.value)
+        if isinstance(source, Path):
+            assert source.name in str(info.value)
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, "PNG")  # 81 Mpx, a few KB on disk
+    with pytest.raises(ImageError, match="9000 x 9000 pixels") as info:
+        load_image(bomb.getvalue(), 8)
+    assert info.value.reason == "too_large"
+    assert load_image(data, None, ImageLimits(max_pixels=1200)).shape == (30, 40, 3)
+    with pytest.raises(ImageError, match="too_large"):
+        load_image(data, None, ImageLimits(max_pixels=1199))

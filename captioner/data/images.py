@@ -3,48 +3,140 @@ reported with a reason, never silently dropped."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from captioner.data.manifests import LoadReport
 
+ImageSource = str | Path | bytes | BinaryIO
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: ``reason`` is one of :attr:`ImageLimits.reasons`
+    and the message names the source.
+
+    Example:
+        >>> load_image(b"", 8)
+        Traceback (most recent call last):
+        ...
+        captioner.data.images.ImageError: <bytes>: empty: no bytes
+    """
+
+    def __init__(self, source: str, reason: str, detail: str):
+        super().__init__(f"{source}: {reason}: {detail}")
+        self.source, self.reason, self.detail = source, reason, detail
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an input image may be: at most ``max_pixels`` (width x height, checked from
+    the header before any pixel is decoded, so a decompression bomb costs nothing).
+
+    Example:
+        >>> ImageLimits().max_pixels
+        64000000
+    """
+
+    max_pixels: int = 64_000_000
+    reasons: tuple[str, ...] = ("empty", "not_an_image", "truncated", "too_large",
+                                "unreadable")
+
+
+def _name(source: ImageSource) -> str:
+    return "<bytes>" if isinstance(source, bytes) else str(getattr(source, "name", source))
+
+
+def _open(source: ImageSource) -> Image.Image:
+    """Pillow image of ``source`` (path, bytes or binary file), header read only."""
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("<bytes>", "empty", "no bytes")
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, (str, Path)) and Path(source).is_file() and not Path(source).stat(
+            ).st_size:
+        raise ImageError(str(source), "empty", "the file has no bytes")
+    return Image.open(source)
+
+
+def _check_whole(source: ImageSource, im: Image.Image) -> None:
+    """A PNG whose last chunks are cut off decodes without complaint: verify its chunk
+    structure (a PNG is re-read for it; other formats fail on load when cut)."""
+    if im.format != "PNG":
+        return
+    if not isinstance(source, (bytes, str, Path)):
+        return  # a stream cannot be read twice; load() still catches cut pixel data
+    with _open(source) as again:
+        again.verify()
+
 
 # ---- images ------------------------------------------------------------------------------
-def load_image(path: str | Path, size: int | None) -> np.ndarray:
-    """Decode any Pillow-readable image to (size, size, 3) uint8 RGB (``size=None``: the
-    image's own (H, W, 3), e.g. to draw attention over what the user sees).
+def load_image(source: ImageSource, size: int | None,
+               limits: ImageLimits | None = None) -> np.ndarray:
+    """Decode any Pillow-readable image (a path, bytes or a binary file) to (size, size, 3)
+    uint8 RGB (``size=None``: the image's own (H, W, 3), e.g. to draw attention over what
+    the user sees).
 
     Handles grayscale, palette, RGBA/LA (composited on white), 16-bit, CMYK and EXIF
-    orientation.
+    orientation. Raises :class:`ImageError` (reason ``empty``, ``not_an_image``,
+    ``truncated``, ``too_large`` above ``limits.max_pixels``, or ``unreadable``) and
+    FileNotFoundError for a missing path.
     """
-    from PIL import Image, ImageOps
+    limits = limits or ImageLimits()
+    name = _name(source)
+    try:
+        with _open(source) as im:
+            width, height = im.size
+            if width * height > limits.max_pixels:
+                raise ImageError(name, "too_large", f"{width} x {height} pixels is more than "
+                                 f"the limit of {limits.max_pixels:,}")
+            _check_whole(source, im)
+            return _to_rgb(im, size)
+    except (ImageError, FileNotFoundError):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(name, "too_large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not_an_image", "Pillow does not recognise the bytes as an "
+                         "image") from None
+    except (OSError, SyntaxError) as exc:
+        reason = "truncated" if "truncat" in str(exc).lower() else "unreadable"
+        raise ImageError(name, reason, f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any other decoder failure
+        raise ImageError(name, "unreadable", f"{type(exc).__name__}: {exc}") from None
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray((255.0 * arr / max(arr.max(), 1.0)).astype("uint8"))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        im = im.convert("RGB")
-        if size is not None:
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+
+def _to_rgb(im: Image.Image, size: int | None) -> np.ndarray:
+    """Decode an opened image: EXIF orientation, any mode -> RGB, optional square resize."""
+    im = ImageOps.exif_transpose(im)
+    im.load()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray((255.0 * arr / max(arr.max(), 1.0)).astype("uint8"))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.new("RGB", rgba.size, (255, 255, 255))
+        im.paste(rgba, mask=rgba.getchannel("A"))
+    im = im.convert("RGB")
+    if size is not None:
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def try_load_image(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    """(pixels, None), or (None, the reason) for a missing or unusable file."""
     if not Path(path).is_file():
         return None, "missing file"
     try:
         return load_image(path, size), None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable"
-        return None, f"unreadable: {type(exc).__name__}: {exc}"
+    except ImageError as exc:
+        return None, f"unreadable: {exc.reason}: {exc.detail}"
 
 
 def load_images(paths: list[str], size: int, workers: int = 4
