@@ -34,8 +34,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -48,8 +48,14 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.choices import Choices
+from captioner.cli import add_bench_arguments as add_bench_arguments  # defined without TF
 from captioner.config import Config
 from captioner.data.tokenizers import Tokenizer
+
+try:  # Unix only; elsewhere peak_rss_mb() reports None
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 TrainFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (grids (B,G,C), tokens (B,L)) -> loss
 
@@ -290,9 +296,27 @@ def _matmul_seconds(a: tf.Tensor, b: tf.Tensor) -> float:
     return _timed(lambda: tf.linalg.matmul(a, b)[0, 0])
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (``ru_maxrss``, KiB on Linux) in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on
+    macOS), or None where the ``resource`` module does not exist (Windows).
+
+    Example:
+        >>> rss = peak_rss_mb()
+        >>> rss is None or rss > 1.0
+        True
+    """
+    if resource is None:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0**2 if sys.platform == "darwin" else rss / 1024.0
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def bench_config(precision: str = "float32", learning_rate: float = 1e-3) -> Config:
@@ -697,7 +721,8 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
     ``peak_gflop_per_s`` (a square matmul sized to ~``peak_seconds``, in float32 or the
     policy's compute dtype, see :func:`peak_gflop_per_s`), ``roofline_fraction`` =
     train_gflop_per_s / peak_gflop_per_s, ``peak_rss_mb`` and ``load_average`` (1-min,
-    at the start: other work on the machine depresses every number).
+    at the start: other work on the machine depresses every number; both None where the
+    OS does not report them).
     With ``end_to_end`` an ``end_to_end`` dict from :func:`end_to_end_stages` is added.
 
     Example:
@@ -708,7 +733,7 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
     s = BenchShapes(batch_size, grid, feature_dim, embedding_dim, units, attention_units,
                     vocab_size, max_length)
     cfg = bench_config(precision)
-    load = os.getloadavg()[0]
+    load = load_average()
     grids_np, tokens_np = random_batch(s, seed)
     grids, tokens = tf.constant(grids_np), tf.constant(tokens_np)
     train, model = _prepare(impl, s, cfg, attend, seed, attention_kernel)
@@ -873,39 +898,9 @@ def end_to_end_stages(s: BenchShapes, precision: str, train_images_per_s: float,
 
 
 # ---- command-line glue (the CLI prints the returned dict as one JSON line) ----------------
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommand's flags; :func:`bench_from_args` runs them.
-
-    Example:
-        >>> p = argparse.ArgumentParser()
-        >>> add_bench_arguments(p)
-        >>> p.parse_args(["--impl", "classic", "--steps", "5"]).impl
-        'classic'
-    """
-    choices = Choices()
-    p.add_argument("--impl", choices=choices.bench_impl, default="captioner")
-    p.add_argument("--precision", choices=choices.precision, default="float32")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=49, help="grid cells G (a square: 49, 64)")
-    p.add_argument("--feature-dim", type=int, default=1280, help="backbone channels C")
-    p.add_argument("--embedding-dim", type=int, default=256)
-    p.add_argument("--units", type=int, default=512)
-    p.add_argument("--attention-units", type=int, help="default: --units")
-    p.add_argument("--vocab-size", type=int, default=5000)
-    p.add_argument("--max-length", type=int, default=50)
-    p.add_argument("--steps", type=int, default=20, help="timed train steps")
-    p.add_argument("--attend", choices=["before", "after"], default="before")
-    p.add_argument("--attention-kernel", choices=Choices().attention_kernel, default="auto",
-                   help="additive attention as the fused CPU kernel or TensorFlow ops")
-    p.add_argument("--end-to-end", action="store_true",
-                   help="also time image decoding, backbones and the feature-cache pipeline")
-    p.add_argument("--classic-decode-images", type=int, default=2,
-                   help="images decoded one by one for the classic greedy rate")
-    p.add_argument("--seed", type=int, default=0)
-
-
 def bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run :func:`run_bench` with the flags of :func:`add_bench_arguments`."""
+    """Run :func:`run_bench` with the flags of :func:`add_bench_arguments` (defined in
+    :mod:`captioner.cli`, so ``captioner bench --help`` needs no TensorFlow)."""
     return run_bench(batch_size=args.batch_size, grid=args.grid, feature_dim=args.feature_dim,
                      embedding_dim=args.embedding_dim, units=args.units,
                      vocab_size=args.vocab_size, max_length=args.max_length, steps=args.steps,

@@ -1,4 +1,9 @@
-"""Command line: ``python -m captioner <command> ...`` (thin: parses, then calls the API)."""
+"""Command line: ``python -m captioner <command> ...`` (thin: parses, then calls the API).
+
+Building the parser imports nothing heavy (the allowed values come from
+:mod:`captioner.choices`), so ``captioner --help`` and ``captioner CMD --help`` answer
+without loading TensorFlow; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from captioner import __version__
+from captioner.choices import Choices
 
 
 def _quiet_tensorflow() -> None:
@@ -19,7 +27,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _add_decode(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", choices=["greedy", "beam", "sample"],
+    p.add_argument("--strategy", choices=Choices().decode_strategy,
                    help="default: the run's decode.strategy (beam when --beam-size > 1)")
     p.add_argument("--beam-size", type=int, help="beam width K")
     p.add_argument("--n-best", type=int, help="hypotheses kept per image (beam search)")
@@ -39,13 +47,49 @@ def _decode_args(args: argparse.Namespace) -> dict:
     return out
 
 
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's flags; :func:`captioner.bench.bench_from_args` runs them.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_bench_arguments(p)
+        >>> p.parse_args(["--impl", "classic", "--steps", "5"]).impl
+        'classic'
+    """
+    choices = Choices()
+    p.add_argument("--impl", choices=choices.bench_impl, default=choices.bench_impl[0])
+    p.add_argument("--precision", choices=choices.precision, default=choices.precision[0])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=49, help="grid cells G (a square: 49, 64)")
+    p.add_argument("--feature-dim", type=int, default=1280, help="backbone channels C")
+    p.add_argument("--embedding-dim", type=int, default=256)
+    p.add_argument("--units", type=int, default=512)
+    p.add_argument("--attention-units", type=int, help="default: --units")
+    p.add_argument("--vocab-size", type=int, default=5000)
+    p.add_argument("--max-length", type=int, default=50)
+    p.add_argument("--steps", type=int, default=20, help="timed train steps")
+    p.add_argument("--attend", choices=choices.attend, default=choices.attend[0])
+    p.add_argument("--attention-kernel", choices=choices.attention_kernel,
+                   default=choices.attention_kernel[0],
+                   help="additive attention as the fused CPU kernel or TensorFlow ops")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also time image decoding, backbones and the feature-cache pipeline")
+    p.add_argument("--classic-decode-images", type=int, default=2,
+                   help="images decoded one by one for the classic greedy rate")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (cheap: no TensorFlow, no command module imported)."""
+    choices = Choices()
     parser = argparse.ArgumentParser(prog="captioner", description=(
         "Show, Attend and Tell image-to-sequence models: captions or SMILES, with attention."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = "YAML config: a file, or a built-in name (shapes, flickr8k, smiles_qm9, ...)"
 
     p = sub.add_parser("train", help="train a model (resumes an existing run directory)")
-    p.add_argument("--config", help="YAML config; optional when --run-dir holds a run")
+    p.add_argument("--config", help=f"{config_help}; optional when --run-dir holds a run")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     _add_overrides(p)
 
@@ -54,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.add_argument("--out", help="write results to a .jsonl or .csv file")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--checkpoint", choices=choices.checkpoint, default=choices.checkpoint[0])
     _add_decode(p)
 
     p = sub.add_parser("attention", help="per-token attention figures and an HTML page")
@@ -68,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="config YAML or manifest (default: the run's own data)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="at most this many images")
-    p.add_argument("--metrics", choices=["caption", "smiles"], help="default: by tokenizer")
+    p.add_argument("--metrics", choices=choices.metric_family, help="default: by tokenizer")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--report", action="store_true",
                    help="also write index.html: every image with its attention, sortable")
@@ -76,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract-features",
                        help="run a frozen backbone once over every image into data.feature_cache")
-    p.add_argument("--config", required=True, help="YAML config with data.feature_cache set")
+    p.add_argument("--config", required=True, help=f"{config_help}, with data.feature_cache")
     _add_overrides(p)
 
     p = sub.add_parser("render-molecules", help="draw SMILES into PNGs plus a manifest")
@@ -93,12 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="shapes data -> train -> caption -> metrics (runs/demo)")
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--config", help="config (default: configs/shapes.yaml)")
+    p.add_argument("--config", help=f"{config_help} (default: shapes)")
     _add_overrides(p)
 
     p = sub.add_parser("bench", help="train/decode throughput on random grids, one JSON line")
-    from captioner.bench import add_bench_arguments
-
     add_bench_arguments(p)
 
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset")
@@ -112,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from captioner.config import load_config
-    from captioner.train.trainer import Trainer
 
     if args.config is None and not (args.run_dir and Path(args.run_dir, "config.json").is_file()):
         raise SystemExit("train: give --config, or a --run-dir that holds a run to resume")
     cfg_path = args.config or Path(args.run_dir, "config.json")
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
-    cfg = load_config(cfg_path, args.overrides)
+    cfg = load_config(cfg_path, args.overrides)  # config errors before TensorFlow loads
+    from captioner.train.trainer import Trainer
+
     trainer = Trainer(cfg, run_dir)  # a multi_worker non-chief writes into a subfolder
     history = trainer.fit()
     print(f"run directory: {trainer.run_dir} ({len(history.get('epoch', []))} epochs)")
@@ -163,9 +206,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 def cmd_extract_features(args: argparse.Namespace) -> int:
     from captioner.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from captioner.train.feature_cache import extract_for_config
 
-    cache = extract_for_config(load_config(args.config, args.overrides))
+    cache = extract_for_config(cfg)
     print(f"{len(cache.paths)} grids of shape {cache.grid_shape} in {cache.dir}")
     return 0
 
@@ -185,9 +230,10 @@ def cmd_render_molecules(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from captioner.config import load_config
-    from captioner.demo import default_config_path, run_demo
 
-    cfg = load_config(args.config or default_config_path(), args.overrides)
+    cfg = load_config(args.config or "shapes", args.overrides)
+    from captioner.demo import run_demo
+
     run_demo(args.run_dir, config=cfg)
     return 0
 
@@ -216,11 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                 "demo": cmd_demo, "make-shapes": cmd_make_shapes,
                 "render-molecules": cmd_render_molecules,
                 "extract-features": cmd_extract_features}
-    from captioner.config import ConfigError
-    from captioner.data.manifests import DataError
-
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    # ConfigError, DataError and ChoiceError are ValueErrors: caught without importing
+    # captioner.data.manifests (TensorFlow) for commands that never load data.
+    except (ValueError, FileNotFoundError) as exc:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -346,17 +346,56 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     return config_from_dict(values)
 
 
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs shipped with the package (``captioner/configs/*.yaml``).
+
+    Example:
+        >>> {"shapes", "flickr8k", "smiles_qm9"} <= set(builtin_configs())
+        True
+    """
+    return sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(path_or_name: str | Path) -> Path:
+    """The config file meant by ``path_or_name``: an existing file, else the built-in
+    config of that name (``shapes`` or ``shapes.yaml`` -> ``captioner/configs/shapes.yaml``).
+
+    A file always wins over a built-in name. Neither: :class:`ConfigError` listing the
+    built-in names.
+
+    Example:
+        >>> resolve_config("shapes") == BUILTIN_CONFIG_DIR / "shapes.yaml"
+        True
+        >>> resolve_config("no_such_config")
+        Traceback (most recent call last):
+        ...
+        captioner.config.ConfigError: config file not found: no_such_config (not a file, nor
+        a built-in config: coco, flickr8k, shapes, ...)
+    """
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.suffix in ("", ".yaml", ".yml"):
+        builtin = BUILTIN_CONFIG_DIR / f"{path.stem}.yaml"
+        if builtin.is_file():
+            return builtin
+    raise ConfigError(f"config file not found: {path_or_name} (not a file, nor a built-in "
+                      f"config: {', '.join(builtin_configs()) or 'none installed'})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML (or JSON) config file, apply overrides and validate.
+    """Load a YAML (or JSON) config file, or a built-in config by name
+    (:func:`builtin_configs`, e.g. ``"shapes"``), apply overrides and validate.
 
     Relative ``data.path`` / ``data.images_dir`` stay as written: they are resolved
     against the working directory when the data is read.
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config(path)
         try:
             text = path.read_text()
             values = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from captioner.config import Config, load_config
+from captioner.config import BUILTIN_CONFIG_DIR, Config, load_config
 from captioner.evaluate.runs import evaluate
 from captioner.train.trainer import Trainer
 
 
 def default_config_path() -> Path:
-    """The built-in ``shapes`` config (package data)."""
-    return Path(__file__).resolve().parent / "configs" / "shapes.yaml"
+    """The built-in ``shapes`` config (package data, also ``load_config("shapes")``)."""
+    return BUILTIN_CONFIG_DIR / "shapes.yaml"
 
 
 def run_demo(run_dir: str | Path = "runs/demo", overrides: list[str] | None = None,

@@ -9,6 +9,30 @@ import sys
 
 import pytest
 
+# Builds the whole parser, every subcommand's help and parses each command's --help (which
+# exits), then reports what got imported: the parser must not need TensorFlow.
+PARSER_ONLY = """
+import contextlib, io, json, sys
+from captioner.cli import build_parser, main
+
+parser = build_parser()
+sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+for name, sp in sub.choices.items():
+    assert name in parser.format_help() and sp.format_help()
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            parser.parse_args([name, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, name
+# a config that is neither a file nor a built-in name fails before TensorFlow loads
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    code = main(["train", "--config", "no_such_config"])
+heavy = sorted(m for m in ("tensorflow", "keras", "captioner.bench", "captioner.data.manifests")
+               if m in sys.modules)
+print(json.dumps({"commands": sorted(sub.choices), "heavy": heavy, "code": code,
+                  "error": err.getvalue()}))
+"""
+
 
 def run_cli(*args, cwd):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -22,7 +46,7 @@ def cli_run(tmp_path_factory, project_root):
 
     work = tmp_path_factory.mktemp("cli")
     sets = [x for item in TINY for x in ("--set", item)]
-    proc = run_cli("train", "--config", str(project_root / "configs" / "shapes.yaml"),
+    proc = run_cli("train", "--config", "shapes",  # the built-in config, by name
                    "--run-dir", str(work / "run"), "--set", f"data.path={work / 'shapes'}",
                    *sets, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -51,8 +75,9 @@ def test_caption_prints_text_and_json(cli_run):
     recs = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["image"] for r in recs] == list(map(str, images))
     for r in recs:
-        assert set(r) == {"image", "text", "tokens", "score", "attention"}
-        assert len(r["attention"]) == len(r["tokens"]) <= 6
+        assert set(r) == {"image", "text", "tokens", "score", "token_scores", "attention"}
+        assert len(r["attention"]) == len(r["tokens"]) == len(r["token_scores"]) <= 6
+        assert all(lp <= 0.0 for lp in r["token_scores"])
         assert all(len(row) == 64 for row in r["attention"])  # 8x8 grid
         assert r["score"] <= 0.0
         assert r["text"] == " ".join(r["tokens"])
@@ -134,3 +159,24 @@ def test_attention_writes_a_figure_per_image_and_a_page(cli_run):
             assert im.size[0] > 100 and im.size[1] > 100
     page = (out / "index.html").read_text()
     assert all(image.name in page for image in images)
+
+
+def test_parser_and_every_help_import_no_tensorflow(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", PARSER_ONLY], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["heavy"] == []
+    assert {"train", "caption", "evaluate", "attention", "bench", "demo"} <= set(out["commands"])
+    assert out["code"] == 2
+    assert "no_such_config" in out["error"] and "shapes, smiles_qm9" in out["error"]
+
+
+def test_python_m_captioner_help(tmp_path):
+    for args in (["--help"], ["bench", "--help"], ["train", "--help"]):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 0 and "usage: captioner" in proc.stdout, proc.stderr
+    proc = run_cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("captioner ")
+    proc = run_cli("bench", "--attend", "sideways", cwd=tmp_path)
+    assert proc.returncode == 2 and "before" in proc.stderr and "after" in proc.stderr

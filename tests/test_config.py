@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from captioner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from captioner.config import (
+    BUILTIN_CONFIG_DIR,
+    Config,
+    ConfigError,
+    apply_overrides,
+    builtin_configs,
+    config_from_dict,
+    load_config,
+    resolve_config,
+)
 
 
 def test_every_shipped_config_loads(project_root):
@@ -98,3 +107,29 @@ def test_bad_override_syntax():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nowhere.yaml"):
         load_config(tmp_path / "nowhere.yaml")
+
+
+def test_builtin_configs_load_by_name(project_root):
+    shipped = sorted(p.stem for p in (project_root / "configs").glob("*.yaml"))
+    assert builtin_configs() == shipped
+    assert BUILTIN_CONFIG_DIR.resolve() == (project_root / "configs").resolve()
+    for name in shipped:
+        assert load_config(name) == load_config(project_root / "configs" / f"{name}.yaml")
+    assert load_config("shapes.yaml", ["train.epochs=2"]).train.epochs == 2
+    assert resolve_config("shapes") == BUILTIN_CONFIG_DIR / "shapes.yaml"
+
+
+def test_a_file_wins_over_a_builtin_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").write_text("model:\n  units: 24\n")
+    assert load_config("shapes").model.units == 24
+    (tmp_path / "shapes.yaml").write_text("model:\n  units: 40\n")
+    assert load_config("shapes.yaml").model.units == 40
+
+
+def test_unknown_name_lists_the_builtin_configs(tmp_path):
+    with pytest.raises(ConfigError, match="no_such_config") as info:
+        load_config("no_such_config")
+    assert all(name in str(info.value) for name in builtin_configs())
+    with pytest.raises(ConfigError, match="built-in config: coco, flickr8k, shapes"):
+        load_config(tmp_path / "shapes")  # a path with a folder is never a name
