@@ -1,11 +1,12 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when
 # it is missing and install requirements.txt into it (re-installed when that changes).
+# The recipes behind the README's results tables are scripts/*.sh (see the README).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint wheel venv clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check captioner tests scripts
+	for f in scripts/*.sh; do bash -n "$$f" || exit 1; done
+	if command -v shellcheck >/dev/null 2>&1; then shellcheck -x scripts/*.sh; \
+	else echo "shellcheck not installed: scripts/*.sh only syntax-checked"; fi
+
+# The installable package (configs, kernel source and report assets inside) in dist/.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation --wheel-dir dist .
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache build dist

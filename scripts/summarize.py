@@ -1,0 +1,132 @@
+"""Print the README's results tables from what the recipes in scripts/ wrote.
+
+    python scripts/summarize.py demo float32=runs/demo mixed_bfloat16=runs/demo_mixed_bfloat16
+    python scripts/summarize.py smiles greedy=runs/qm9/eval-greedy "beam 5=runs/qm9/eval-beam5"
+    python scripts/summarize.py captions greedy=runs/flickr8k/eval-greedy
+    python scripts/summarize.py bench ours_float32=runs/bench/ours_float32.json ...
+
+Each argument is ``LABEL=PATH``: a run or evaluation folder holding ``metrics.json``, or a
+``bench`` JSON line. Standard library only; prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def load(path: Path) -> dict[str, Any]:
+    """``metrics.json`` of a folder, or a JSON file (the last non-empty line: ``bench``)."""
+    file = path / "metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        raise SystemExit(f"summarize: no results at {file}")
+    text = file.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # anything printed before the JSON line
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise SystemExit(f"summarize: {file} is empty (did the run fail?)") from None
+        return json.loads(lines[-1])
+
+
+def num(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def demo(results: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for label, m in results.items():
+        n = m.get("images", 0)
+        d = m.get("grounding_detail", {})
+        rows.append([label, f"{num(m.get('exact_match'))} ({round(m['exact_match'] * n)} / {n})",
+                     f"{num(m.get('grounding'))} ({d.get('grounded')} of "
+                     f"{d.get('object_words')} words)", f"{m.get('train_seconds', 'n/a')} s"])
+    return table(["run", "exact caption match", "attention grounding", "training time"], rows)
+
+
+def smiles(results: dict[str, dict[str, Any]]) -> str:
+    rows = [[label, num(m.get("exact_match")), num(m.get("validity")), num(m.get("inchi_match")),
+             num(m.get("tanimoto")), num(m.get("levenshtein"))] for label, m in results.items()]
+    text = table(["decoding", "exact match", "validity", "InChI match", "mean Tanimoto",
+                  "norm. Levenshtein"], rows)
+    for label, m in results.items():
+        d = m.get("grounding_detail") or {}
+        if m.get("grounding") is not None:
+            text += (f"\n{label}: atom grounding {num(m['grounding'])}, peak within one cell "
+                     f"{num(d.get('within_one_cell'), 2)} ({d.get('molecules')} molecules, "
+                     f"{m.get('images')} images)")
+    return text
+
+
+def captions(results: dict[str, dict[str, Any]]) -> str:
+    keys = ("bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "rouge_l", "meteor")
+    rows = [[label, *(num(m.get(k)) for k in keys)] for label, m in results.items()]
+    text = table(["decoding", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L",
+                  "METEOR"], rows)
+    for label, m in results.items():
+        if m.get("meteor_unavailable"):
+            text += f"\n{label}: METEOR unavailable: {m['meteor_unavailable']}"
+    return text
+
+
+def bench(results: dict[str, dict[str, Any]]) -> str:
+    def rate(key: str, digits: int = 0) -> Callable[[dict[str, Any]], str]:
+        return lambda r: num(r.get(key), digits)
+
+    fields: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("attention kernel", lambda r: str(r.get("attention_kernel"))),
+        ("train images/s", rate("train_images_per_s")),
+        ("first step (compile)", lambda r: f"{num(r.get('compile_s'), 1)} s"),
+        ("greedy images/s", rate("greedy_images_per_s", 1)),
+        ("beam 3 images/s", lambda r: "—" if r.get("beam3_images_per_s") is None
+         else num(r["beam3_images_per_s"], 0)),
+        ("needed GFLOP/s (peak)", lambda r: f"{num(r.get('train_gflop_per_s'), 0)} "
+         f"({num(r.get('peak_gflop_per_s'), 0)})"),
+        ("roofline fraction", rate("roofline_fraction", 2)),
+        ("peak RSS", lambda r: "n/a" if r.get("peak_rss_mb") is None
+         else f"{r['peak_rss_mb'] / 1024:.1f} GB"),
+        ("load average at start", rate("load_average", 2)),
+    ]
+    rows = [[name, *(fn(r) for r in results.values())] for name, fn in fields]
+    text = table(["", *results], rows)
+    for label, r in results.items():
+        e2e = r.get("end_to_end")
+        if e2e:
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in e2e["stage_images_per_s"].items())
+            text += (f"\n{label} end to end (images/s, {e2e['image_size']} px): {stages}; "
+                     f"bound by {e2e['bound_by']}, with the feature cache by "
+                     f"{e2e['bound_by_cached']}")
+    return text
+
+
+KINDS = {"demo": demo, "smiles": smiles, "captions": captions, "bench": bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=sorted(KINDS))
+    parser.add_argument("results", nargs="+", metavar="LABEL=PATH")
+    args = parser.parse_args(argv)
+    results = {}
+    for item in args.results:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).name, item
+        results[label] = load(Path(path))
+    print(KINDS[args.kind](results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
