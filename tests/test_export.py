@@ -32,8 +32,9 @@ data = [open(p, "rb").read() for p in sys.argv[2:]] + [b"definitely not an image
 out = {}
 for sig in ("serving_default", "serving_beam"):
     r = m.signatures[sig](images=tf.constant(data))
-    out[sig] = {k: v.numpy().tolist() for k, v in r.items() if k != "text"}
+    out[sig] = {k: v.numpy().tolist() for k, v in r.items() if k not in ("text", "token_text")}
     out[sig]["text"] = [t.decode() for t in r["text"].numpy()]
+    out[sig]["token_text"] = [[t.decode() for t in row] for row in r["token_text"].numpy()]
 print(json.dumps(out))
 """
 
@@ -61,7 +62,7 @@ def test_versioned_layout_and_signatures(exported):
     shown = subprocess.run([str(cli), "show", "--dir", str(exported), "--all"],
                            capture_output=True, text=True, check=True).stdout
     for name in ("serving_default", "serving_beam", "serving_pixels", "token_scores",
-                 "attention"):
+                 "token_text", "attention"):
         assert name in shown
 
 
@@ -81,6 +82,9 @@ def test_loads_without_captioner_and_matches_caption(exported, cap, images):
         length = greedy["length"][i]
         tokens = greedy["tokens"][i][:length]
         assert tokens[:len(gen.tokens[i])] == gen.tokens[i]
+        words = cap.tokenizer.ids_to_tokens(gen.tokens[i])
+        assert greedy["token_text"][i][:len(words)] == words
+        assert not any(greedy["token_text"][i][len(words):])
         np.testing.assert_allclose(sum(greedy["token_scores"][i]), greedy["score"][i],
                                    rtol=1e-4, atol=1e-4)
         att = np.array(greedy["attention"][i])  # (T, G)

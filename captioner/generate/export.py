@@ -8,7 +8,8 @@
 * ``serving_beam``: the same input -> beam search with the exported ``beam_size``;
 * ``serving_pixels``: ``pixels`` uint8 (B, H, W, 3) of any H, W -> greedy decoding.
 
-Each returns ``text`` tf.string (B,), ``tokens`` int32 (B, T) (``<end>`` included,
+Each returns ``text`` tf.string (B,), ``token_text`` tf.string (B, T) (each token's
+string; empty for ``<end>`` and after it), ``tokens`` int32 (B, T) (``<end>`` included,
 ``<pad>`` = 0 after it), ``length`` int32 (B,), ``score`` float32 (B,) (sum of token
 log-probs, ``<end>`` included), ``token_scores`` float32 (B, T), ``attention`` float32
 (B, T, G) and ``valid`` bool (B,). Decoding the bytes, compositing alpha on white,
@@ -194,8 +195,13 @@ class ExportModule(tf.Module):
         out = {k: v[:, 0] for k, v in out.items()}  # the best candidate of each image
         mask = tf.cast(valid, "float32")  # (B,)
         tokens = tf.where(valid[:, None], out["tokens"], self.ids[2])  # (B, T)
+        shown = self._shown(tokens)  # (B, T)
+        words = tf.where(shown, self.vocab.lookup(tokens), "")  # (B, T)
+        text = tf.strings.reduce_join(tf.ragged.boolean_mask(words, shown), axis=1,
+                                      separator=self.joiner)  # (B,)
         return {
-            "text": tf.where(valid, self._texts(tokens), ""),  # (B,)
+            "text": text,
+            "token_text": words,
             "tokens": tokens,
             "length": tf.where(valid, out["lengths"], 0),  # (B,)
             "score": out["scores"] * mask,  # (B,)
@@ -204,15 +210,13 @@ class ExportModule(tf.Module):
             "valid": valid,
         }
 
-    def _texts(self, tokens: tf.Tensor) -> tf.Tensor:
-        """Generated ids (B, T) -> texts (B,): tokens before ``<end>``, pad and start
-        dropped, joined by the tokenizer's joiner (as ``Tokenizer.decode``)."""
+    def _shown(self, tokens: tf.Tensor) -> tf.Tensor:
+        """Which generated ids (B, T) are text, as ``Tokenizer.decode`` keeps them: before
+        ``<end>``, not pad or start (bool (B, T))."""
         before_end = tf.equal(tf.cumsum(tf.cast(tf.equal(tokens, self.ids[1]), tf.int32),
                                         axis=1), 0)  # (B, T)
         special = tf.reduce_any(tf.equal(tokens[:, :, None], self.skip_ids), -1)  # (B, T)
-        keep = tf.logical_and(before_end, tf.logical_not(special))
-        words = tf.ragged.boolean_mask(self.vocab.lookup(tokens), keep)  # (B, None)
-        return tf.strings.reduce_join(words, axis=1, separator=self.joiner)
+        return tf.logical_and(before_end, tf.logical_not(special))
 
 
 def next_version(export_dir: Path) -> int:
