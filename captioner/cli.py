@@ -143,6 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="train/decode throughput on random grids, one JSON line")
     add_bench_arguments(p)
 
+    p = sub.add_parser("export", help="write a TensorFlow SavedModel (TF Serving layout)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="export folder; the model goes into OUT/<n>")
+    p.add_argument("--version", type=int, help="version number (default: the next free one)")
+    p.add_argument("--beam-size", type=int, default=3, help="K of the serving_beam signature")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha of beam search")
+    p.add_argument("--max-length", type=int, help="maximum tokens (default: the run's)")
+    p.add_argument("--checkpoint", choices=choices.checkpoint, default=choices.checkpoint[0])
+
+    p = sub.add_parser("serve", help="HTTP endpoint with batching and a page to try a model")
+    _add_serve_source(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="images decoded together at most (1: no batching)")
+    p.add_argument("--window-ms", type=float, default=5.0,
+                   help="how long the first waiting image waits for others")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="largest image (width x height), checked before decoding")
+    _add_decode(p)
+
+    p = sub.add_parser("bench-serve",
+                       help="load-test 'serve' on loopback: requests/s, p50/p99, batching on/off")
+    _add_serve_source(p)
+    p.add_argument("images", nargs="+", help="images to send (files, folders or globs)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=128, help="requests per client count")
+    p.add_argument("--max-batch", type=int, default=32, help="the batched server's batch")
+    p.add_argument("--json", action="store_true", help="print JSON lines, not a table")
+
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=6000, help="number of images")
@@ -150,6 +181,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _add_serve_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory (decodes with the Captioner)")
+    source.add_argument("--export", help="folder written by 'captioner export' (SavedModel)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from captioner.generate.export import ExportOptions, export_run
+
+    options = ExportOptions(max_length=args.max_length or 0, beam_size=args.beam_size,
+                            length_penalty=args.length_penalty, checkpoint=args.checkpoint)
+    path = export_run(args.run, args.out, options, args.version)
+    print(f"SavedModel written to {path} (signatures serving_default, serving_beam, "
+          "serving_pixels)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from captioner.data.images import ImageLimits
+    from captioner.serve.app import ServeOptions, serve
+    from captioner.serve.backends import ExportBackend, RunBackend
+    from captioner.serve.batching import BatchingOptions
+
+    decode = _decode_args(args)
+    if args.export and decode:
+        raise ValueError("decoding flags apply to --run; an export decodes as it was exported")
+    backend = ExportBackend(args.export) if args.export else RunBackend(args.run, **decode)
+    options = ServeOptions(max_body_bytes=int(args.max_body_mb * 1_000_000),
+                           image_limits=ImageLimits(max_pixels=args.max_pixels),
+                           batching=BatchingOptions(args.max_batch, args.window_ms))
+    serve(backend, args.host, args.port, options)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from captioner.generate.captioner import expand_images
+    from captioner.serve.loadtest import bench_serve, markdown_table
+
+    source = ["--export", args.export] if args.export else ["--run", args.run]
+    rows = bench_serve(source, [Path(p) for p in expand_images(args.images)], args.clients,
+                       args.requests, args.max_batch)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(markdown_table(rows))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 "attention": cmd_attention, "bench": cmd_bench,
                 "demo": cmd_demo, "make-shapes": cmd_make_shapes,
                 "render-molecules": cmd_render_molecules,
-                "extract-features": cmd_extract_features}
+                "extract-features": cmd_extract_features, "export": cmd_export,
+                "serve": cmd_serve, "bench-serve": cmd_bench_serve}
     try:
         return commands[args.command](args)
     # ConfigError, DataError and ChoiceError are ValueErrors: caught without importing

@@ -463,23 +463,43 @@ def page_asset(name: str) -> str:
     return resources.files("captioner.viz").joinpath("assets", name).read_text("utf-8")
 
 
-def _page_html(title: str, header: str, cards: str, config: str) -> str:
-    """Assemble the whole document (all pieces already escaped).
+def _page_html(title: str, header: str, cards: str, config: str, before_cards: str = "",
+               extra_css: str = "", extra_js: str = "") -> str:
+    """Assemble the whole document (all pieces already escaped); ``before_cards``,
+    ``extra_css`` and ``extra_js`` let another page (the serve page) reuse the report's
+    cards, styles and token interaction.
 
     Example:
         >>> _page_html("t", "", "", "{}").startswith("<!DOCTYPE html>")
         True
     """
     safe_config = config.replace("</", "<\\/")
+    extra = f"<script>{extra_js}</script>\n" if extra_js else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{title}</title>\n<style>{page_asset('report.css')}</style>\n</head>\n<body>\n"
-        f"{header}\n<main id=\"cards\">{cards}</main>\n"
+        f"<title>{title}</title>\n<style>{page_asset('report.css')}{extra_css}</style>\n"
+        "</head>\n<body>\n"
+        f"{header}\n{before_cards}<main id=\"cards\">{cards}</main>\n"
         '<pre id="selftest" hidden></pre>\n'
         f'<script type="application/json" id="report-config">{safe_config}</script>\n'
-        f"<script>{page_asset('report.js')}</script>\n</body>\n</html>\n"
+        f"<script>{page_asset('report.js')}</script>\n{extra}</body>\n</html>\n"
     )
+
+
+def live_page_html(title: str, grid_hw: tuple[int, int], before_cards: str, extra_css: str,
+                   extra_js: str) -> str:
+    """A page with the report's header, styles and token interaction but no cards yet:
+    ``extra_js`` adds cards (in :func:`_card_html`'s markup) as results arrive.
+
+    Example:
+        >>> page = live_page_html("try it", (7, 7), "<form></form>", "", "")
+        >>> 'id="cards"></main>' in page and 'id="opacity"' in page and "<form>" in page
+        True
+    """
+    header = _header_html(title, 0, grid_hw, [])
+    return _page_html(html.escape(title), header, "", _config_json(grid_hw, 0.6),
+                      before_cards, extra_css, extra_js)
 
 
 def _header_html(title: str, n_items: int, grid_hw: tuple[int, int], keys: Sequence[str]) -> str:

@@ -1,0 +1,107 @@
+"""What the server decodes with: a run directory (:class:`RunBackend`, the Captioner
+with its compiled decoders) or an exported SavedModel (:class:`ExportBackend`, plain
+TensorFlow). Both take a batch of uint8 pixels at the model's input size and return one
+JSON-ready result per image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tensorflow as tf
+
+from captioner.generate.captioner import Captioner
+from captioner.generate.export import next_version
+
+
+class CaptionBackend(Protocol):
+    """Decodes batches for the server.
+
+    Example:
+        >>> backend = RunBackend("runs/demo")                 # doctest: +SKIP
+        >>> backend.caption(np.zeros((2, 112, 112, 3), np.uint8))[0]["text"]  # doctest: +SKIP
+        'a red circle'
+    """
+
+    name: str
+    image_size: int
+    grid_hw: tuple[int, int]
+
+    def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """uint8 (B, S, S, 3) -> per image: text, tokens (strings), token_ids, score,
+        token_scores (T,), attention (T, G)."""
+
+
+def _rounded(values: np.ndarray, digits: int = 5) -> list[Any]:
+    return np.round(values.astype(np.float64), digits).tolist()
+
+
+class RunBackend:
+    """A run directory through :class:`~captioner.generate.captioner.Captioner`
+    (``decode`` overrides the run's decoding settings, e.g. ``strategy="beam"``)."""
+
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best", **decode: Any):
+        self.cap = Captioner.load(run_dir, checkpoint)
+        self.decode = decode
+        self.name = f"run {Path(run_dir).resolve()}"
+        self.image_size = self.cap.image_size
+        self.grid_hw = tuple(self.cap.grid_hw)
+
+    def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        gen = self.cap.generate(pixels, **self.decode)
+        out = []
+        for i, ids in enumerate(gen.tokens):
+            n = len(ids)
+            out.append({"text": gen.texts[i], "tokens": self.cap.tokenizer.ids_to_tokens(ids),
+                        "token_ids": list(ids), "score": round(float(gen.scores[i]), 5),
+                        "token_scores": _rounded(gen.token_scores[i, :n]),
+                        "attention": _rounded(gen.attention[i, :n])})
+        return out
+
+
+def saved_model_dir(export_dir: str | Path) -> Path:
+    """``export_dir`` itself when it holds a SavedModel, else its newest numbered version.
+
+    Example:
+        >>> saved_model_dir("/no/such/export")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no SavedModel in /no/such/export (nor in a numbered version below it)
+    """
+    root = Path(export_dir)
+    if (root / "saved_model.pb").is_file():
+        return root
+    newest = root / str(next_version(root) - 1)
+    if (newest / "saved_model.pb").is_file():
+        return newest
+    raise FileNotFoundError(f"no SavedModel in {root} (nor in a numbered version below it)")
+
+
+class ExportBackend:
+    """A SavedModel written by ``captioner export``, through its ``serving_pixels``
+    signature (greedy decoding, as exported)."""
+
+    def __init__(self, export_dir: str | Path):
+        path = saved_model_dir(export_dir)
+        self.model = tf.saved_model.load(str(path))
+        self.fn = self.model.signatures["serving_pixels"]
+        meta = {k: int(v) for k, v in self.model.metadata().items()}
+        self.name = f"export {path.resolve()}"
+        self.image_size = meta["image_size"]
+        self.grid_hw = (meta["grid_height"], meta["grid_width"])
+
+    def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        r = {k: v.numpy() for k, v in self.fn(pixels=tf.constant(pixels, tf.uint8)).items()}
+        out = []
+        for i in range(len(pixels)):
+            words = [w.decode() for w in r["token_text"][i]]
+            ids = [int(t) for t in r["tokens"][i]]
+            n = int(r["length"][i])  # generated tokens, <end> included when it came
+            n -= 1 if n and not words[n - 1] else 0  # the tokens before <end>
+            out.append({"text": r["text"][i].decode(), "tokens": words[:n],
+                        "token_ids": ids[:n], "score": round(float(r["score"][i]), 5),
+                        "token_scores": _rounded(r["token_scores"][i, :n]),
+                        "attention": _rounded(r["attention"][i, :n])})
+        return out
