@@ -21,13 +21,12 @@ import tensorflow as tf
 
 from captioner.config import Config, apply_overrides
 from captioner.train.distribute import (
-    build_model_and_optimizers,
     check_tf_config,
     distribute_batches,
-    make_distributed_train_step,
     make_strategy,
     split_cpu,
 )
+from captioner.train.setup import build_model_and_optimizers
 from captioner.train.steps import make_train_step, split_variables
 
 TINY = ["model.image_size=32", "model.cnn_filters=[4, 8]", "model.embedding_dim=8",
@@ -101,8 +100,9 @@ def run_case(case: str, mirrored: tf.distribute.Strategy, steps: int, out: Path)
     single, multi = build_pair(case, mirrored)
     step_1 = make_train_step(single.model, single.optimizer, PAD, REG,
                              backbone_optimizer=single.backbone_optimizer)
-    step_n = make_distributed_train_step(mirrored, multi.model, multi.optimizer, PAD, REG,
-                                         BATCH, backbone_optimizer=multi.backbone_optimizer)
+    step_n = make_train_step(multi.model, multi.optimizer, PAD, REG,
+                             backbone_optimizer=multi.backbone_optimizer, strategy=mirrored,
+                             global_batch_size=BATCH)
     batches = [global_batch(seed) for seed in range(steps)]
     dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(x) for x in zip(*batches)))
     args = (tf.constant(0.0), tf.constant([0, 0]))
@@ -195,15 +195,18 @@ def test_checkpoint_from_mirrored_restores_under_default_strategy(mirrored_resul
     assert int(objs.optimizer.iterations.numpy()) == 2
 
 
-def test_default_strategy_step_equals_make_train_step():
+def test_explicit_default_strategy_on_distributed_batches_equals_plain_tensors():
+    """The one-replica case: the step built for the named default strategy, fed through
+    distribute_batches, makes the update of the step built with no strategy argument on
+    plain tensors (what bench.py calls)."""
     images, tokens = global_batch(0)
     strategy = make_strategy("default")
     pair = [build_model_and_optimizers(strategy, tiny_config(), VOCAB, 100) for _ in "ab"]
     pair[1].model.set_weights(pair[0].model.get_weights())
     args = (tf.constant(0.0), tf.constant([0, 0]))
     a = make_train_step(pair[0].model, pair[0].optimizer, PAD, REG)(images, tokens, *args)
-    step = make_distributed_train_step(strategy, pair[1].model, pair[1].optimizer, PAD, REG,
-                                       BATCH)
+    step = make_train_step(pair[1].model, pair[1].optimizer, PAD, REG, strategy=strategy,
+                           global_batch_size=BATCH)
     (dist_images, dist_tokens), = distribute_batches(
         strategy, tf.data.Dataset.from_tensors((images, tokens)))
     b = step(dist_images, dist_tokens, *args)
@@ -250,8 +253,8 @@ def test_split_cpu_after_initialisation_is_a_clear_error():
 def test_global_batch_must_feed_every_replica():
     objs = build_model_and_optimizers(make_strategy("default"), tiny_config(), VOCAB, 100)
     with pytest.raises(ValueError, match="GLOBAL batch"):
-        make_distributed_train_step(make_strategy("default"), objs.model, objs.optimizer,
-                                    PAD, REG, global_batch_size=0)
+        make_train_step(objs.model, objs.optimizer, PAD, REG,
+                        strategy=make_strategy("default"), global_batch_size=0)
 
 
 if __name__ == "__main__":

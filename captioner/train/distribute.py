@@ -1,22 +1,30 @@
 """Data-parallel training with ``tf.distribute``: ``train.strategy`` is ``default``,
-``mirrored`` or ``multi_worker``.
+``mirrored`` or ``multi_worker``; the strategies, the input split and the replica-level
+pieces of :func:`~captioner.train.steps.make_train_step`, which builds one step for any
+strategy (one device is its one-replica case).
 
 Every step consumes one GLOBAL batch (``train.batch_size`` examples), split across the
 replicas, and makes exactly the update a single device would make on that batch:
 
-* Loss. :func:`~captioner.training.training_loss` divides by the number of real tokens of
-  the batch. A replica sees only its slice, so it all-reduces its token count first and
-  divides its own ``sum of token NLLs + lambda * attention reg`` by the GLOBAL count: the
-  replicas' losses then add up to the single-device loss, and so do their gradients.
+* Loss. :func:`~captioner.train.steps.training_loss` divides by the number of real tokens
+  of the batch. A replica sees only its slice, so it all-reduces its token count first
+  (:func:`token_share`) and divides its own ``sum of token NLLs + lambda * attention reg``
+  by the GLOBAL count: the replicas' losses then add up to the single-device loss, and so
+  do their gradients.
 * Gradients. A Keras 3 optimizer called in a replica context all-reduces the gradients
   with SUM (``TFOptimizer._backend_update_step``) -- what the loss above needs -- but it
   clips them (``global_clipnorm``) and, for a ``LossScaleOptimizer``, checks them for
   inf/NaN *before* that all-reduce, i.e. per replica. So when the optimizer clips or
-  scales the loss, the step sums the gradients itself, clips the sum as one device would,
-  and hands each replica ``sum / num_replicas``: the optimizer's clip is then a no-op,
-  every replica sees the same finite-or-not gradients, and its SUM restores the sum.
-* Variables are created under ``strategy.scope()`` (:func:`build_model_and_optimizers`),
+  scales the loss, :func:`apply_gradients` sums the gradients itself, clips the sum as one
+  device would, and hands each replica ``sum / num_replicas``: the optimizer's clip is
+  then a no-op, every replica sees the same finite-or-not gradients, and its SUM restores
+  the sum.
+* Variables are created under ``strategy.scope()``
+  (:func:`~captioner.train.setup.build_model`, :func:`~captioner.train.setup.build_optimizers`),
   so checkpoints hold one value per variable and restore under any other strategy.
+
+On one replica every all-reduce is the identity and :func:`apply_gradients` hands the
+gradients straight to the optimizer.
 
 Example:
     >>> strategy = make_strategy("default")
@@ -29,16 +37,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from captioner.choices import Choices
-from captioner.config import Config
-from captioner.model.layers import CaptionModel
-from captioner.train.steps import _trim, make_optimizer, split_variables, training_loss
+from captioner.config import TrainConfig
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -58,7 +64,7 @@ def make_strategy(name: str, devices: list[str] | None = None) -> tf.distribute.
         >>> make_strategy("ring")
         Traceback (most recent call last):
         ...
-        captioner.choices.ChoiceError: train.strategy must be one of default, mirrored, multi_worker; got 'ring'
+        captioner.choices.ChoiceError: train.strategy must be one of default, ...
     """
     if name == "default":
         return tf.distribute.get_strategy()
@@ -75,8 +81,9 @@ def local_devices() -> list[str]:
     """Names of the local GPUs, or of the logical CPUs when there is no GPU.
 
     Example:
-        >>> local_devices()  # doctest: +SKIP
-        ['/job:localhost/replica:0/task:0/device:CPU:0']
+        >>> devices = local_devices()
+        >>> len(devices) >= 1 and all(":CPU:" in d or ":GPU:" in d for d in devices)
+        True
     """
     gpus = tf.config.list_logical_devices("GPU")
     return [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
@@ -124,9 +131,17 @@ def split_cpu(n: int) -> list[str]:
     variable, model or strategy of the process); afterwards it raises ``RuntimeError``
     unless the CPU is already split that way. For tests and CPU-only data parallelism.
 
+    First thing in a fresh process, ``split_cpu(2)`` returns two names ending in
+    ``CPU:0`` and ``CPU:1`` (``tests/test_distribute.py`` runs it in a subprocess).
+
     Example:
-        >>> split_cpu(2)  # first thing in a fresh process  # doctest: +SKIP
-        ['/device:CPU:0', '/device:CPU:1']
+        >>> n = len(tf.config.list_logical_devices("CPU"))  # initialises the devices
+        >>> len(split_cpu(n)) == n  # already split this way: nothing to do
+        True
+        >>> split_cpu(n + 1)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: split_cpu(...) came too late: TensorFlow has already initialised ...
     """
     if n < 1:
         raise ValueError(f"split_cpu needs n >= 1, got {n}")
@@ -145,45 +160,46 @@ def split_cpu(n: int) -> list[str]:
     return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
-# ---- variables under the strategy --------------------------------------------------------
-@dataclass
-class TrainingObjects:
-    """A model and its optimizers, their variables created under one strategy's scope."""
+def strategy_from_config(t: TrainConfig, log: Callable[[str], None] = print
+                         ) -> tf.distribute.Strategy:
+    """The strategy of ``train.strategy``, after splitting the CPU into ``train.logical_cpus``
+    devices when that is above 1; logs the replica count of any strategy but ``default``.
 
-    model: CaptionModel
-    optimizer: keras.optimizers.Optimizer
-    backbone_optimizer: keras.optimizers.Optimizer | None = None
-
-
-def build_model_and_optimizers(strategy: tf.distribute.Strategy, cfg: Config,
-                               vocab_size: int, total_steps: int) -> TrainingObjects:
-    """Build the model and its optimizer(s) as the Trainer does, inside ``strategy.scope()``
-    so that every variable (weights, Adam moments, iterations) is mirrored.
-
-    A Keras 3 optimizer binds the strategy that is current when it is constructed, so it
-    must be built here, not outside. ``tf.train.Checkpoint(model=..., optimizer=...)``
-    of these objects restores under any other strategy.
+    Call it before any other TensorFlow op of the process (see :func:`split_cpu`).
 
     Example:
-        >>> from captioner.config import apply_overrides
-        >>> cfg = apply_overrides(Config(), ["model.image_size=32", "model.cnn_filters=[4]",
-        ...                                  "model.units=8", "model.embedding_dim=8"])
-        >>> objs = build_model_and_optimizers(make_strategy("default"), cfg, 12, 100)
-        >>> objs.model.built, objs.optimizer.built, objs.backbone_optimizer
-        (True, True, None)
+        >>> strategy_from_config(TrainConfig()) is tf.distribute.get_strategy()
+        True
     """
-    t = cfg.train
-    with strategy.scope():
-        policy = keras.DTypePolicy(t.precision)
-        model = CaptionModel.from_model_config(cfg.model, vocab_size, policy).build_weights()
-        main_vars, backbone_vars = split_variables(model, bool(t.backbone_learning_rate))
-        optimizer = make_optimizer(cfg, total_steps)
-        optimizer.build(main_vars)
-        backbone_optimizer = None
-        if backbone_vars:
-            backbone_optimizer = make_optimizer(cfg, total_steps, t.backbone_learning_rate)
-            backbone_optimizer.build(backbone_vars)
-    return TrainingObjects(model, optimizer, backbone_optimizer)
+    if t.logical_cpus > 1:
+        split_cpu(t.logical_cpus)
+    strategy = make_strategy(t.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if t.strategy != "default":
+        log(f"train.strategy={t.strategy}: {replicas} replica(s), "
+            f"{t.batch_size / replicas:g} examples each per step")
+    return strategy
+
+
+def worker_run_dir(strategy: tf.distribute.Strategy, t: TrainConfig, run_dir: Path) -> Path:
+    """Where this process writes: ``run_dir``, except for the non-chief workers of a
+    ``multi_worker`` run, which take part in every step and every checkpoint save
+    (collective ops) but write into ``run_dir/workers/<task type><task index>`` instead.
+
+    The chief is the ``chief`` task, or worker 0 of a cluster without one.
+
+    Example:
+        >>> worker_run_dir(make_strategy("default"), TrainConfig(), Path("runs/a")).as_posix()
+        'runs/a'
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if t.strategy != "multi_worker" or resolver is None:
+        return run_dir
+    kind, index = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if kind == "chief" or (not has_chief and kind == "worker" and index == 0):
+        return run_dir
+    return run_dir / "workers" / f"{kind}{index}"
 
 
 # ---- input --------------------------------------------------------------------------------
@@ -207,64 +223,7 @@ def distribute_batches(strategy: tf.distribute.Strategy, dataset: tf.data.Datase
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
-# ---- the distributed train step ------------------------------------------------------------
-def make_distributed_train_step(strategy: tf.distribute.Strategy, model: CaptionModel,
-                                optimizer: keras.optimizers.Optimizer, pad_id: int,
-                                attention_reg: float, global_batch_size: int,
-                                scheduled_sampling: bool = False, greedy_sampling: bool = False,
-                                backbone_optimizer: keras.optimizers.Optimizer | None = None
-                                ) -> Callable[..., dict[str, tf.Tensor]]:
-    """Compile :func:`~captioner.training.make_train_step` for ``strategy``.
-
-    The step takes the per-replica ``(inputs, tokens)`` of :func:`distribute_batches` plus
-    ``sampling_prob`` and ``seed`` (as the single-device step does) and returns the GLOBAL
-    batch's ``{"loss", "nll", "reg"}``; the update equals a single device's on that batch.
-    ``global_batch_size`` (``train.batch_size``) must give every replica an example. With
-    several replicas, the model's BatchNorm layers switch to global-batch statistics
-    (:func:`synchronize_batch_norm`) and scheduled sampling draws from a per-replica seed;
-    dropout masks come from Keras seed generators that advance in lockstep on every replica,
-    so row i of each replica's slice gets the same mask (still random from step to step).
-
-    Example:
-        >>> step = make_distributed_train_step(strategy, objs.model, objs.optimizer,
-        ...                                    pad_id=0, attention_reg=1.0,
-        ...                                    global_batch_size=64)  # doctest: +SKIP
-        >>> for images, tokens in distribute_batches(strategy, batches):  # doctest: +SKIP
-        ...     out = step(images, tokens, tf.constant(0.0), tf.constant([0, 0]))
-    """
-    replicas = strategy.num_replicas_in_sync
-    if global_batch_size < replicas:
-        raise ValueError(f"train.batch_size={global_batch_size} is the GLOBAL batch: it must "
-                         f"be at least the number of replicas ({replicas})")
-    if replicas > 1:
-        synchronize_batch_norm(model)
-    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-    main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
-
-    def replica_step(inputs, tokens, sampling_prob, seed):
-        ctx = tf.distribute.get_replica_context()
-        tokens = _trim(tokens, pad_id)
-        share = token_share(tokens[:, 1:], pad_id, ctx)  # this replica's tokens / global tokens
-        with tf.GradientTape() as tape:
-            loss, nll, reg = (share * x for x in training_loss(
-                model, inputs, tokens, pad_id, attention_reg,
-                sampling_prob if scheduled_sampling else None, replica_seed(seed, ctx),
-                greedy_sampling))
-            scaled = optimizer.scale_loss(loss) if loss_scaled else loss
-        grads = tape.gradient(scaled, main_vars + backbone_vars)
-        apply_gradients(optimizer, grads[:len(main_vars)], main_vars, ctx)
-        if backbone_vars:
-            apply_gradients(backbone_optimizer, grads[len(main_vars):], backbone_vars, ctx)
-        return {"loss": loss, "nll": nll, "reg": reg}
-
-    @tf.function(reduce_retracing=True)
-    def train_step(inputs, tokens, sampling_prob, seed):
-        per_replica = strategy.run(replica_step, args=(inputs, tokens, sampling_prob, seed))
-        return {k: strategy.reduce(SUM, v, axis=None) for k, v in per_replica.items()}
-
-    return train_step
-
-
+# ---- the replica step's pieces (see captioner.train.steps.make_train_step) ----------------
 def synchronize_batch_norm(model: keras.Model) -> int:
     """Make every BatchNormalization layer of ``model`` normalise a training batch with the
     statistics of the GLOBAL batch (all-reduced over replicas) instead of its replica's
@@ -290,7 +249,12 @@ def token_share(targets: tf.Tensor, pad_id: int, ctx: tf.distribute.ReplicaConte
     """max(local real tokens, 1) / max(global real tokens, 1), a float32 scalar.
 
     ``training_loss`` divides the replica's sums by max(local tokens, 1); times this share
-    they are divided by the global count instead, as on one device.
+    they are divided by the global count instead, as on one device (where it is 1).
+
+    Example:
+        >>> ctx = tf.distribute.get_replica_context()  # the default one: a single replica
+        >>> float(token_share(tf.constant([[5, 6, 0], [7, 0, 0]]), 0, ctx))
+        1.0
     """
     local = tf.reduce_sum(tf.cast(tf.not_equal(targets, pad_id), "float32"))  # () of (b, T)
     total = ctx.all_reduce(SUM, local)
@@ -298,7 +262,12 @@ def token_share(targets: tf.Tensor, pad_id: int, ctx: tf.distribute.ReplicaConte
 
 
 def replica_seed(seed: tf.Tensor, ctx: tf.distribute.ReplicaContext) -> tf.Tensor:
-    """The step's (2,) seed, folded with the replica id when there are several replicas."""
+    """The step's (2,) seed, folded with the replica id when there are several replicas.
+
+    Example:
+        >>> replica_seed(tf.constant([7, 3]), tf.distribute.get_replica_context()).numpy()
+        array([7, 3], dtype=int32)
+    """
     if ctx.num_replicas_in_sync == 1:
         return seed
     return tf.random.experimental.stateless_fold_in(tf.cast(seed, "int32"),

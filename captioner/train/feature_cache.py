@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from captioner.config import Config, ConfigError
-from captioner.data.features import FeatureCache
+from captioner.data.features import FeatureCache, extract_features
 from captioner.data.formats import read_records
 from captioner.model.layers import CaptionModel
 
@@ -33,8 +33,6 @@ def ensure_feature_cache(cfg: Config, model: CaptionModel, paths: list[str],
 
     ``paths`` must come in a canonical (sorted) order: the cache is keyed by the list.
     """
-    from captioner.data.features import extract_features
-
     size = cfg.model.image_size
 
     @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
