@@ -4,9 +4,9 @@
 so the backbone is out of the loop, and returns one JSON-ready dict (the ``bench`` command
 prints it as one line). Two implementations run the same shapes:
 
-* ``impl="captioner"``: our :class:`~captioner.model.CaptionModel` with
-  :func:`~captioner.training.make_train_step` and
-  :func:`~captioner.inference.make_generate_function` (compiled, batched).
+* ``impl="captioner"``: our :class:`~captioner.model.layers.CaptionModel` with
+  :func:`~captioner.train.steps.make_train_step` and
+  :func:`~captioner.generate.captioner.make_generate_function` (compiled, batched).
 * ``impl="classic"``: a faithful copy of the structure of TensorFlow's image-captioning
   tutorial ("Image captioning with visual attention"), kept here for comparison:
   :class:`BahdanauAttention` recomputes ``W1(features)`` at every step, the
@@ -16,7 +16,7 @@ prints it as one line). Two implementations run the same shapes:
   ``tf.function`` (unrolled T times), and decoding (:func:`classic_evaluate`) is eager,
   one image at a time, one host sync per step. The tutorial has no beam search, so
   ``beam3_images_per_s`` is ``None`` for it. Both implementations use the same
-  optimizer (:func:`~captioner.training.make_optimizer`, Adam with clipping) so that
+  optimizer (:func:`~captioner.train.steps.make_optimizer`, Adam with clipping) so that
   only the model structure differs.
 
 Shapes in comments: B batch, G grid cells, C backbone channels, E embedding_dim,
@@ -48,9 +48,14 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.choices import Choices
-from captioner.cli import add_bench_arguments as add_bench_arguments  # defined without TF
-from captioner.config import Config
+from captioner.config import Config, ModelConfig
+from captioner.data.features import FeatureCache, benchmark_input, extract_features
+from captioner.data.images import load_image
 from captioner.data.tokenizers import Tokenizer
+from captioner.generate.captioner import DecodeOptions, make_generate_function
+from captioner.model.backbones import build_backbone
+from captioner.model.layers import CaptionModel
+from captioner.train.steps import make_optimizer, make_train_step
 
 try:  # Unix only; elsewhere peak_rss_mb() reports None
     import resource
@@ -321,7 +326,7 @@ def load_average() -> float | None:
 
 def bench_config(precision: str = "float32", learning_rate: float = 1e-3) -> Config:
     """A project :class:`~captioner.config.Config` with ``train.precision`` set, for
-    :func:`~captioner.training.make_optimizer` (loss scaling under ``mixed_float16``).
+    :func:`~captioner.train.steps.make_optimizer` (loss scaling under ``mixed_float16``).
 
     Example:
         >>> bench_config("mixed_bfloat16").train.precision
@@ -337,8 +342,6 @@ def bench_config(precision: str = "float32", learning_rate: float = 1e-3) -> Con
 
 def make_bench_optimizer(cfg: Config, variables: Sequence[Any]) -> keras.optimizers.Optimizer:
     """The project's optimizer, built on ``variables`` (as the Trainer does)."""
-    from captioner.train.steps import make_optimizer
-
     opt = make_optimizer(cfg, total_steps=1000)
     opt.build(list(variables))
     return opt
@@ -373,9 +376,6 @@ def build_ours(s: BenchShapes, precision: str = "float32", dropout: float | None
         >>> (m.grid_size, m.feature_dim, len(m.backbone.trainable_weights))
         (4, 8, 0)
     """
-    from captioner.config import ModelConfig
-    from captioner.model.layers import CaptionModel
-
     keras.utils.set_random_seed(seed)
     defaults = ModelConfig()
     model = CaptionModel(
@@ -392,8 +392,6 @@ def build_ours(s: BenchShapes, precision: str = "float32", dropout: float | None
 
 def ours_train_fn(model: Any, cfg: Config) -> tuple[TrainFn, keras.optimizers.Optimizer]:
     """Our compiled train step as ``(grids, tokens) -> loss`` (teacher forcing)."""
-    from captioner.train.steps import make_train_step
-
     opt = make_bench_optimizer(cfg, model.trainable_variables)
     step = make_train_step(model, opt, Tokenizer.pad_id, cfg.train.attention_reg)
     prob, seed = tf.constant(0.0), tf.constant([0, 0], tf.int32)
@@ -406,8 +404,6 @@ def ours_train_fn(model: Any, cfg: Config) -> tuple[TrainFn, keras.optimizers.Op
 
 def ours_decoders(model: Any) -> dict[str, Callable[[tf.Tensor, int], Any]]:
     """Compiled greedy and beam-3 decoding from grids: ``fn(grids, max_length) -> dict``."""
-    from captioner.generate.captioner import DecodeOptions, make_generate_function
-
     out = {}
     for name, options in (("greedy", DecodeOptions("greedy")),
                           ("beam3", DecodeOptions("beam", beam_size=3))):
@@ -706,7 +702,7 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
 
     Keys: the config echoed back (``impl``, ``precision``, shapes, ``steps``, ``attend``,
     ``attention_kernel``: the one that ran, ``fused`` or ``tensorflow``,
-    :mod:`captioner.kernels`),
+    :mod:`captioner.model.kernels`),
     ``train_images_per_s`` (mean over ``steps`` steps after the compiling call and one
     warm-up step), ``train_step_s``, ``compile_s`` (wall time of the FIRST train step
     call: tracing + compile + one step), ``loss_first``/``loss_last``,
@@ -804,8 +800,6 @@ def backbone_encoder(name: str, s: BenchShapes, image_size: int, precision: str
     ``small_cnn`` uses the project's default filters with the last stage set to C, so at
     32 * side pixels its grid is exactly (G, C); ``efficientnet_b0`` gives 1280 channels.
     """
-    from captioner.model.backbones import build_backbone
-
     filters = [32, 64, 128, 256, s.feature_dim]
     net = build_backbone(name, image_size, None, "frozen", cnn_filters=filters,
                          dtype=keras.DTypePolicy(precision))
@@ -822,10 +816,8 @@ def backbone_encoder(name: str, s: BenchShapes, image_size: int, precision: str
 
 
 def decode_rate(paths: Sequence[str], size: int) -> tuple[float, np.ndarray]:
-    """Images/s of ``captioner.data.load_image`` (decode + resize, one thread) and the
+    """Images/s of ``captioner.data.images.load_image`` (decode + resize, one thread) and the
     decoded images (N, S, S, 3) uint8."""
-    from captioner.data.images import load_image
-
     t0 = time.perf_counter()
     images = np.stack([load_image(p, size) for p in paths])
     return len(paths) / (time.perf_counter() - t0), images
@@ -860,8 +852,6 @@ def end_to_end_stages(s: BenchShapes, precision: str, train_images_per_s: float,
         >>> r["bound_by"] in r["stage_images_per_s"]                          # doctest: +SKIP
         True
     """
-    from captioner.data.features import FeatureCache, benchmark_input, extract_features
-
     size = 32 * s.side
     n = n_images or max(s.batch_size, 8)
     stages: dict[str, float] = {}
@@ -899,8 +889,8 @@ def end_to_end_stages(s: BenchShapes, precision: str, train_images_per_s: float,
 
 # ---- command-line glue (the CLI prints the returned dict as one JSON line) ----------------
 def bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run :func:`run_bench` with the flags of :func:`add_bench_arguments` (defined in
-    :mod:`captioner.cli`, so ``captioner bench --help`` needs no TensorFlow)."""
+    """Run :func:`run_bench` with the flags of :func:`captioner.cli.add_bench_arguments`
+    (defined there, so ``captioner bench --help`` needs no TensorFlow)."""
     return run_bench(batch_size=args.batch_size, grid=args.grid, feature_dim=args.feature_dim,
                      embedding_dim=args.embedding_dim, units=args.units,
                      vocab_size=args.vocab_size, max_length=args.max_length, steps=args.steps,

@@ -17,6 +17,7 @@ from typing import Any
 from captioner.config import BUILTIN_CONFIG_DIR, Config, load_config
 from captioner.evaluate.runs import evaluate
 from captioner.train.trainer import Trainer
+from captioner.viz.attention import write_attention
 
 
 def default_config_path() -> Path:
@@ -28,8 +29,6 @@ def run_demo(run_dir: str | Path = "runs/demo", overrides: list[str] | None = No
              config: Config | None = None, log: Callable[[str], None] = print,
              figures: int = 8) -> dict[str, Any]:
     """Generate the data, train (or resume), then caption and score the test split."""
-    from captioner.viz.attention import write_attention
-
     run_dir = Path(run_dir)
     cfg = config or load_config(default_config_path(), overrides)
     started = time.perf_counter()

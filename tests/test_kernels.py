@@ -582,7 +582,7 @@ def test_config_key_is_validated_and_reaches_the_model(kernel):
 def test_bench_flag_accepts_the_choices_only():
     import argparse
 
-    from captioner.bench import add_bench_arguments
+    from captioner.cli import add_bench_arguments
 
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)

@@ -23,8 +23,6 @@ from tqdm import tqdm
 
 from captioner.config import Config
 from captioner.data.features import FeatureCache
-from captioner.data.images import image_batches
-from captioner.data.splits import SplitData
 from captioner.evaluate.metrics import validation_metric
 from captioner.generate.captioner import Captioner
 from captioner.train.checkpoints import Checkpoints
@@ -253,19 +251,3 @@ def train(cfg: Config, run_dir: str | Path, log: Callable[[str], None] = print
           ) -> dict[str, list[Any]]:
     """Train (or resume) a run; returns the history."""
     return Trainer(cfg, run_dir, log).fit()
-
-
-def caption_split(captioner: Captioner, split: SplitData, batch_size: int
-                  ) -> list[dict[str, Any]]:
-    """Generate for every image of a split, keeping references and metadata."""
-    rows = []
-    for start, batch in zip(range(0, split.num_images, batch_size),
-                            image_batches(split.images, batch_size)):
-        gen = captioner.generate(batch)
-        for i in range(len(batch)):
-            j = start + i
-            rows.append({"image": split.paths[j], "text": gen.texts[i],
-                         "tokens": gen.tokens[i], "attention": gen.attention[i],
-                         "references": split.references[j], "meta": split.meta[j]})
-    return rows
-
