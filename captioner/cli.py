@@ -158,11 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32,
                    help="images decoded together at most (1: no batching)")
-    p.add_argument("--window-ms", type=float, default=5.0,
+    p.add_argument("--window-ms", type=float, default=10.0,
                    help="how long the first waiting image waits for others")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="largest image (width x height), checked before decoding")
+    p.add_argument("--access-log", action="store_true", help="log one line per request")
     _add_decode(p)
 
     p = sub.add_parser("bench-serve",
@@ -213,7 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(max_body_bytes=int(args.max_body_mb * 1_000_000),
                            image_limits=ImageLimits(max_pixels=args.max_pixels),
                            batching=BatchingOptions(args.max_batch, args.window_ms))
-    serve(backend, args.host, args.port, options)
+    serve(backend, args.host, args.port, options, args.access_log)
     return 0
 
 

@@ -135,7 +135,7 @@ def test_bad_requests_get_a_4xx_json_error(server, kwargs, status, code):
 def test_concurrent_requests_share_a_batch(server, images):
     before = httpx.get(f"{server}/health").json()["batches"]
     data = [p.read_bytes() for p in images]
-    out = run_load(server, data, LoadSpec(clients=8, requests=8))
+    out = run_load(int(server.rsplit(":", 1)[1]), data, LoadSpec(clients=8, requests=8))
     assert out["errors"] == 0 and out["requests"] == 8
     after = httpx.get(f"{server}/health").json()["batches"]
     new = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}

@@ -114,7 +114,8 @@ def load_image(source: ImageSource, size: int | None,
 
 def _to_rgb(im: Image.Image, size: int | None) -> np.ndarray:
     """Decode an opened image: EXIF orientation, any mode -> RGB, optional square resize."""
-    im = ImageOps.exif_transpose(im)
+    if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation (exif_transpose copies always)
+        im = ImageOps.exif_transpose(im)
     im.load()
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)

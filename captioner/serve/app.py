@@ -35,9 +35,10 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from captioner.data.images import ImageError, ImageLimits, load_image
@@ -173,7 +174,7 @@ class CaptionService:
         except ImageError as exc:
             raise ImageError(name, exc.reason, exc.detail) from None
 
-    async def caption(self, images: list[tuple[str, bytes]]) -> JSONResponse:
+    async def caption(self, images: list[tuple[str, bytes]]) -> Response:
         checked: list[np.ndarray | ImageError] = []
         for name, data in images:
             try:
@@ -191,8 +192,10 @@ class CaptionService:
                                                          "message": str(item)}})
             else:
                 results.append({"image": name, **next(decoded)})
-        return JSONResponse({"model": self.backend.name, "grid": list(self.backend.grid_hw),
-                             "results": results})
+        body = {"model": self.backend.name, "grid": list(self.backend.grid_hw),
+                "results": results}
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json")  # writes the arrays directly
 
     def _all_bad(self, errors: list[ImageError]) -> JSONResponse:
         status = dict(self.options.status_of)
@@ -242,7 +245,7 @@ def create_app(backend: CaptionBackend, options: ServeOptions | None = None) -> 
         return HTMLResponse(page)
 
     @app.post("/v1/caption")
-    async def caption(request: Request) -> JSONResponse:
+    async def caption(request: Request) -> Response:
         try:
             return await service.caption(await request_images(request, options))
         except ApiError as exc:
@@ -257,6 +260,7 @@ def create_app(backend: CaptionBackend, options: ServeOptions | None = None) -> 
 
 
 def serve(backend: CaptionBackend, host: str = "127.0.0.1", port: int = 8000,
-          options: ServeOptions | None = None) -> None:
-    """Run the server until interrupted."""
-    uvicorn.run(create_app(backend, options), host=host, port=port, log_level="info")
+          options: ServeOptions | None = None, access_log: bool = False) -> None:
+    """Run the server until interrupted (one log line per request with ``access_log``)."""
+    uvicorn.run(create_app(backend, options), host=host, port=port, log_level="info",
+                access_log=access_log)

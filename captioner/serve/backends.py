@@ -31,11 +31,12 @@ class CaptionBackend(Protocol):
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         """uint8 (B, S, S, 3) -> per image: text, tokens (strings), token_ids, score,
-        token_scores (T,), attention (T, G)."""
+        token_scores (T,) and attention (T, G) as float32 arrays rounded to 5 decimals
+        (the server's JSON encoder writes arrays directly)."""
 
 
-def _rounded(values: np.ndarray, digits: int = 5) -> list[Any]:
-    return np.round(values.astype(np.float64), digits).tolist()
+def _rounded(values: np.ndarray, digits: int = 5) -> np.ndarray:
+    return np.round(values, digits).astype(np.float32)
 
 
 class RunBackend:
@@ -51,13 +52,13 @@ class RunBackend:
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         gen = self.cap.generate(pixels, **self.decode)
+        attention, token_scores = _rounded(gen.attention), _rounded(gen.token_scores)
         out = []
         for i, ids in enumerate(gen.tokens):
             n = len(ids)
             out.append({"text": gen.texts[i], "tokens": self.cap.tokenizer.ids_to_tokens(ids),
                         "token_ids": list(ids), "score": round(float(gen.scores[i]), 5),
-                        "token_scores": _rounded(gen.token_scores[i, :n]),
-                        "attention": _rounded(gen.attention[i, :n])})
+                        "token_scores": token_scores[i, :n], "attention": attention[i, :n]})
         return out
 
 
@@ -94,6 +95,7 @@ class ExportBackend:
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         r = {k: v.numpy() for k, v in self.fn(pixels=tf.constant(pixels, tf.uint8)).items()}
+        attention, token_scores = _rounded(r["attention"]), _rounded(r["token_scores"])
         out = []
         for i in range(len(pixels)):
             words = [w.decode() for w in r["token_text"][i]]
@@ -102,6 +104,5 @@ class ExportBackend:
             n -= 1 if n and not words[n - 1] else 0  # the tokens before <end>
             out.append({"text": r["text"][i].decode(), "tokens": words[:n],
                         "token_ids": ids[:n], "score": round(float(r["score"][i]), 5),
-                        "token_scores": _rounded(r["token_scores"][i, :n]),
-                        "attention": _rounded(r["attention"][i, :n])})
+                        "token_scores": token_scores[i, :n], "attention": attention[i, :n]})
         return out

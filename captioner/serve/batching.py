@@ -25,7 +25,7 @@ class BatchingOptions:
     """
 
     max_batch: int = 32
-    window_ms: float = 5.0
+    window_ms: float = 10.0
 
     @property
     def enabled(self) -> bool:

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,16 +52,19 @@ def free_port() -> int:
 def start_server(source_args: Sequence[str], port: int, max_batch: int,
                  timeout_s: float = 180.0) -> subprocess.Popen:
     """``captioner serve`` in a subprocess on 127.0.0.1:``port``; returns once
-    ``/health`` answers (or raises RuntimeError with the server's output)."""
+    ``/health`` answers (or raises RuntimeError with the server's output). Its output
+    goes to a temporary file (a pipe nobody reads would fill up and stall the server)."""
     cmd = [sys.executable, "-m", "captioner", "serve", *source_args, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", str(max_batch)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    proc.log = log  # type: ignore[attr-defined]  # closed with the process
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read()[-4000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
                 return proc
@@ -78,29 +82,68 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    log = getattr(proc, "log", None)
+    if log is not None:
+        log.close()
 
 
-async def _load(url: str, images: list[bytes], spec: LoadSpec) -> dict[str, Any]:
+def multipart_request(port: int, data: bytes, name: str = "image.png") -> bytes:
+    r"""A complete keep-alive ``POST /v1/caption`` (multipart, field ``image``) as bytes.
+
+    Example:
+        >>> multipart_request(8000, b"PNG").split(b"\r\n")[0]
+        b'POST /v1/caption HTTP/1.1'
+    """
+    boundary = "captioner-load-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n").encode() + data + (
+            f"\r\n--{boundary}--\r\n").encode()
+    head = (f"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode()
+    return head + body
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    request: bytes) -> int:
+    """Send one pre-encoded request, read the whole response; returns its status."""
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(line.split(":", 1)[1]) for line in lines
+                  if line.lower().startswith("content-length:"))
+    await reader.readexactly(length)
+    return int(lines[0].split()[1])
+
+
+async def _load(port: int, images: list[bytes], spec: LoadSpec) -> dict[str, Any]:
+    """Each client is one keep-alive connection sending pre-encoded requests (a raw
+    asyncio client, like wrk: the load generator's own CPU stays small beside the
+    server's on a shared machine)."""
+    requests = [multipart_request(port, data) for data in images]
     latencies: list[float] = []
     errors = 0
     issued = 0
-    limits = httpx.Limits(max_connections=spec.clients, max_keepalive_connections=spec.clients)
-    async with httpx.AsyncClient(timeout=spec.timeout_s, limits=limits) as client:
 
-        async def worker() -> None:
-            nonlocal issued, errors
+    async def client() -> None:
+        nonlocal issued, errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
             while issued < spec.requests:
-                data = images[issued % len(images)]
+                request = requests[issued % len(requests)]
                 issued += 1
                 start = time.perf_counter()
-                r = await client.post(url, files={"image": ("image.png", data, "image/png")})
+                status = await _exchange(reader, writer, request)
                 latencies.append(time.perf_counter() - start)
-                errors += r.status_code != 200
+                errors += status != 200
+        finally:
+            writer.close()
 
-        began = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(spec.clients))),
-                               spec.timeout_s)
-        seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(spec.clients))),
+                           spec.timeout_s)
+    seconds = time.perf_counter() - began
     ms = np.array(latencies) * 1000.0
     return {"clients": spec.clients, "requests": len(latencies), "errors": errors,
             "seconds": round(seconds, 3), "requests_per_s": round(len(latencies) / seconds, 2),
@@ -108,9 +151,10 @@ async def _load(url: str, images: list[bytes], spec: LoadSpec) -> dict[str, Any]
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
-def run_load(base_url: str, images: list[bytes], spec: LoadSpec) -> dict[str, Any]:
-    """Send ``spec``'s load to ``base_url``/v1/caption; returns its figures."""
-    return asyncio.run(_load(f"{base_url}/v1/caption", images, spec))
+def run_load(port: int, images: list[bytes], spec: LoadSpec) -> dict[str, Any]:
+    """Send ``spec``'s load to ``POST /v1/caption`` on 127.0.0.1:``port``; returns its
+    figures."""
+    return asyncio.run(_load(port, images, spec))
 
 
 def bench_serve(source_args: Sequence[str], images: Sequence[Path],
@@ -124,12 +168,11 @@ def bench_serve(source_args: Sequence[str], images: Sequence[Path],
         port = free_port()
         proc = start_server(source_args, port, batch)
         try:
-            base = f"http://127.0.0.1:{port}"
-            run_load(base, data, LoadSpec(min(4, max(clients)), warmup))
+            run_load(port, data, LoadSpec(min(4, max(clients)), warmup))
             for n in clients:
                 rows.append({"mode": mode, "max_batch": batch,
-                             **run_load(base, data, LoadSpec(n, requests))})
-            health = httpx.get(f"{base}/health", timeout=5.0).json()
+                             **run_load(port, data, LoadSpec(n, requests))})
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5.0).json()
             rows[-1]["batches_seen"] = health.get("batches", {})
         finally:
             stop_server(proc)
