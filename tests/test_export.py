@@ -147,3 +147,15 @@ def test_jpeg_bytes_are_decoded(exported, images):
 def test_existing_version_is_refused(trained_run, exported):
     with pytest.raises(FileExistsError, match="exists"):
         export_run(trained_run, exported.parent, version=1)
+
+
+def test_export_command_writes_the_next_version(trained_run, tmp_path):
+    out = tmp_path / "cli_export"
+    (out / "4").mkdir(parents=True)  # an older version already there
+    r = subprocess.run([sys.executable, "-m", "captioner", "export", "--run", str(trained_run),
+                        "--out", str(out), "--beam-size", "2", "--max-length", "5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert str(out / "5") in r.stdout and (out / "5" / "saved_model.pb").is_file()
+    meta = {k: int(v) for k, v in tf.saved_model.load(str(out / "5")).metadata().items()}
+    assert meta["beam_size"] == 2 and meta["max_length"] == 5 and meta["grid_height"] == 8
