@@ -250,22 +250,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption every usable image; an unusable one is reported on stderr (``skipped
+    <path>: <reason>: <detail>``) and as a record with an ``error`` in --json / --out.
+    Exit status 0 when at least one image was captioned, 1 when none could be."""
     from captioner.generate.captioner import Captioner, expand_images, write_results
 
     cap = Captioner.load(args.run, args.checkpoint)
     paths = expand_images(args.images)
-    gen = cap.generate(paths, **_decode_args(args))
-    records = gen.records(cap.tokenizer)
+    gen = cap.generate(paths, on_error="skip", **_decode_args(args))
+    for path, err in gen.failures:
+        print(f"captioner caption: skipped {path}: {err.reason}: {err.detail}", file=sys.stderr)
+    by_path = {r["image"]: r for r in gen.records(cap.tokenizer) + gen.error_records()}
+    records = [by_path[p] for p in paths if p in by_path]  # the order given
     if args.out:
         write_results(records, args.out)
-        print(f"{len(records)} images -> {args.out}", file=sys.stderr)
+        print(f"{len(gen.texts)} images -> {args.out}"
+              + (f" ({len(gen.failures)} skipped)" if gen.failures else ""), file=sys.stderr)
     elif args.json:
         for rec in records:
             print(json.dumps(rec))
     else:
         for rec in records:
-            print(f"{rec['image']}\t{rec['text']}")
-    return 0
+            if "error" not in rec:
+                print(f"{rec['image']}\t{rec['text']}")
+    return 0 if gen.texts else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -34,8 +34,15 @@ from typing import Any, NamedTuple
 from captioner.choices import Choices
 from captioner.config import DataConfig
 from captioner.data.chem import canonical_smiles
-from captioner.data.manifests import DataError, Record, normalise_split, read_csv_manifest
+from captioner.data.manifests import (
+    DataError,
+    Record,
+    normalise_split,
+    read_csv_manifest,
+    read_text,
+)
 from captioner.data.shapes import generate_shapes
+from captioner.data.tokenizers import SmilesTokenizer
 
 PathLike = str | Path
 
@@ -108,8 +115,7 @@ def _load_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
-        with path.open(encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(read_text(path, "utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
 
@@ -207,7 +213,7 @@ def _coco_from_doc(doc: Any, path: Path, images_dir: PathLike | None,
         if not text:
             raise DataError(f"{where}: empty 'caption'")
         records.append(Record(_resolve(names[image_id], base), text, split,
-                              {"image_id": image_id}))
+                              {"image_id": image_id}, source=where))
     return records
 
 
@@ -257,7 +263,8 @@ def _karpathy_image(img: Any, i: int, path: Path, base: Path) -> list[Record]:
     image = _resolve(str(img["filename"]), folder)
     split = _split_name(img.get("split"), f"{where}.split")
     meta = {k: img[k] for k in ("imgid", "cocoid") if k in img}
-    return [Record(image, _karpathy_text(s, f"{where}.sentences[{j}]"), split, dict(meta))
+    return [Record(image, _karpathy_text(s, f"{where}.sentences[{j}]"), split, dict(meta),
+                   source=f"{where}.sentences[{j}]")
             for j, s in enumerate(img.get("sentences") or [])]
 
 
@@ -300,7 +307,7 @@ def read_karpathy(json_path: PathLike, images_dir: PathLike | None = None) -> li
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
-    return path.read_text(encoding="utf-8-sig").splitlines()
+    return read_text(path, "utf-8-sig").splitlines()
 
 
 def _flickr_images_dir(folder: Path) -> Path:
@@ -384,7 +391,8 @@ def read_flickr_token(token_txt: PathLike, images_dir: PathLike | None = None,
     for number, line in enumerate(lines, start=1):
         if line.strip():
             name, text = _parse_token_line(line, path, number)
-            records.append(Record(_resolve(name, base), text, splits.get(name), {}))
+            records.append(Record(_resolve(name, base), text, splits.get(name), {},
+                                  source=f"{path}:{number}"))
     if not records:
         raise DataError(f"{path}: no captions")
     return drop_missing(records) if only_existing else ReadResult(records)
@@ -429,7 +437,7 @@ def _jsonl_row(row: Any, where: str, keys: tuple[str, str, str], base: Path) -> 
     texts = _jsonl_texts(row.get(text_key), where, text_key)
     split = _split_name(row.get(split_key), where) if split_key else None
     meta = {k: v for k, v in row.items() if k not in keys}
-    return [Record(_resolve(image, base), t, split, dict(meta)) for t in texts]
+    return [Record(_resolve(image, base), t, split, dict(meta), source=where) for t in texts]
 
 
 def read_jsonl(path: PathLike, image_key: str = "image", text_key: str = "caption",
@@ -625,9 +633,30 @@ def group_splits(records: list[Record], val_fraction: float, test_fraction: floa
             for k, r in zip(keys, records)]
 
 
+def check_smiles(records: Sequence[Record]) -> None:
+    """Raise :class:`DataError` at the first text the SMILES tokenizer cannot split,
+    naming where it was read (file:line) and the character.
+
+    Example:
+        >>> check_smiles([Record("a.png", "CCO", source="m.csv:2"),
+        ...               Record("b.png", "C&C", source="m.csv:3")])
+        Traceback (most recent call last):
+        ...
+        captioner.data.manifests.DataError: m.csv:3: cannot tokenize SMILES 'C&C': ... position 1
+    """
+    tokenizer = SmilesTokenizer()
+    for i, r in enumerate(records):
+        try:
+            tokenizer.validate(r.text)
+        except ValueError as exc:
+            raise DataError(f"{r.source or f'record {i} ({r.image})'}: {exc}") from None
+
+
 def read_records(cfg: DataConfig, smiles_targets: bool = False) -> list[Record]:
     """All records of the configured data source, each with a split.
 
+    With ``smiles_targets`` every text must split into SMILES tokens, else
+    :class:`DataError` names the record's file and line (:func:`check_smiles`).
     Splits are by image; with ``data.split_by: smiles`` (or ``auto`` and SMILES targets)
     by canonical SMILES, so no molecule lands in two splits.
     """
@@ -642,6 +671,8 @@ def read_records(cfg: DataConfig, smiles_targets: bool = False) -> list[Record]:
             raise DataError("data.path is empty: name a manifest, caption file or annotations")
         records = read_any(cfg.format, cfg.path, cfg.images_dir, cfg.image_column,
                            cfg.text_column, cfg.split_column)
+    if smiles_targets:
+        check_smiles(records)
     if cfg.only_existing:
         records = drop_missing(records).records
     if cfg.limit:

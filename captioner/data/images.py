@@ -20,7 +20,9 @@ ImageSource = str | Path | bytes | BinaryIO
 
 class ImageError(ValueError):
     """An image that cannot be used: ``reason`` is one of :attr:`ImageLimits.reasons`
-    and the message names the source.
+    (``missing`` only from callers that turn a missing file into an ImageError, like
+    :meth:`captioner.generate.captioner.Captioner.generate`) and the message names the
+    source.
 
     Example:
         >>> load_image(b"", 8)
@@ -46,7 +48,7 @@ class ImageLimits:
 
     max_pixels: int = 64_000_000
     reasons: tuple[str, ...] = ("empty", "not_an_image", "truncated", "too_large",
-                                "unreadable")
+                                "unreadable", "missing")
 
 
 def _name(source: ImageSource) -> str:

@@ -4,6 +4,7 @@ report of images that could not be used."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ class Record:
     text: str
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where the record was read (``file:line``, or ``file: annotations[i]``), for errors
+    source: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -39,6 +42,9 @@ class LoadReport:
     """
 
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: training texts longer than ``data.max_length`` tokens (cut to it), of ``texts``
+    truncated: int = 0
+    texts: int = 0
 
     def add(self, path: str, reason: str) -> None:
         self.failures.append((path, reason))
@@ -53,6 +59,28 @@ class LoadReport:
 
 
 # ---- manifests ---------------------------------------------------------------------------
+def read_text(path: str | Path, encoding: str = "utf-8") -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise :class:`DataError` naming the
+    file, the line and the byte offset (not a bare UnicodeDecodeError).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "m.csv"
+        >>> _ = p.write_bytes(b"image,caption\\na.png,caf\\xe9\\n")
+        >>> read_text(p)
+        Traceback (most recent call last):
+        ...
+        captioner.data.manifests.DataError: ...m.csv:2: not UTF-8 text (byte 0xe9 at offset 23)...
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                        f"offset {exc.start}); save the file as UTF-8") from None
+
+
 def _resolve_image(name: str, base: Path) -> str:
     p = Path(name).expanduser()
     return str(p if p.is_absolute() else (base / p))
@@ -78,12 +106,17 @@ def read_csv_manifest(path: str | Path, image_column: str = "image", text_column
                       ) -> list[Record]:
     """Read a CSV manifest; relative image paths resolve against ``images_dir`` or the
     manifest's own folder. Extra columns (JSON decoded where possible) go to ``meta``.
+
+    Refused with :class:`DataError` naming the file (and line): a missing image or text
+    column (the columns found are listed), a row with an empty image or caption (empty
+    captions are refused, not skipped: a blank reference is a broken manifest), a file
+    that is not UTF-8, an unknown split.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     base = Path(images_dir) if images_dir else path.parent
-    with path.open(newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_text(path, "utf-8-sig"), newline="") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
         for col in (image_column, text_column):
@@ -98,7 +131,7 @@ def read_csv_manifest(path: str | Path, image_column: str = "image", text_column
                 raise DataError(f"{path}:{line}: empty {image_column!r} or {text_column!r}")
             split = normalise_split(row.get(split_column), path, line) if has_split else None
             records.append(Record(_resolve_image(image, base), text.strip(), split,
-                                  _parse_meta(row, used)))
+                                  _parse_meta(row, used), source=f"{path}:{line}"))
     if not records:
         raise DataError(f"{path}: no rows")
     return records

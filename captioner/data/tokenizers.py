@@ -154,6 +154,16 @@ class Tokenizer(ABC):
         """Text for ``ids`` (see :meth:`ids_to_tokens`); ``unk_id`` renders as ``<unk>``."""
         return self.detokenize(self.ids_to_tokens(ids, strip_special=strip_special))
 
+    def num_truncated(self, texts: Iterable[str], max_length: int) -> int:
+        """How many of ``texts`` :meth:`encode_batch` cuts to ``max_length`` ids
+        (``<start>`` and ``<end>`` included).
+
+        Example:
+            >>> WordTokenizer().fit(["a b c"]).num_truncated(["a b c", "a"], 4)
+            1
+        """
+        return sum(len(self.tokenize(t)) + 2 > max_length for t in texts)
+
     def encode_batch(self, texts: Iterable[str], max_length: int) -> np.ndarray:
         """``int32`` array ``(N, max_length)`` of ``[start .. end]`` rows, padded with pad_id.
 

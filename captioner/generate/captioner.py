@@ -10,7 +10,7 @@ import csv
 import glob
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import tensorflow as tf
 from captioner.choices import Choices
 from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data.chem import canonical_smiles
-from captioner.data.images import image_batches, load_image
+from captioner.data.images import ImageError, image_batches, load_image
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
 from captioner.model.layers import CaptionModel
@@ -150,7 +150,8 @@ class Generation:
     included; length-normalised when beam search uses a length penalty) and
     ``token_scores`` (B, T) each token's log-prob (zeros past each sequence).
     ``candidates[i]`` holds the n-best list of image i (one entry unless beam search
-    was asked for more), best first.
+    was asked for more), best first. ``failures`` lists the ``(path, ImageError)`` of
+    images left out by ``Captioner.generate(..., on_error="skip")`` (empty otherwise).
 
     Example:
         >>> g = Generation(["a b"], [[4, 5]], np.zeros(1), np.zeros((1, 3, 49)), ["x.png"])
@@ -165,6 +166,13 @@ class Generation:
     images: list[str]
     candidates: list[list[Candidate]] | None = None
     token_scores: np.ndarray | None = None  # (B, T)
+    failures: list[tuple[str, ImageError]] = field(default_factory=list)
+
+    def error_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per image skipped with ``on_error="skip"``: ``image``,
+        ``error`` (``"<reason>: <detail>"``) and ``reason``."""
+        return [{"image": path, "error": f"{err.reason}: {err.detail}", "reason": err.reason}
+                for path, err in self.failures]
 
     def records(self, tokenizer: Tokenizer) -> list[dict[str, Any]]:
         """One JSON-ready dict per image (the ``caption --json`` output)."""
@@ -211,12 +219,23 @@ class Captioner:
         the ``best`` (or ``latest``) checkpoint; ``attention_kernel`` overrides the
         run's ``model.attention_kernel`` (e.g. ``tensorflow`` for an export)."""
         run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {run_dir} does not exist (or is not a "
+                                    "directory)")
         for name in ("config.json", "tokenizer.json", "model.json"):
             if not (run_dir / name).is_file():
                 raise FileNotFoundError(f"{run_dir / name} is missing: is {run_dir} a run "
                                         "directory written by 'captioner train'?")
-        config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+        try:
+            config = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+            tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+            vocab = json.loads((run_dir / "model.json").read_text()).get("vocab_size")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{run_dir}: unreadable run directory file: {exc}") from exc
+        if vocab is not None and vocab != tokenizer.vocab_size:
+            raise ValueError(f"{run_dir}: tokenizer.json has {tokenizer.vocab_size} tokens but "
+                             f"the model (model.json, its checkpoint's output layer) has "
+                             f"{vocab}: the tokenizer is not this run's")
         model = model_from_run(run_dir, config, attention_kernel)
         restore_weights(model, run_dir, checkpoint)
         return cls(config, tokenizer, model)
@@ -242,7 +261,9 @@ class Captioner:
                     ) -> tuple[np.ndarray, list[str]]:
         """Paths or an array -> (uint8 (B, S, S, 3) at the model's input size, names).
 
-        An array of cached backbone grids (B, G, C) passes through as float32.
+        An array of cached backbone grids (B, G, C) passes through as float32. A path
+        that cannot be used raises :class:`ImageError` naming it (reason ``missing`` for
+        a file that does not exist); see :meth:`load_images_skipping` to go on instead.
         """
         if isinstance(images, np.ndarray):
             names = [f"array[{i}]" for i in range(len(images))]
@@ -254,8 +275,31 @@ class Captioner:
                                  f"{self.image_size}, 3) or grids (B, {self.model.grid_size}, "
                                  f"{self.model.feature_dim}), got {images.shape}")
             return images.astype(np.uint8), names
-        arrays = [load_image(p, self.image_size) for p in images]
+        arrays = [self._load_one(p) for p in images]
+        if not arrays:
+            raise ValueError("no images given")
         return np.stack(arrays), [str(p) for p in images]
+
+    def load_images_skipping(self, images: Sequence[str | Path]
+                             ) -> tuple[np.ndarray, list[str], list[tuple[str, ImageError]]]:
+        """Like :meth:`load_images` for paths, but an unusable file is left out:
+        (pixels of the usable ones (B_ok, S, S, 3), their names, [(path, ImageError)])."""
+        arrays, names, failures = [], [], []
+        for p in images:
+            try:
+                arrays.append(self._load_one(p))
+                names.append(str(p))
+            except ImageError as exc:
+                failures.append((str(p), exc))
+        size = self.image_size
+        pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+        return pixels, names, failures
+
+    def _load_one(self, path: str | Path) -> np.ndarray:
+        try:
+            return load_image(path, self.image_size)
+        except FileNotFoundError:
+            raise ImageError(str(path), "missing", "no such file") from None
 
     def options(self, **overrides: Any) -> DecodeOptions:
         """Decoding options from the run's ``decode`` config with keyword overrides."""
@@ -269,13 +313,27 @@ class Captioner:
                 and self.tokenizer.kind == "smiles")
 
     def generate(self, images: Sequence[str | Path] | np.ndarray, max_length: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, **decode: Any) -> Generation:
+                 batch_size: int | None = None, seed: int = 0, on_error: str = "raise",
+                 **decode: Any) -> Generation:
         """Captions, token ids, scores and attention (B, T, G) for ``images``.
 
         ``decode`` overrides the run's decode config: ``strategy`` (greedy, beam,
         sample), ``beam_size``, ``n_best``, ``length_penalty``, ``temperature``, ``top_k``.
+
+        ``on_error`` says what an unusable image file does (empty, not an image, cut off,
+        too large, missing): ``"raise"`` (the default) raises :class:`ImageError` naming
+        the file; ``"skip"`` leaves it out, so the result holds the usable images only
+        (``images`` names them) and ``failures`` the ``(path, ImageError)`` of the others
+        (all of them, and no caption, when none is usable). Each image is decoded on its
+        own rows of the batch, so a skipped neighbour does not change another's caption.
         """
-        pixels, names = self.load_images(images)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        failures: list[tuple[str, ImageError]] = []
+        if on_error == "skip" and not isinstance(images, np.ndarray):
+            pixels, names, failures = self.load_images_skipping(images)
+        else:
+            pixels, names = self.load_images(images)
         max_length = max_length or self.config.decode.max_length
         batch_size = batch_size or self.config.decode.batch_size
         options = self.options(**decode)
@@ -284,7 +342,9 @@ class Captioner:
                                               tf.constant([seed, i], tf.int32)).items()}
                  for i, b in enumerate(image_batches(pixels, batch_size))]
         n_best = decode.get("n_best") or self.config.decode.n_best
-        return self._collect(parts, names, self._reranks(options), n_best)
+        gen = self._collect(parts, names, self._reranks(options), n_best)
+        gen.failures = failures
+        return gen
 
     def _candidates(self, parts: list[dict[str, np.ndarray]]) -> list[list[Candidate]]:
         out = []
@@ -348,15 +408,25 @@ def expand_images(specs: Sequence[str]) -> list[str]:
 
 
 def write_results(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write ``caption`` results as JSON lines (``.jsonl``) or CSV (``.csv``)."""
+    """Write ``caption`` results as JSON lines (``.jsonl``) or CSV (``.csv``).
+
+    A record with an ``error`` (an image that could not be used) is written as it is in
+    JSON lines; in CSV it gets empty text, score and tokens, and an ``error`` column is
+    added (only when some record has one).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".csv":
+        errors = any("error" in r for r in records)
         with path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["image", "text", "score", "tokens"])
+            writer.writerow(["image", "text", "score", "tokens"] + (["error"] if errors else []))
             for r in records:
-                writer.writerow([r["image"], r["text"], f"{r['score']:.5f}", " ".join(r["tokens"])])
+                if "error" in r:
+                    writer.writerow([r["image"], "", "", "", r["error"]])
+                    continue
+                row = [r["image"], r["text"], f"{r['score']:.5f}", " ".join(r["tokens"])]
+                writer.writerow(row + ([""] if errors else []))
     elif path.suffix.lower() in (".jsonl", ".json"):
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     else:

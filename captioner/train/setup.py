@@ -17,12 +17,16 @@
    as :class:`PreparedData`, whose :meth:`~PreparedData.batches` are one epoch's batches;
 7. :func:`train_steps_per_epoch`.
 
-Checkpoints are :class:`captioner.train.checkpoints.Checkpoints`.
+Checkpoints are :class:`captioner.train.checkpoints.Checkpoints`. Every JSON file of the run
+directory is written with :func:`atomic_write_text` (never half-written), and
+:class:`RunLock` keeps a second training off a run directory in use.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,141 @@ from captioner.train.steps import make_optimizer, split_variables
 SPLITS = ("train", "val", "test")
 
 
+# ---- the run directory --------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new
+    one, never half of it: a temporary file in the same folder is written, flushed and
+    fsynced, then ``os.replace``-d over ``path`` (and the folder fsynced where possible).
+
+    Example:
+        >>> import tempfile
+        >>> p = atomic_write_text(Path(tempfile.mkdtemp()) / "a.json", "{}\\n")
+        >>> p.read_text(), [f.name for f in p.parent.iterdir()]
+        ('{}\\n', ['a.json'])
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # the rename itself durable (not possible on every platform)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def read_run_json(path: Path) -> object:
+    """The JSON of a run-directory file; ValueError naming it when it does not parse."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable (not valid JSON: {exc})") from exc
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``run_dir/.lock``) for one training at a time.
+
+    ``acquire()`` raises RuntimeError naming the run directory and the PID holding it.
+    With ``fcntl`` it is an ``flock`` on the file (the kernel frees it when the process
+    dies, however it dies); without (Windows), the file is created with ``O_EXCL`` and
+    holds the PID, and a lock whose PID is no longer running is taken over as stale.
+
+    Example:
+        >>> import tempfile
+        >>> run = Path(tempfile.mkdtemp())
+        >>> first = RunLock(run).acquire()
+        >>> RunLock(run).acquire()
+        Traceback (most recent call last):
+        ...
+        RuntimeError: ... is in use by another training (PID ...); ...
+        >>> first.release(); RunLock(run).acquire().release()
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # no flock: an O_EXCL file holding the PID
+            self._acquire_exclusive_file()
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise self._in_use(holder) from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def _acquire_exclusive_file(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text(errors="replace").strip()
+                if holder.isdigit() and not _pid_alive(int(holder)):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise self._in_use(holder or "unknown") from None
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self._fd = fd
+            return
+        raise self._in_use("unknown")
+
+    def _in_use(self, holder: str) -> RuntimeError:
+        return RuntimeError(f"{self.run_dir} is in use by another training (PID {holder}); "
+                            f"wait for it to finish or use another --run-dir (lock file "
+                            f"{self.path})")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            import fcntl
+        except ImportError:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            return
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __del__(self):
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
 # ---- the config ---------------------------------------------------------------------------
 def check_run_config(cfg: Config, run_dir: Path) -> None:
     """On an existing run (``run_dir/config.json``), refuse a config whose ``data``,
@@ -70,7 +209,7 @@ def check_run_config(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / "config.json"
     if not saved.is_file():
         return
-    old = config_from_dict(json.loads(saved.read_text()))
+    old = config_from_dict(read_run_json(saved))
     for section in ("data", "tokenizer", "model"):
         if getattr(old, section) != getattr(cfg, section):
             raise ConfigError(f"{run_dir} holds a run with a different '{section}' "
@@ -121,13 +260,16 @@ def load_or_fit_tokenizer(cfg: Config, run_dir: Path, texts: list[str]) -> Token
     """
     path = run_dir / "tokenizer.json"
     if path.is_file():
-        return Tokenizer.load(path)
+        try:
+            return Tokenizer.load(path)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is unreadable: {exc}") from exc
     t = cfg.tokenizer
     options = {"word": dict(lower=t.lower, strip_punctuation=t.strip_punctuation,
                             max_vocab=t.max_vocab, min_count=t.min_count),
                "char": dict(lower=t.lower), "smiles": {}}[t.kind]
     tok = Tokenizer.create(t.kind, **options).fit(texts)
-    tok.save(path)
+    atomic_write_text(path, json.dumps(tok.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return tok
 
 
@@ -200,10 +342,36 @@ def build_model_and_optimizers(strategy: tf.distribute.Strategy, cfg: Config,
 
 
 def write_model_config(run_dir: Path, model: CaptionModel) -> Path:
-    """Write ``run_dir/model.json``, the model's ``get_config()``; returns its path."""
+    """Write ``run_dir/model.json``, the model's ``get_config()`` (atomically); returns its
+    path."""
+    return atomic_write_text(run_dir / "model.json",
+                             json.dumps(model.get_config(), indent=2) + "\n")
+
+
+def check_model_config(run_dir: Path, model: CaptionModel, vocab_size: int) -> None:
+    """Refuse a run directory whose saved ``model.json`` does not describe ``model``: its
+    output layer's vocabulary size differs from ``tokenizer.json``'s (``vocab_size``), or
+    its architecture differs (another key's value). ValueError naming which. No
+    ``model.json`` yet: nothing to check.
+    """
     path = run_dir / "model.json"
-    path.write_text(json.dumps(model.get_config(), indent=2) + "\n")
-    return path
+    if not path.is_file():
+        return
+    saved = read_run_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is unreadable (not a JSON object)")
+    if saved.get("vocab_size", vocab_size) != vocab_size:
+        raise ValueError(f"{run_dir}: tokenizer.json has {vocab_size} tokens but the saved "
+                         f"model (model.json, the checkpoints' output layer) has "
+                         f"{saved['vocab_size']}: the tokenizer is not this run's")
+    new = json.loads(json.dumps(model.get_config()))
+    ignore = {"dtype", "name", "trainable"}  # the precision may change between sessions
+    differ = sorted(k for k in set(saved) | set(new)
+                    if k not in ignore and saved.get(k) != new.get(k))
+    if differ:
+        raise ValueError(f"{run_dir}: model.json describes another architecture than the "
+                         f"config's model (differs in {', '.join(differ)}); use a new "
+                         f"--run-dir or the run's own config")
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -245,6 +413,8 @@ def prepare_data(cfg: Config, run_dir: Path, records: dict[str, list[Record]],
                  log: Callable[[str], None] = print) -> PreparedData:
     """Load each image of ``records`` once and encode the train and val targets to
     ``data.max_length`` tokens; list the unusable images in ``run_dir/skipped_images.txt``.
+    Training texts longer than that are cut to it: their number is logged and kept in
+    the report (``truncated`` of ``texts``).
 
     With ``data.feature_cache``, the grids of ``model``'s frozen backbone are extracted
     into the cache first unless they are there (every image of every split, in sorted
@@ -269,6 +439,11 @@ def prepare_data(cfg: Config, run_dir: Path, records: dict[str, list[Record]],
     if report.count:
         log(f"skipped {report.count} unusable images (listed in {skipped})")
     L = cfg.data.max_length
+    report.texts = len(splits["train"].pair_text)
+    report.truncated = tokenizer.num_truncated(splits["train"].pair_text, L)
+    if report.truncated:  # cut, never silently
+        log(f"truncated {report.truncated} of {report.texts} training texts to "
+            f"data.max_length={L}")
     return PreparedData(splits["train"], splits["val"], splits["test"],
                         tokenizer.encode_batch(splits["train"].pair_text, L),
                         tokenizer.encode_batch(splits["val"].pair_text, L), report, cache)
