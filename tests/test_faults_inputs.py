@@ -176,3 +176,276 @@ def test_load_image_raises_only_image_error(corpus):
         except ImageError as exc:
             assert exc.reason in ("empty", "not_an_image", "truncated", "too_large",
                                   "unreadable")
+
+
+# ---- (b) Captioner.generate and the caption command --------------------------------------
+@pytest.fixture(scope="module")
+def cap(trained_run):
+    from captioner.generate.captioner import Captioner
+
+    return Captioner.load(trained_run)
+
+
+def _mixed(corpus: list[Sample], good_images: list[Path]) -> list[str]:
+    """The corpus with a good image after every 40 files."""
+    paths: list[str] = []
+    for i, s in enumerate(corpus):
+        if i % 40 == 0:
+            paths.append(str(good_images[(i // 40) % len(good_images)]))
+        paths.append(str(s.path))
+    return paths
+
+
+def test_generate_skips_bad_files_and_keeps_good_captions(cap, corpus, good_images):
+    paths = _mixed(corpus, good_images)
+    gen = cap.generate(paths, on_error="skip")
+    failed = dict(gen.failures)
+    assert not set(failed) & set(gen.images)
+    assert set(failed) | set(gen.images) == set(paths)
+    for s in corpus:
+        if s.bad is True:
+            assert str(s.path) in failed and str(s.path) in str(failed[str(s.path)])
+        if s.bad is False:
+            assert str(s.path) in gen.images
+    assert {str(p) for p in good_images} <= set(gen.images)
+    alone = cap.generate(gen.images)  # the usable ones without their bad neighbours
+    assert gen.texts == alone.texts and gen.tokens == alone.tokens
+    for p in good_images:  # each one captioned on its own
+        single = cap.generate([p])
+        assert gen.texts[gen.images.index(str(p))] == single.texts[0]
+    recs = gen.error_records()
+    assert len(recs) == len(failed) and all(r["error"].startswith(r["reason"] + ": ")
+                                            for r in recs)
+    _summary("Captioner.generate(on_error='skip')", files=len(corpus), good=len(gen.images),
+             skipped=len(failed), crashes=0)
+
+
+def test_generate_raises_naming_the_file_by_default(cap, corpus, good_images):
+    empty = next(s.path for s in corpus if s.kind == "empty")
+    with pytest.raises(ImageError, match=re.escape(str(empty))) as info:
+        cap.generate([good_images[0], empty])
+    assert info.value.reason == "empty"
+    with pytest.raises(ImageError, match="missing"):
+        cap.generate([good_images[0], empty.parent / "no_such.png"])
+    none = cap.generate([empty], on_error="skip")
+    assert none.texts == [] and none.images == [] and len(none.failures) == 1
+    with pytest.raises(ValueError, match="on_error"):
+        cap.generate([good_images[0]], on_error="ignore")
+
+
+def test_caption_command_reports_each_bad_file(trained_run, corpus, good_images, tmp_path,
+                                               capsys, cap):
+    from captioner.cli import main
+
+    kinds = ("empty", "text_named_image", "huge_header", "random_bytes")
+    bad = [next(s.path for s in corpus if s.kind == k) for k in kinds]
+    paths = [str(good_images[0]), *map(str, bad), str(good_images[1])]
+    assert main(["caption", "--run", str(trained_run), *paths, "--json"]) == 0
+    out, err = capsys.readouterr()
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["image"] for r in recs] == paths
+    assert [r["text"] for r in (recs[0], recs[-1])] == cap.generate(good_images[:2]).texts
+    for p, r in zip(bad, recs[1:-1]):
+        assert "text" not in r and r["error"]
+        assert re.search(rf"captioner caption: skipped {re.escape(str(p))}: \w+: .+", err)
+    assert "empty" in recs[1]["reason"] and recs[3]["reason"] == "too_large"
+    assert "Traceback" not in err
+    # --out CSV: an error column only when something failed
+    assert main(["caption", "--run", str(trained_run), *paths,
+                 "--out", str(tmp_path / "r.csv")]) == 0
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0] == "image,text,score,tokens,error" and len(rows) == len(paths) + 1
+    capsys.readouterr()
+    # nothing usable: exit status 1, every file named
+    assert main(["caption", "--run", str(trained_run), *map(str, bad)]) == 1
+    _, err = capsys.readouterr()
+    assert all(f"skipped {p}: " in err for p in bad)
+
+
+# ---- (c) the exported SavedModel ---------------------------------------------------------
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+
+def test_savedmodel_bad_bytes(trained_run, tmp_path_factory, corpus, good_images, cap):
+    import tensorflow as tf
+
+    from captioner.generate.export import ExportOptions, export_run
+
+    path = export_run(trained_run, tmp_path_factory.mktemp("fuzz_export") / "m",
+                      ExportOptions(beam_size=2))
+    sig = tf.saved_model.load(str(path)).signatures["serving_default"]
+    good = good_images[0].read_bytes()
+    want = cap.generate([good_images[0]]).texts[0]
+    rejected, invalid, decoded = [], 0, 0
+    for s in corpus:
+        data = s.path.read_bytes()
+        try:
+            out = sig(images=tf.constant([good, data]))
+        except tf.errors.InvalidArgumentError:  # the in-graph decoder refused the bytes
+            rejected.append(s)
+            continue
+        valid = out["valid"].numpy().tolist()
+        assert valid[0] and out["text"].numpy()[0].decode() == want
+        if not data.startswith(SIGNATURES):
+            assert valid[1] is False and out["text"].numpy()[1] == b""
+            invalid += 1
+        else:
+            assert valid[1] is True
+            decoded += 1
+    assert all(s.bad is not False or not s.path.read_bytes().startswith(SIGNATURES)
+               for s in rejected)  # valid images with a known signature always decode
+    assert not any(not s.path.read_bytes().startswith(SIGNATURES) for s in rejected)
+    again = sig(images=tf.constant([good]))  # the process goes on
+    assert bool(again["valid"][0]) and again["text"].numpy()[0].decode() == want
+    _summary("SavedModel serving_default", files=len(corpus), valid_false=invalid,
+             decoded=decoded, invalid_argument_error=len(rejected), crashes=0)
+
+
+# ---- (d) serve ---------------------------------------------------------------------------
+def test_serve_answers_each_bad_file(trained_run, corpus, good_images):
+    import httpx
+
+    from captioner.serve.loadtest import free_port, start_server, stop_server
+
+    port = free_port()
+    proc = start_server(["--run", str(trained_run)], port, max_batch=8)
+    url = f"http://127.0.0.1:{port}"
+    errors = results = requests = 0
+    try:
+        with httpx.Client(timeout=120) as client:
+            for start in range(0, len(corpus), 7):
+                batch = corpus[start:start + 7]
+                good = good_images[requests % len(good_images)]
+                files = [("image", (good.name, good.read_bytes(), "image/png"))] + [
+                    ("image", (s.path.name, s.path.read_bytes(), "application/octet-stream"))
+                    for s in batch]
+                r = client.post(f"{url}/v1/caption", files=files)
+                requests += 1
+                assert r.status_code == 200, (r.status_code, r.text[:500])
+                got = r.json()["results"]
+                assert len(got) == len(files) and "text" in got[0]
+                for s, res in zip(batch, got[1:]):
+                    assert res["image"] == s.path.name
+                    if "error" in res:
+                        assert s.bad is not False, res
+                        assert s.path.name in res["error"]["message"]
+                        errors += 1
+                    else:
+                        assert s.bad is not True and "text" in res
+                        results += 1
+            alone = client.post(f"{url}/v1/caption", files=[
+                ("image", (s.path.name, s.path.read_bytes(), "image/png"))
+                for s in corpus if s.kind == "huge_header"])
+            assert 400 <= alone.status_code < 500 and alone.json()["error"]["code"]
+            assert client.get(f"{url}/health").status_code == 200
+    finally:
+        stop_server(proc)
+    _summary("serve", files=len(corpus), requests=requests, errors=errors, results=results,
+             status_5xx=0, crashes=0)
+
+
+# ---- text inputs -------------------------------------------------------------------------
+def _write(path: Path, data: str | bytes) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def test_empty_caption_is_refused_with_file_and_line(tmp_path):
+    m = _write(tmp_path / "m.csv", "image,caption\na.png,a dog\nb.png,   \n")
+    with pytest.raises(DataError, match=re.escape(f"{m}:3: empty")):
+        read_csv_manifest(m)
+
+
+def test_missing_column_names_file_column_and_columns_found(tmp_path):
+    m = _write(tmp_path / "m.csv", "image,text\na.png,a dog\n")
+    with pytest.raises(DataError) as info:
+        read_csv_manifest(m)
+    msg = str(info.value)
+    assert str(m) in msg and "'caption'" in msg and "columns: image, text" in msg
+
+
+@pytest.mark.parametrize("fmt,name,data,line", [
+    ("csv", "m.csv", b"image,caption\na.png,a dog\nb.png,caf\xe9 au lait\n", 3),
+    ("jsonl", "m.jsonl", b'{"image": "a.png", "caption": "x"}\n{"image": "b\xff.png"}\n', 2),
+    ("flickr8k", "Flickr8k.token.txt", b"a.jpg#0\tA dog\na.jpg#1\tA \x80 dog\n", 2),
+    ("coco", "captions_val.json", b'{"annotations": [], "images": [], "x": "\xc3"}', 1),
+])
+def test_non_utf8_files_raise_data_error_naming_the_file(tmp_path, fmt, name, data, line):
+    from captioner.data.formats import read_any
+
+    path = _write(tmp_path / name, data)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: not UTF-8")):
+        read_any(fmt, path, images_dir=tmp_path)
+
+
+def test_untokenizable_smiles_names_file_and_line(tmp_path, project_root, capsys):
+    from captioner.cli import main
+    from captioner.config import load_config
+    from captioner.data.formats import read_records
+
+    m = _write(tmp_path / "mols.csv", "image,caption\na.png,CCO\nb.png,C&C\nc.png,CCN\n")
+    overrides = [*TINY_DATA, f"data.path={m}", "tokenizer.kind=smiles"]
+    cfg = load_config(project_root / "configs" / "shapes.yaml", overrides)
+    with pytest.raises(DataError, match=re.escape(f"{m}:3: cannot tokenize SMILES 'C&C'")):
+        read_records(cfg.data, smiles_targets=True)
+    args = ["train", "--config", str(project_root / "configs" / "shapes.yaml"),
+            "--run-dir", str(tmp_path / "run")]
+    assert main(args + [a for o in overrides for a in ("--set", o)]) == 2
+    err = capsys.readouterr().err
+    assert f"{m}:3: cannot tokenize SMILES" in err and "Traceback" not in err
+
+
+TINY_DATA = ["data.format=csv", "data.split_by=image"]
+
+
+def test_long_captions_are_truncated_and_counted(tiny_config, shapes_dir, trained_run, tmp_path):
+    from dataclasses import replace
+
+    from captioner.data.tokenizers import WordTokenizer
+    from captioner.train.setup import prepare_data
+
+    images = sorted((shapes_dir / "images").glob("*.png"))[:6]
+    long, short = " ".join(["red"] * 30), "a red circle"
+    records = {"train": [Record(str(p), long if i % 2 else short) for i, p in enumerate(images)],
+               "val": [Record(str(images[0]), long)], "test": [Record(str(images[1]), short)]}
+    cfg = replace(tiny_config, data=replace(tiny_config.data, max_length=8))
+    tok = WordTokenizer().fit([long, short])
+    logged: list[str] = []
+    data = prepare_data(cfg, tmp_path, records, tok, None, logged.append)
+    assert data.report.truncated == 3 and data.report.texts == 6
+    assert "truncated 3 of 6 training texts to data.max_length=8" in logged
+    assert data.report.count == 0
+
+
+# ---- nothing executes code from data ------------------------------------------------------
+UNSAFE = [
+    (re.compile(r"\bpickle\b|\bcloudpickle\b|\bdill\b|\bmarshal\b|\bshelve\b"), "pickle-like"),
+    (re.compile(r"yaml\.(unsafe_)?load\((?![^)]*SafeLoader)"), "yaml.load without SafeLoader"),
+    (re.compile(r"(?<![\w.])(eval|exec)\("), "eval/exec"),
+    (re.compile(r"safe_mode\s*=\s*False"), "safe_mode=False"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "allow_pickle=True"),
+]
+
+
+def test_no_code_runs_from_data(project_root):
+    found = []
+    for path in sorted((project_root / "captioner").rglob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for pattern, what in UNSAFE:
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(project_root)}:{number}: {what}: {line}")
+    assert not found, "\n".join(found)
+
+
+def test_report_escapes_paths_predictions_and_references(tmp_path):
+    from captioner.viz.report import ReportItem, write_report
+
+    evil = '<script>alert("x")</script>'
+    item = ReportItem(f'img/{evil}".png', ["a", evil], np.ones((2, 4)) / 4, f'a {evil}"',
+                      references=[f'ref {evil} "quoted"'], score=-1.0,
+                      image=np.zeros((8, 8, 3), np.uint8))
+    page = write_report([item], tmp_path / "r.html", (2, 2)).read_text()
+    assert "<script>alert" not in page
+    assert "alert(" in page  # the text is there, escaped
+    assert html.escape(evil) in page or evil.replace("<", "\\u003c") in page \
+        or "\\u003cscript" in page
