@@ -172,6 +172,14 @@ class TrainConfig:
     ``logical_cpus`` > 1 splits the CPU into that many devices first (data parallelism
     without GPUs, or to try ``mirrored`` on a laptop).
 
+    Checkpoints go into ``checkpoints/`` at the end of every epoch, every
+    ``checkpoint_every`` steps when set, every ``checkpoint_minutes`` of training (checked
+    after each step; fractions allowed; 0 turns it off) and on SIGTERM / SIGINT. A batch
+    whose loss or gradients are not finite is never applied; ``on_nonfinite``: ``stop``
+    ends the run with an error naming the epoch and step (the checkpoints keep the last
+    good weights), ``skip`` goes on and counts the skipped batches in the history
+    (``skipped_nonfinite``).
+
     Example:
         >>> TrainConfig(epochs=3).batch_size
         64
@@ -196,6 +204,8 @@ class TrainConfig:
     val_limit: int | None = 500
     keep_checkpoints: int = 3
     checkpoint_every: int | None = None
+    checkpoint_minutes: float = 10.0
+    on_nonfinite: str = "stop"
     precision: str = "float32"
     strategy: str = "default"
     logical_cpus: int = 0
@@ -459,3 +469,7 @@ def validate(cfg: Config) -> None:
     _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")
     _require(d.max_length >= 3, "data.max_length", "must be at least 3")
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")
+    _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
+             "must be 0 (off) or a positive number of minutes")
+    _require(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite",
+             f"must be 'stop' or 'skip', got {t.on_nonfinite!r}")

@@ -1,13 +1,23 @@
 """A run's training state and where it is saved: ``checkpoints/`` (the latest N) and
-``best/`` (the best on the validation metric) of the run directory."""
+``best/`` (the best on the validation metric) of the run directory.
+
+TensorFlow's ``CheckpointManager`` writes a checkpoint's data files, then its index, then
+replaces the ``checkpoint`` state file atomically, so a crash leaves at worst an
+unreferenced or damaged newest checkpoint: :meth:`Checkpoints.restore` reads each one
+fully before restoring it and falls back to the previous one, saying what it skipped.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from captioner.model.restore import first_line, unreadable
 
 
 class Checkpoints:
@@ -16,8 +26,11 @@ class Checkpoints:
     ``tf.train.Checkpoint``, saved into ``run_dir/checkpoints`` (the latest ``keep``) and
     ``run_dir/best`` (one).
 
-    ``epoch``, ``step_in_epoch`` (int64) and ``best`` (float64, -inf at first) are the
-    variables it saves; the training loop advances them.
+    ``epoch``, ``step_in_epoch`` (int64), ``best`` (float64, -inf at first),
+    ``loss_sum`` (float64, the current epoch's summed step losses) and ``skipped``
+    (int64, the current epoch's batches skipped for a non-finite loss) are the variables
+    it saves; the training loop advances them. Checkpoints are numbered by the caller or,
+    by default, one past the newest in ``checkpoints/`` (never reusing a number).
 
     Example:
         >>> import tempfile
@@ -41,43 +54,87 @@ class Checkpoints:
         self.epoch = tf.Variable(0, dtype="int64", trainable=False)  # completed epochs
         self.step_in_epoch = tf.Variable(0, dtype="int64", trainable=False)  # of the next one
         self.best = tf.Variable(-np.inf, dtype="float64", trainable=False)
+        self.loss_sum = tf.Variable(0.0, dtype="float64", trainable=False)  # this epoch's
+        self.skipped = tf.Variable(0, dtype="int64", trainable=False)  # this epoch's
         extra = {} if backbone_optimizer is None else {"backbone_optimizer": backbone_optimizer}
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                               epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                                              best=self.best, **extra)
+                                              best=self.best, loss_sum=self.loss_sum,
+                                              skipped=self.skipped, **extra)
         self.latest_manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.run_dir / "checkpoints"), max_to_keep=keep)
         self.best_manager = tf.train.CheckpointManager(self.checkpoint,
                                                        str(self.run_dir / "best"), 1)
 
-    def restore(self) -> str | None:
-        """Restore the latest checkpoint, if any (every saved object must match one of
-        ours); returns its path, or None when there is none."""
-        latest = self.latest_manager.latest_checkpoint
-        if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-        return latest
+    def restore(self, log: Callable[[str], None] = print) -> str | None:
+        """Restore the newest readable checkpoint of ``checkpoints/``, if any; returns its
+        path, or None when there is none.
+
+        Each candidate, newest first, is read in full (a truncated or corrupt ``.index``
+        or ``.data`` file raises there) before it is restored; an unreadable one is
+        skipped with a log line naming it and why. A readable checkpoint that does not
+        fit our objects (another vocabulary size or architecture) raises ValueError naming
+        the run directory -- that is not damage, and falling back would not help. When
+        checkpoints exist but none is readable, ValueError too.
+        """
+        candidates = list(reversed(self.latest_manager.checkpoints))
+        skipped = []
+        for path in candidates:
+            problem = unreadable(path)
+            if problem:
+                log(f"checkpoint {path} skipped: unreadable ({problem})")
+                skipped.append(path)
+                continue
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (ValueError, AssertionError, tf.errors.OpError) as exc:
+                raise ValueError(
+                    f"{self.run_dir}: checkpoint {path} does not fit the model and optimizer "
+                    f"built from this run's config/tokenizer (another vocabulary size or "
+                    f"architecture?): {first_line(exc)}") from exc
+            if skipped:
+                log(f"restored the previous checkpoint {path} instead")
+            return path
+        if skipped:
+            raise ValueError(f"{self.run_dir}: no readable checkpoint in "
+                             f"{self.run_dir / 'checkpoints'} (skipped {', '.join(skipped)})")
+        return None
+
+    def next_number(self) -> int:
+        """One past the newest checkpoint number in ``checkpoints/`` (1 at first)."""
+        numbers = [checkpoint_number(p) for p in self.latest_manager.checkpoints]
+        return max([n for n in numbers if n is not None], default=0) + 1
 
     def save_latest(self, number: int | None = None) -> str:
-        """Save into ``checkpoints/`` as ``ckpt-<number>`` (default: the save counter),
+        """Save into ``checkpoints/`` as ``ckpt-<number>`` (default: :meth:`next_number`),
         dropping the oldest beyond ``keep``; returns the path."""
-        return self.latest_manager.save(checkpoint_number=number)
+        return self.latest_manager.save(
+            checkpoint_number=self.next_number() if number is None else number)
 
     def save_best(self, number: int) -> str:
         """Save into ``best/`` as ``ckpt-<number>``, replacing the one there."""
         return self.best_manager.save(checkpoint_number=number)
 
-    def end_epoch(self, number: int, metric: float | None) -> bool:
-        """Record epoch ``number`` as complete (``step_in_epoch`` back to 0), keep ``metric``
-        as the best if it beats it, and save ``ckpt-<number>`` into ``checkpoints/`` and --
-        when it improved, or there is no metric to compare -- into ``best/``. Returns
-        whether the metric improved."""
+    def end_epoch(self, number: int | None, metric: float | None) -> bool:
+        """Record an epoch as complete (``step_in_epoch``, ``loss_sum`` and ``skipped`` back
+        to 0), keep ``metric`` as the best if it beats it, and save ``ckpt-<number>``
+        (default: :meth:`next_number`) into ``checkpoints/`` and -- when it improved, or
+        there is no metric to compare -- into ``best/``. Returns whether it improved."""
         self.epoch.assign_add(1)
         self.step_in_epoch.assign(0)
+        self.loss_sum.assign(0.0)
+        self.skipped.assign(0)
         improved = metric is not None and metric > float(self.best.numpy())
         if improved:
             self.best.assign(metric)
-        self.save_latest(number)
+        path = self.save_latest(number)
         if improved or metric is None:
-            self.save_best(number)
+            self.save_best(checkpoint_number(path))
         return improved
+
+
+def checkpoint_number(path: str) -> int | None:
+    """The N of a ``.../ckpt-N`` prefix, or None."""
+    match = re.search(r"-(\d+)$", str(path))
+    return int(match.group(1)) if match else None
+

@@ -99,7 +99,11 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     images (B, S, S, 3) or cached grids (B, G, C), ``tokens`` (B, L) int32 -- as plain
     tensors on one device or split by :func:`~captioner.train.distribute.distribute_batches`,
     the scheduled-sampling probability (float32 scalar) and a (2,) int32 seed, and returns
-    the global batch's ``{"loss", "nll", "reg"}`` (float32 scalars, :func:`caption_loss`).
+    the global batch's ``{"loss", "nll", "reg"}`` (float32 scalars, :func:`caption_loss`)
+    and ``"nonfinite"`` (1.0 when the loss or a gradient was inf/NaN: the update was then
+    NOT applied -- weights, optimizer moments and ``optimizer.iterations`` unchanged --
+    else 0.0; with ``mixed_float16`` the loss-scale optimizer does its own skipping and
+    this is 0.0).
     Whatever the number of replicas, the update equals one device's on that batch (see
     :mod:`captioner.train.distribute`): each replica divides its sums by the GLOBAL real-token
     count, the optimizer sums the replicas' gradients (clipping and loss scaling act on the
@@ -124,8 +128,8 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
         >>> images = tf.zeros((2, 32, 32, 3), "uint8")  # (B, S, S, 3)
         >>> tokens = tf.constant([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])  # (B, L): <start>...<end>
         >>> out = step(images, tokens, tf.constant(0.0), tf.constant([0, 0]))
-        >>> sorted(out), int(optimizer.iterations.numpy())
-        (['loss', 'nll', 'reg'], 1)
+        >>> sorted(out), int(optimizer.iterations.numpy()), float(out["nonfinite"])
+        (['loss', 'nll', 'nonfinite', 'reg'], 1, 0.0)
         >>> bool(abs(out["loss"] - out["nll"] - out["reg"]) < 1e-5 and out["reg"] > 0)
         True
         >>> make_train_step(model, optimizer, 0, 1.0, global_batch_size=0)
@@ -154,10 +158,24 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
                 greedy_sampling))
             scaled = optimizer.scale_loss(loss) if loss_scaled else loss
         grads = tape.gradient(scaled, main_vars + backbone_vars)
-        apply_gradients(optimizer, grads[:len(main_vars)], main_vars, ctx)
-        if backbone_vars:
-            apply_gradients(backbone_optimizer, grads[len(main_vars):], backbone_vars, ctx)
-        return {"loss": loss, "nll": nll, "reg": reg}  # this replica's shares, () each
+        # 1.0 when this replica's loss or a gradient is inf/NaN, summed over replicas so
+        # that every replica takes the same branch
+        bad = ctx.all_reduce(SUM, 1.0 - tf.cast(all_finite(loss, grads), "float32"))
+
+        def apply():
+            apply_gradients(optimizer, grads[:len(main_vars)], main_vars, ctx)
+            if backbone_vars:
+                apply_gradients(backbone_optimizer, grads[len(main_vars):], backbone_vars, ctx)
+            return tf.constant(True)
+
+        if loss_scaled:  # the loss-scale optimizer skips (and rescales) on its own
+            apply()
+            bad = tf.zeros_like(bad)
+        else:  # never apply a non-finite update: the weights stay the last good ones
+            tf.cond(bad > 0, lambda: tf.constant(False), apply)
+        share_bad = bad / tf.cast(ctx.num_replicas_in_sync, "float32")  # sums to 0 or 1
+        # this replica's shares, () each
+        return {"loss": loss, "nll": nll, "reg": reg, "nonfinite": tf.minimum(share_bad, 1.0)}
 
     @tf.function(reduce_retracing=True)
     def train_step(inputs, tokens, sampling_prob, seed):
@@ -165,6 +183,16 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
         return {k: strategy.reduce(SUM, v, axis=None) for k, v in per_replica.items()}
 
     return train_step
+
+
+def all_finite(loss: tf.Tensor, grads: list[Any]) -> tf.Tensor:
+    """True when ``loss`` and every gradient (``IndexedSlices`` by their values) are finite."""
+    checks = [tf.reduce_all(tf.math.is_finite(loss))]
+    for g in grads:
+        if g is not None:
+            values = g.values if isinstance(g, tf.IndexedSlices) else g
+            checks.append(tf.reduce_all(tf.math.is_finite(tf.cast(values, "float32"))))
+    return tf.reduce_all(tf.stack(checks))
 
 
 def split_variables(model: CaptionModel, separate_backbone: bool

@@ -5,12 +5,21 @@ checkpointed (:mod:`captioner.train.checkpoints`) and resumed where it stopped.
 A run directory holds ``config.json`` (fully resolved), ``tokenizer.json``,
 ``model.json`` (the model's ``get_config``), ``checkpoints/`` (latest N),
 ``best/`` (best on the validation metric), ``history.json``, ``history.png``,
-``tensorboard/`` and ``skipped_images.txt``.
+``tensorboard/``, ``skipped_images.txt`` and ``.lock`` (held while a training uses it).
+
+Fault tolerance: checkpoints at every epoch's end, every ``train.checkpoint_minutes`` and
+on SIGTERM / SIGINT; a resumed run continues at the exact step with the same batches,
+optimizer state, schedule position and step seeds, so it ends with the weights an
+uninterrupted run would have; every JSON file is written atomically, and a damaged newest
+checkpoint is skipped for the previous one. ``tests/test_faults_training.py`` kills a
+training with SIGKILL at random moments and checks all of this.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +38,15 @@ from captioner.train.checkpoints import Checkpoints
 from captioner.train.distribute import distribute_batches, strategy_from_config, worker_run_dir
 from captioner.train.setup import (
     PreparedData,
+    RunLock,
+    atomic_write_text,
     build_model,
     build_optimizers,
+    check_model_config,
     check_run_config,
     load_or_fit_tokenizer,
     prepare_data,
+    read_run_json,
     read_splits,
     train_steps_per_epoch,
     validate_config,
@@ -41,6 +54,16 @@ from captioner.train.setup import (
 )
 from captioner.train.steps import make_eval_step, make_train_step, sampling_probability
 from captioner.viz.figures import plot_history
+
+SIGNAL_STATUS = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+
+
+class NonFiniteLoss(RuntimeError):
+    """A batch's loss or gradients were inf/NaN with ``train.on_nonfinite: stop``."""
+
+
+class Preempted(SystemExit):
+    """SIGTERM during training: a checkpoint was saved; the process exits with 143."""
 
 
 class Trainer:
@@ -50,7 +73,9 @@ class Trainer:
     make the strategy (before any other TensorFlow op), seed, read the splits, load or fit
     the tokenizer, save ``config.json``, build the model (``model.json``), prepare the data
     (and the feature cache), build the optimizers over ``epochs x steps_per_epoch`` steps,
-    then restore the latest checkpoint if there is one. From the command line::
+    then restore the latest checkpoint if there is one. The run directory is locked
+    (:class:`~captioner.train.setup.RunLock`) from the constructor to the end of
+    :meth:`fit`: a second training on it is refused. From the command line::
 
         python -m captioner train --config configs/shapes.yaml --run-dir runs/try
 
@@ -66,13 +91,26 @@ class Trainer:
         validate_config(cfg)
         self.strategy = strategy_from_config(t, log)  # before any other TensorFlow op
         self.run_dir = worker_run_dir(self.strategy, t, Path(run_dir))
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run directory {self.run_dir} exists and is not a directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.run_dir).acquire()
+        try:
+            self._set_up(cfg, log)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _set_up(self, cfg: Config, log: Callable[[str], None]) -> None:
+        t = cfg.train
         keras.utils.set_random_seed(t.seed)
         records = read_splits(cfg)
         self.tokenizer = load_or_fit_tokenizer(cfg, self.run_dir,
                                                [r.text for r in records["train"]])
-        cfg.save(self.run_dir / "config.json")
+        atomic_write_text(self.run_dir / "config.json",
+                          json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.model = build_model(self.strategy, cfg, self.tokenizer.vocab_size)
+        check_model_config(self.run_dir, self.model, self.tokenizer.vocab_size)
         write_model_config(self.run_dir, self.model)
         self.data: PreparedData = prepare_data(cfg, self.run_dir, records, self.tokenizer,
                                                self.model, log)
@@ -83,11 +121,20 @@ class Trainer:
                                        self.backbone_optimizer, keep=t.keep_checkpoints)
         self.history = load_history(self.run_dir)
         self._captioner: Captioner | None = None
-        if self.checkpoints.restore():
-            done = int(self.epoch.numpy())
-            self.history = {k: v[:done] for k, v in self.history.items()}
+        self._signal: int | None = None
+        self._unsaved = False  # steps trained since the last checkpoint
+        self._last_save = time.monotonic()
+        restored = self.checkpoints.restore(log)
+        done = int(self.epoch.numpy())  # 0 without a checkpoint
+        have = len(self.history.get("epoch", []))
+        if have < done:
+            log(f"history.json holds {have} epochs but the checkpoint {done}: the records "
+                f"of the missing epochs are lost")
+        self.history = {k: v[:done] for k, v in self.history.items()}  # completed epochs
+        if restored:
             log(f"resuming {self.run_dir} at epoch {done + 1}, "
-                f"step {int(self.step_in_epoch.numpy())}")
+                f"step {int(self.step_in_epoch.numpy())} (global step "
+                f"{int(self.optimizer.iterations.numpy())}) from {restored}")
 
     @property
     def epoch(self) -> tf.Variable:
@@ -118,7 +165,52 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------
     def fit(self) -> dict[str, list[Any]]:
-        """Train until ``train.epochs`` are complete; returns the history."""
+        """Train until ``train.epochs`` are complete; returns the history.
+
+        While it runs, SIGTERM and SIGINT (in the main thread) save a checkpoint at the
+        step they arrive after, then SIGTERM exits with status 143 (:class:`Preempted`)
+        and SIGINT raises KeyboardInterrupt; the previous handlers are put back after. A
+        non-finite loss with ``train.on_nonfinite: stop`` raises :class:`NonFiniteLoss`.
+        The run directory's lock is released when it returns or raises.
+        """
+        self.lock.acquire()
+        previous = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.lock.release()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Handlers that note SIGTERM / SIGINT for the loop; returns the previous ones."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def note(signum, _frame):
+            self._signal = signum
+
+        return {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _save(self) -> str:
+        path = self.checkpoints.save_latest()
+        self._unsaved, self._last_save = False, time.monotonic()
+        return path
+
+    def _stop_on_signal(self) -> None:
+        """After a noted SIGTERM / SIGINT: save (unless just saved), log and leave."""
+        signum, self._signal = self._signal, None
+        path = self._save() if self._unsaved else self.checkpoints.latest_manager.latest_checkpoint
+        name = signal.Signals(signum).name
+        self.log(f"{name}: checkpoint {path} holds epoch {int(self.epoch.numpy()) + 1}, step "
+                 f"{int(self.step_in_epoch.numpy())}; run the same command to resume")
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.log(f"{name}: exiting with status {SIGNAL_STATUS[signum]}")
+        raise Preempted(SIGNAL_STATUS[signum])
+
+    def _fit(self) -> dict[str, list[Any]]:
         t, ss = self.cfg.train, self.cfg.train.scheduled_sampling
         train_step = make_train_step(self.model, self.optimizer, self.tokenizer.pad_id,
                                      t.attention_reg, ss.enabled, ss.greedy,
@@ -127,12 +219,16 @@ class Trainer:
         eval_step = make_eval_step(self.model, self.tokenizer.pad_id)
         writer = (tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
                   if t.tensorboard else tf.summary.create_noop_writer())
+        self._last_save = time.monotonic()
         try:
             while int(self.epoch.numpy()) < t.epochs:
                 self._run_epoch(train_step, eval_step, writer)
+                if self._signal is not None:
+                    self._stop_on_signal()
         except KeyboardInterrupt:
-            path = self.checkpoints.save_latest()
-            self.log(f"interrupted: saved {path}; run the same command to resume")
+            if self._unsaved:
+                path = self._save()
+                self.log(f"interrupted: saved {path}; run the same command to resume")
             raise
         return self.history
 
@@ -143,25 +239,54 @@ class Trainer:
         skip = int(self.step_in_epoch.numpy())
         prob = sampling_probability(self.cfg, epoch)
         batches = distribute_batches(self.strategy, self.data.batches(t, epoch, skip))
-        started, losses = time.perf_counter(), []
+        started, n_steps = time.perf_counter(), 0
         bar = self._progress(epoch, skip)
+        ckpts = self.checkpoints
         for inputs, tokens in batches:  # each global batch split by replica
             seed = tf.constant([t.seed, int(self.optimizer.iterations.numpy())], "int32")
             out = train_step(inputs, tokens, tf.constant(prob, "float32"), seed)
-            losses.append(float(out["nll"]))
+            n_steps, self._unsaved = n_steps + 1, True
+            if float(out["nonfinite"]) > 0:  # the update was not applied
+                where = (f"epoch {epoch}, step {int(self.step_in_epoch.numpy()) + 1} "
+                         f"(global step {int(self.optimizer.iterations.numpy()) + 1})")
+                if t.on_nonfinite == "stop":
+                    raise NonFiniteLoss(
+                        f"non-finite loss or gradients ({float(out['loss'])}) at {where}; "
+                        f"the update was not applied and nothing was saved: the latest "
+                        f"checkpoint in {ckpts.run_dir / 'checkpoints'} holds the last good "
+                        f"weights (train.on_nonfinite: skip goes past such batches)")
+                self.log(f"skipped a non-finite batch at {where}")
+                ckpts.skipped.assign_add(1)
+            else:
+                ckpts.loss_sum.assign_add(float(out["nll"]))
             self.step_in_epoch.assign_add(1)
             step = int(self.optimizer.iterations.numpy())
-            self._log_step(bar, writer, out, step, started, len(losses))
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
-                self.checkpoints.save_latest()
+            self._log_step(bar, writer, out, step, started, n_steps)
+            if self._checkpoint_due(step):
+                self._save()
+            if self._signal is not None:
+                self._stop_on_signal()
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None,
-                  "images_per_s": len(losses) * t.batch_size / max(seconds, 1e-9),
+        done = int(self.step_in_epoch.numpy()) - int(ckpts.skipped.numpy())
+        record = {"epoch": epoch,
+                  "loss": float(ckpts.loss_sum.numpy()) / done if done > 0 else None,
+                  "images_per_s": n_steps * t.batch_size / max(seconds, 1e-9),
                   "seconds": seconds, "sampling_prob": prob,
-                  "learning_rate": self._current_lr(), **self._validate(eval_step)}
+                  "learning_rate": self._current_lr(),
+                  "skipped_nonfinite": int(ckpts.skipped.numpy()),
+                  **self._validate(eval_step)}
         self._end_epoch(record, writer)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every ``train.checkpoint_every`` steps, and ``train.checkpoint_minutes`` after
+        the last save."""
+        t = self.cfg.train
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            return True
+        return bool(t.checkpoint_minutes) and (
+            time.monotonic() - self._last_save >= 60.0 * t.checkpoint_minutes)
 
     def _progress(self, epoch: int, skip: int):
         if not self.cfg.train.progress:
@@ -209,10 +334,14 @@ class Trainer:
         return self._captioner
 
     def _end_epoch(self, record: dict[str, Any], writer) -> None:
-        improved = self.checkpoints.end_epoch(record["epoch"], record["val_metric"])
+        """Write the history with the epoch's record, THEN the epoch's checkpoint: a crash
+        between the two leaves a history one epoch ahead, which resuming trims (the
+        other order would lose the epoch's record)."""
         for key, value in record.items():
             self.history.setdefault(key, []).append(value)
         write_history(self.run_dir, self.history, self.log)
+        improved = self.checkpoints.end_epoch(None, record["val_metric"])
+        self._unsaved, self._last_save = False, time.monotonic()
         with writer.as_default(step=record["epoch"]):
             for key in ("loss", "val_loss", "val_metric", "images_per_s", "learning_rate"):
                 if record.get(key) is not None:
@@ -234,13 +363,17 @@ class Trainer:
 def load_history(run_dir: Path) -> dict[str, list[Any]]:
     """The run's ``history.json`` (one list per key, one entry per epoch), or {}."""
     path = run_dir / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    history = read_run_json(path) if path.is_file() else {}
+    if not isinstance(history, dict):
+        raise ValueError(f"{path} is unreadable (not a JSON object of lists)")
+    return history
 
 
 def write_history(run_dir: Path, history: dict[str, list[Any]],
                   log: Callable[[str], None] = print) -> None:
-    """Write ``history.json`` and, when matplotlib is installed, ``history.png``."""
-    (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    """Write ``history.json`` (atomically) and, when matplotlib is installed,
+    ``history.png``."""
+    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2) + "\n")
     try:
         plot_history(history, run_dir / "history.png")
     except ImportError as exc:
