@@ -175,7 +175,8 @@ class TrainConfig:
     Checkpoints go into ``checkpoints/`` at the end of every epoch, every
     ``checkpoint_every`` steps when set, every ``checkpoint_minutes`` of training (checked
     after each step; fractions allowed; 0 turns it off) and on SIGTERM / SIGINT. A batch
-    whose loss or gradients are not finite is never applied; ``on_nonfinite``: ``stop``
+    whose loss or gradients are not finite is not applied (on one replica; several
+    replicas apply it, see ``make_train_step``); ``on_nonfinite``: ``stop``
     ends the run with an error naming the epoch and step (the checkpoints keep the last
     good weights), ``skip`` goes on and counts the skipped batches in the history
     (``skipped_nonfinite``).

@@ -58,7 +58,8 @@ def unreadable(path: str) -> str | None:
         reader = tf.train.load_checkpoint(path)
         for key in reader.get_variable_to_shape_map():
             reader.get_tensor(key)
-    except (tf.errors.OpError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- any failure to read is damage (TensorFlow
+        # raises OpError, ValueError, IndexError "Read less bytes than requested"...)
         return f"{type(exc).__name__}: {first_line(exc)}"
     return None
 

@@ -100,10 +100,12 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     tensors on one device or split by :func:`~captioner.train.distribute.distribute_batches`,
     the scheduled-sampling probability (float32 scalar) and a (2,) int32 seed, and returns
     the global batch's ``{"loss", "nll", "reg"}`` (float32 scalars, :func:`caption_loss`)
-    and ``"nonfinite"`` (1.0 when the loss or a gradient was inf/NaN: the update was then
-    NOT applied -- weights, optimizer moments and ``optimizer.iterations`` unchanged --
-    else 0.0; with ``mixed_float16`` the loss-scale optimizer does its own skipping and
-    this is 0.0).
+    and ``"nonfinite"`` (1.0 when the loss or a gradient was inf/NaN, else 0.0). On one
+    replica such an update is NOT applied -- weights, optimizer moments and
+    ``optimizer.iterations`` unchanged; with several replicas it is (their all-reduce
+    cannot run inside ``tf.cond``), so only the caller's stop keeps the weights out of
+    the checkpoints; with ``mixed_float16`` the loss-scale optimizer does its own skipping
+    and this is 0.0.
     Whatever the number of replicas, the update equals one device's on that batch (see
     :mod:`captioner.train.distribute`): each replica divides its sums by the GLOBAL real-token
     count, the optimizer sums the replicas' gradients (clipping and loss scaling act on the
@@ -171,6 +173,8 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
         if loss_scaled:  # the loss-scale optimizer skips (and rescales) on its own
             apply()
             bad = tf.zeros_like(bad)
+        elif replicas > 1:  # cross-replica sums cannot run inside tf.cond: applied anyway
+            apply()
         else:  # never apply a non-finite update: the weights stay the last good ones
             tf.cond(bad > 0, lambda: tf.constant(False), apply)
         share_bad = bad / tf.cast(ctx.num_replicas_in_sync, "float32")  # sums to 0 or 1
