@@ -100,6 +100,9 @@ def test_errors_are_clear(cli_run, project_root):
     proc = run_cli("caption", "--run", str(work / "run"), str(work / "nope.png"), cwd=work)
     assert proc.returncode != 0 and "nope.png" in proc.stderr
     proc = run_cli("caption", "--run", str(work / "missing-run"), "x.png", cwd=work)
+    assert proc.returncode == 2 and "missing-run does not exist" in proc.stderr
+    (work / "empty-run").mkdir(exist_ok=True)  # a folder that holds no run
+    proc = run_cli("caption", "--run", str(work / "empty-run"), "x.png", cwd=work)
     assert proc.returncode == 2 and "config.json" in proc.stderr
 
 
