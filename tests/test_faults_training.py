@@ -32,10 +32,12 @@ RESUMED = re.compile(r"resuming .* at epoch (\d+), step (\d+) \(global step (\d+
 
 
 def _model_tensors(run_dir: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the newest checkpoint (model, optimizer, counters) by key."""
+    """Every tensor of the newest checkpoint (model, optimizer, counters) by key; not the
+    serialized object graph, which holds Keras' per-process layer names (``caption_model``
+    in a fresh process, ``caption_model_1`` after another model was built)."""
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run_dir / "checkpoints")))
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if "save_counter" not in k}
+            if "save_counter" not in k and k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
 def _check_run_dir_parses(run_dir: Path) -> None:
