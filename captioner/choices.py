@@ -50,6 +50,8 @@ class Choices:
     checkpoint: tuple[str, ...] = ("best", "latest")
     metric_family: tuple[str, ...] = ("caption", "smiles")
     bench_impl: tuple[str, ...] = ("captioner", "classic")
+    on_nonfinite: tuple[str, ...] = ("stop", "skip")
+    on_image_error: tuple[str, ...] = ("raise", "skip")
 
     def check(self, name: str, value: object, key: str | None = None) -> str:
         """``value`` if it is one of ``name``'s values, else :class:`ChoiceError` naming

@@ -447,6 +447,7 @@ def validate(cfg: Config) -> None:
             ("train.val_metric", "val_metric", t.val_metric),
             ("train.precision", "precision", t.precision),
             ("train.strategy", "strategy", t.strategy),
+            ("train.on_nonfinite", "on_nonfinite", t.on_nonfinite),
             ("train.scheduled_sampling.schedule", "sampling_schedule",
              t.scheduled_sampling.schedule),
             ("decode.strategy", "decode_strategy", dc.strategy)):
@@ -472,5 +473,3 @@ def validate(cfg: Config) -> None:
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")
     _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
              "must be 0 (off) or a positive number of minutes")
-    _require(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite",
-             f"must be 'stop' or 'skip', got {t.on_nonfinite!r}")

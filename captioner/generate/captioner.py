@@ -327,8 +327,7 @@ class Captioner:
         (all of them, and no caption, when none is usable). Each image is decoded on its
         own rows of the batch, so a skipped neighbour does not change another's caption.
         """
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        Choices().check("on_image_error", on_error, "on_error")
         failures: list[tuple[str, ImageError]] = []
         if on_error == "skip" and not isinstance(images, np.ndarray):
             pixels, names, failures = self.load_images_skipping(images)
