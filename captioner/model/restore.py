@@ -22,28 +22,48 @@ def restore_weights(model: CaptionModel, run_dir: str | Path, which: str = "best
     """
     run_dir = Path(run_dir)
     dirs = ["best", "checkpoints"] if which == "best" else ["checkpoints"]
-    skipped = []
+    skipped: list[str] = []
+    fits = (f"the model built from {run_dir / 'model.json'} and its tokenizer.json "
+            "(another architecture or vocabulary?)")
     for sub in dirs:
         state = tf.train.get_checkpoint_state(str(run_dir / sub))
         paths = list(reversed(state.all_model_checkpoint_paths)) if state else []
-        for path in paths:
-            problem = unreadable(path)
-            if problem:
-                log(f"checkpoint {path} skipped: unreadable ({problem})")
-                skipped.append(path)
-                continue
-            try:
-                tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-                    .assert_existing_objects_matched()
-            except (ValueError, AssertionError, tf.errors.OpError) as exc:
-                raise ValueError(f"{run_dir}: checkpoint {path} does not fit the model built "
-                                 f"from {run_dir / 'model.json'} and its tokenizer.json "
-                                 f"(another architecture or vocabulary?): {first_line(exc)}"
-                                 ) from exc
+        path = restore_first_readable(tf.train.Checkpoint(model=model), paths, run_dir, fits,
+                                      log, skipped, partial=True)
+        if path is not None:
             return path
     also = f" (unreadable: {', '.join(skipped)})" if skipped else ""
     raise FileNotFoundError(f"no readable checkpoint in {run_dir}/best or "
                             f"{run_dir}/checkpoints{also}")
+
+
+def restore_first_readable(checkpoint: tf.train.Checkpoint, paths: list[str],
+                           run_dir: Path, fits: str, log: Callable[[str], None],
+                           skipped: list[str], partial: bool = False) -> str | None:
+    """Restore the first of ``paths`` (newest first) that reads in full into
+    ``checkpoint``; returns its path, or None when none does. Unreadable ones are logged
+    and appended to ``skipped``; one that reads but does not fit raises ValueError naming
+    ``run_dir`` and saying what it should have fitted (``fits``). ``partial``: objects of
+    the checkpoint that ``checkpoint`` does not hold (an optimizer) are expected.
+
+    Example:
+        >>> restore_first_readable(tf.train.Checkpoint(), ["/nonexistent/ckpt-1"],
+        ...                        Path("run"), "x", lambda _m: None, [])
+    """
+    for path in paths:
+        problem = unreadable(path)
+        if problem:
+            log(f"checkpoint {path} skipped: unreadable ({problem})")
+            skipped.append(path)
+            continue
+        try:
+            status = checkpoint.restore(path)
+            (status.expect_partial() if partial else status).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as exc:
+            raise ValueError(f"{run_dir}: checkpoint {path} does not fit {fits}: "
+                             f"{first_line(exc)}") from exc
+        return path
+    return None
 
 
 def unreadable(path: str) -> str | None:

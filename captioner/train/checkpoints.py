@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.model.restore import first_line, unreadable
+from captioner.model.restore import restore_first_readable
 
 
 class Checkpoints:
@@ -77,21 +77,13 @@ class Checkpoints:
         the run directory -- that is not damage, and falling back would not help. When
         checkpoints exist but none is readable, ValueError too.
         """
-        candidates = list(reversed(self.latest_manager.checkpoints))
-        skipped = []
-        for path in candidates:
-            problem = unreadable(path)
-            if problem:
-                log(f"checkpoint {path} skipped: unreadable ({problem})")
-                skipped.append(path)
-                continue
-            try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (ValueError, AssertionError, tf.errors.OpError) as exc:
-                raise ValueError(
-                    f"{self.run_dir}: checkpoint {path} does not fit the model and optimizer "
-                    f"built from this run's config/tokenizer (another vocabulary size or "
-                    f"architecture?): {first_line(exc)}") from exc
+        skipped: list[str] = []
+        fits = ("the model and optimizer built from this run's config/tokenizer (another "
+                "vocabulary size or architecture?)")
+        path = restore_first_readable(self.checkpoint,
+                                      list(reversed(self.latest_manager.checkpoints)),
+                                      self.run_dir, fits, log, skipped)
+        if path is not None:
             if skipped:
                 log(f"restored the previous checkpoint {path} instead")
             return path
