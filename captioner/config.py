@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from captioner.choices import ChoiceError, Choices
+from captioner.fileio import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -259,7 +260,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write :meth:`to_dict` as JSON, atomically
+        (:func:`~captioner.fileio.atomic_write_text`)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _type_name(tp: Any) -> str:

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from captioner.fileio import atomic_write_text
+
 
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
@@ -228,9 +230,9 @@ class Tokenizer(ABC):
         return vocab
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_dict` as UTF-8 JSON (indent 2) to ``path``."""
+        """Write :meth:`to_dict` as UTF-8 JSON (indent 2) to ``path``, atomically."""
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        atomic_write_text(path, text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:

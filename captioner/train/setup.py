@@ -18,7 +18,7 @@
 7. :func:`train_steps_per_epoch`.
 
 Checkpoints are :class:`captioner.train.checkpoints.Checkpoints`. Every JSON file of the run
-directory is written with :func:`atomic_write_text` (never half-written), and
+directory is written with :func:`~captioner.fileio.atomic_write_text` (never half-written), and
 :class:`RunLock` keeps a second training off a run directory in use.
 """
 
@@ -47,6 +47,7 @@ from captioner.data.splits import (
     steps_per_epoch,
 )
 from captioner.data.tokenizers import Tokenizer
+from captioner.fileio import atomic_write_text
 from captioner.model.layers import CaptionModel
 from captioner.train.feature_cache import ensure_feature_cache
 from captioner.train.steps import make_optimizer, split_variables
@@ -55,37 +56,6 @@ SPLITS = ("train", "val", "test")
 
 
 # ---- the run directory --------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new
-    one, never half of it: a temporary file in the same folder is written, flushed and
-    fsynced, then ``os.replace``-d over ``path`` (and the folder fsynced where possible).
-
-    Example:
-        >>> import tempfile
-        >>> p = atomic_write_text(Path(tempfile.mkdtemp()) / "a.json", "{}\\n")
-        >>> p.read_text(), [f.name for f in p.parent.iterdir()]
-        ('{}\\n', ['a.json'])
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # the rename itself durable (not possible on every platform)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
 
 
 def read_run_json(path: Path) -> object:
@@ -269,7 +239,7 @@ def load_or_fit_tokenizer(cfg: Config, run_dir: Path, texts: list[str]) -> Token
                             max_vocab=t.max_vocab, min_count=t.min_count),
                "char": dict(lower=t.lower), "smiles": {}}[t.kind]
     tok = Tokenizer.create(t.kind, **options).fit(texts)
-    atomic_write_text(path, json.dumps(tok.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    tok.save(path)  # atomic
     return tok
 
 

@@ -33,13 +33,13 @@ from tqdm import tqdm
 from captioner.config import Config
 from captioner.data.features import FeatureCache
 from captioner.evaluate.metrics import validation_metric
+from captioner.fileio import atomic_write_text
 from captioner.generate.captioner import Captioner
 from captioner.train.checkpoints import Checkpoints
 from captioner.train.distribute import distribute_batches, strategy_from_config, worker_run_dir
 from captioner.train.setup import (
     PreparedData,
     RunLock,
-    atomic_write_text,
     build_model,
     build_optimizers,
     check_model_config,
@@ -107,8 +107,7 @@ class Trainer:
         records = read_splits(cfg)
         self.tokenizer = load_or_fit_tokenizer(cfg, self.run_dir,
                                                [r.text for r in records["train"]])
-        atomic_write_text(self.run_dir / "config.json",
-                          json.dumps(cfg.to_dict(), indent=2) + "\n")
+        cfg.save(self.run_dir / "config.json")  # atomic
         self.model = build_model(self.strategy, cfg, self.tokenizer.vocab_size)
         check_model_config(self.run_dir, self.model, self.tokenizer.vocab_size)
         write_model_config(self.run_dir, self.model)
