@@ -12,14 +12,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from captioner.choices import Choices
 from captioner.data import tokenizers
-from captioner.data.tokenizers import CharTokenizer, SmilesTokenizer, Tokenizer, WordTokenizer
+from captioner.data.tokenizers import (
+    CharTokenizer,
+    SelfiesTokenizer,
+    SmilesTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
 CORPORA = {
     "word": ["A man rides a horse.", "Two dogs play in the snow!", "a man and a dog"],
     "smiles": ["CCO", "c1ccccc1", "[Na+].[Cl-]", "Br/C=C\\Cl"],
     "char": ["abc", "hello world", "ÄÖü"],
+    "selfies": ["CCO", "c1ccccc1", "[Na+].[Cl-]", "Br/C=C\\Cl"],
 }
 REAL_SMILES = [
     "CCN(Cc1ccc(OC)c(OC)c1)C(=O)c1ccsc1",
@@ -37,7 +45,7 @@ def fitted(kind: str) -> Tokenizer:
 
 
 # ----------------------------------------------------------------- special tokens
-@pytest.mark.parametrize("kind", ["word", "smiles", "char"])
+@pytest.mark.parametrize("kind", ["word", "smiles", "char", "selfies"])
 def test_special_ids_fixed_after_fit_and_load(kind: str, tmp_path: Path) -> None:
     tok = fitted(kind)
     assert (tok.pad_id, tok.start_id, tok.end_id, tok.unk_id) == (0, 1, 2, 3)
@@ -299,6 +307,7 @@ def test_decode_stops_at_end_and_skips_pad_start() -> None:
         WordTokenizer(),
         SmilesTokenizer(),
         CharTokenizer(lower=True),
+        SelfiesTokenizer(canonical=False),
     ],
     ids=repr,
 )
@@ -362,6 +371,7 @@ def test_from_dict_dispatches_on_kind() -> None:
         ("word", WordTokenizer),
         ("smiles", SmilesTokenizer),
         ("char", CharTokenizer),
+        ("selfies", SelfiesTokenizer),
     ]:
         tok = Tokenizer.from_dict(fitted(kind).to_dict())
         assert type(tok) is cls
@@ -378,13 +388,15 @@ def test_create_factory() -> None:
     assert (tok.max_vocab, tok.min_count) == (50, 2)
     assert isinstance(Tokenizer.create("smiles"), SmilesTokenizer)
     assert isinstance(Tokenizer.create("char", lower=True), CharTokenizer)
-    assert Tokenizer.kinds() == ("word", "smiles", "char")
+    assert isinstance(Tokenizer.create("selfies", canonical=False), SelfiesTokenizer)
+    assert Tokenizer.kinds() == ("word", "smiles", "char", "selfies")
+    assert Tokenizer.kinds() == Choices().tokenizer  # the config accepts exactly these
 
 
 def test_create_unknown_kind_lists_valid_kinds() -> None:
     with pytest.raises(ValueError, match="bpe") as info:
         Tokenizer.create("bpe")
-    for kind in ("word", "smiles", "char"):
+    for kind in ("word", "smiles", "char", "selfies"):
         assert repr(kind) in str(info.value)
 
 

@@ -1,12 +1,14 @@
-"""Text tokenizers for caption targets: words, SMILES strings and characters.
+"""Text tokenizers for caption targets: words, SMILES strings, SELFIES symbols and characters.
 
 All tokenizers share the same special tokens (``<pad>``=0, ``<start>``=1, ``<end>``=2,
 ``<unk>``=3), a deterministic vocabulary, batch encoding to padded ``int32`` arrays and
-JSON (de)serialisation. This module is pure Python + numpy.
+JSON (de)serialisation. This module is pure Python + numpy; the ``selfies`` kind also
+needs the ``selfies`` package (and RDKit for canonical output), imported when it is built.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import operator
@@ -21,6 +23,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from captioner.data.chem import canonical_smiles, chem
 from captioner.fileio import atomic_write_text
 
 
@@ -250,7 +253,8 @@ class Tokenizer(ABC):
     # -------------------------------------------------------------------- factory
     @staticmethod
     def _registry() -> dict[str, type[Tokenizer]]:
-        return {sub.kind: sub for sub in (WordTokenizer, SmilesTokenizer, CharTokenizer)}
+        return {sub.kind: sub for sub in (WordTokenizer, SmilesTokenizer, CharTokenizer,
+                                          SelfiesTokenizer)}
 
     @classmethod
     def kinds(cls) -> tuple[str, ...]:
@@ -267,7 +271,8 @@ class Tokenizer(ABC):
 
     @classmethod
     def create(cls, kind: str, **options: Any) -> Tokenizer:
-        """Unfitted tokenizer of ``kind`` (``"word"``, ``"smiles"`` or ``"char"``)."""
+        """Unfitted tokenizer of ``kind`` (``"word"``, ``"smiles"``, ``"char"`` or
+        ``"selfies"``)."""
         return cls._class_for(kind)(**options)
 
     def __repr__(self) -> str:
@@ -403,3 +408,124 @@ class CharTokenizer(Tokenizer):
 
     def tokenize(self, text: str) -> list[str]:
         return list(text.lower() if self.lower else text)
+
+
+def _selfies() -> Any:
+    try:
+        import selfies
+    except ImportError as exc:
+        raise ImportError("tokenizer kind 'selfies' needs the selfies package: "
+                          "pip install selfies") from exc
+    return selfies
+
+
+def _encoder_reason(err: Exception) -> str:
+    """One line from a ``selfies.EncoderError``: its first line, then the bracketed
+    constraint violations it lists, if any (the SMILES itself is named by the caller)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    details = [line.strip("[]") for line in lines[1:] if line.startswith("[")]
+    return lines[0] + (f" ({'; '.join(details)})" if details else "") if lines else repr(err)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _encode_selfies(smiles: str) -> str:
+    """The SELFIES string of ``smiles`` (``""`` for ``""``); ``ValueError`` naming it if the
+    selfies encoder refuses it. The encoder takes 0.1-0.3 ms a molecule, so the last
+    131,072 results are kept (26 MB for QM9 molecules, 41 MB for ZINC ones): fitting,
+    counting truncations and encoding a training set up to that size encode each text
+    once, not once per pass (a larger set, read in order, finds none of its texts kept)."""
+    if not smiles:
+        return ""
+    sf = _selfies()
+    try:
+        return sf.encoder(smiles)
+    except sf.EncoderError as err:
+        raise ValueError(f"cannot encode SMILES {smiles!r} as SELFIES: "
+                         f"{_encoder_reason(err)}") from None
+
+
+class SelfiesTokenizer(Tokenizer):
+    """SMILES in and out, SELFIES symbols as tokens (Krenn et al. 2020, ``selfies`` package).
+
+    :meth:`tokenize` encodes a SMILES with ``selfies.encoder`` and splits the result into
+    symbols (``[C]``, ``[=O]``, ``[Branch1]``, ``[Ring1]``, ``.``); :meth:`decode` joins the
+    symbols of the ids and turns them back into SMILES with ``selfies.decoder``. Any id
+    sequence decodes: to ``""`` when it holds no atom symbol (an empty sequence, or only
+    ring, branch and ``.`` symbols), else to a molecule within SELFIES' bond limits. Those
+    limits are real valences for H, B, C, N, O, F, P, S, Cl, Br, I and their usual charges
+    (see ``selfies.get_semantic_constraints()``), so such symbols always give molecules
+    RDKit accepts; other atoms (``[Na+1]``, ``[Cl-1]``, metals) may take up to 8 bonds,
+    and ``[Cl-1][C]`` decodes to ``[Cl-1]C``, which RDKit rejects. Special tokens
+    (``<unk>`` included) are not SELFIES symbols and are left out.
+
+    With ``canonical`` (the default, needs RDKit) the decoded SMILES is RDKit's canonical
+    SMILES, as the molecule manifests and metrics write them (the decoder's spelling when
+    RDKit rejects it); without it, the decoder's own spelling (kekulé, ``[NH1]``,
+    ``[O-1]``). A SMILES the encoder refuses (an atom over its bond limit, a ``*``
+    wildcard, ...) raises ``ValueError`` naming it. :attr:`joiner` joins symbols into a
+    SELFIES string, not SMILES.
+
+    Example:
+        >>> tok = SelfiesTokenizer().fit(["CCO", "c1ccccc1O"])
+        >>> tok.tokenize("OCC")
+        ['[O]', '[C]', '[C]']
+        >>> tok.vocab[4:]
+        ['[C]', '[=C]', '[O]', '[=Branch1]', '[Ring1]']
+        >>> tok.decode(tok.encode("C1=CC=CC=C1O"))
+        'Oc1ccccc1'
+        >>> tok.detokenize(["[F]", "[F]", "[F]"]), tok.detokenize(["[Ring1]"])  # F: 1 bond
+        ('FF', '')
+        >>> raw = SelfiesTokenizer(canonical=False).fit(["C[O-]"])
+        >>> raw.decode(raw.encode("C[O-]"))
+        'C[O-1]'
+        >>> tok.tokenize("CS(=O)(=O)(=O)C")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot encode SMILES 'CS(=O)(=O)(=O)C' as SELFIES: ... (S with 8 bond(s) ...)
+    """
+
+    kind = "selfies"
+
+    def __init__(self, canonical: bool = True) -> None:
+        super().__init__()
+        self.canonical = _check_bool("canonical", canonical)
+        _selfies()  # fail now, not at the first text, if a package is missing
+        if self.canonical:
+            chem()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"canonical": self.canonical}
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(_selfies().split_selfies(_encode_selfies(text)))
+
+    def validate(self, smiles: str) -> None:
+        """Raise ``ValueError`` if ``smiles`` cannot be encoded as SELFIES."""
+        _encode_selfies(smiles)
+
+    def detokenize(self, tokens: list[str]) -> str:
+        """SMILES of the SELFIES symbols ``tokens`` (special tokens left out)."""
+        sf = _selfies()
+        selfies = "".join(t for t in tokens if t not in self.special_tokens)
+        try:
+            smiles = sf.decoder(selfies)
+        except sf.DecoderError as err:
+            raise ValueError(f"cannot decode SELFIES {selfies!r}: "
+                             f"{str(err).splitlines()[0]}") from None
+        if self.canonical and smiles:
+            return canonical_smiles(smiles) or smiles
+        return smiles
+
+    def _check_vocab(self, vocab: Any) -> list[str]:
+        vocab = super()._check_vocab(vocab)
+        sf = _selfies()
+        for token in vocab[len(self.special_tokens):]:
+            try:  # split_selfies(".") is [], yet "." is a symbol (between molecules)
+                ok = token == "." or list(sf.split_selfies(token)) == [token]
+                sf.decoder(token)
+            except sf.DecoderError:
+                ok = False
+            if not ok:
+                raise ValueError(f"key 'vocab': {token!r} is not a SELFIES symbol")
+        return vocab
