@@ -9,18 +9,21 @@ and take a screenshot.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from captioner.viz.figures import upsample_attention
+from captioner.viz.molecules import DIFF_COLOUR
 from captioner.viz.report import ReportItem, write_report
 
 CHROMIUM_FLAGS = (
@@ -47,7 +50,8 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def _items(grid_hw: tuple[int, int]) -> list[ReportItem]:
-    """Four items: item 0 is 300x200 (non-square); bleu4 ties between items 0 and 3."""
+    """Four items: item 0 is 300x200 (non-square); bleu4 ties between items 0 and 3; item 1
+    is a wrong SMILES prediction that another reader ("OSRA") read exactly."""
     g = grid_hw[0] * grid_hw[1]
     smiles = list("CC(=O)O")
     return [
@@ -56,7 +60,8 @@ def _items(grid_hw: tuple[int, int]) -> list[ReportItem]:
                    metrics={"bleu4": 0.5, "tanimoto": 0.9}, image=_image(200, 300, 0)),
         ReportItem("mols/m1.png", smiles, np.random.default_rng(1).random((len(smiles), g)),
                    "CC(=O)O", references=["CC(=O)OC"], score=-3.0,
-                   metrics={"bleu4": 0.1}, image=_image(64, 64, 1)),
+                   metrics={"bleu4": 0.1}, image=_image(64, 64, 1),
+                   others={"OSRA": "COC(C)=O"}),
         ReportItem("imgs/c.png", ["x"], np.ones((1, g)), "x", references=None, score=None,
                    metrics={"bleu4": 0.9, "tanimoto": 0.2}, image=_image(120, 90, 2)),
         ReportItem("imgs/d.png", ["y", "z"], np.ones((2, g)), "y z", references=["y"],
@@ -80,7 +85,9 @@ def test_single_self_contained_file(tmp_path):
     assert "http://" not in page.lower() and "https://" not in page.lower()
     assert "<link" not in page and "@import" not in page and "url(" not in page
     srcs = re.findall(r'src="([^"]*)"', page)
-    assert len(srcs) == 4 and all(s.startswith("data:image/") for s in srcs)
+    assert len(srcs) == 7 and all(s.startswith("data:image/") for s in srcs)
+    # 4 pictures, then item 1's molecules: the model's, the reference's and OSRA's
+    assert sum(s.startswith("data:image/svg+xml;base64,") for s in srcs) == 3
     assert page.count('<article class="item') == 4
     assert 'id="sort"' in page and 'class="legend"' in page and 'id="selftest"' in page
 
@@ -100,11 +107,16 @@ def test_escapes_predictions_references_and_names(tmp_path):
 def test_embed_false_writes_report_files(tmp_path):
     path, page = _write(tmp_path, embed=False)
     files = sorted((path.parent / "report_files").iterdir())
-    assert [f.stem for f in files] == [f"item_{i:05d}" for i in range(4)]
+    assert [f.name for f in files if f.suffix == ".svg"] == [
+        "item_00001_model.svg", "item_00001_other0.svg", "item_00001_reference.svg"]
+    pictures = [f for f in files if f.suffix != ".svg"]
+    assert [f.stem for f in pictures] == [f"item_{i:05d}" for i in range(4)]
     assert "data:image/" not in page
     for f in files:
         assert f'src="report_files/{f.name}"' in page
+    for f in pictures:
         assert Image.open(f).size[0] > 0
+    assert HIGHLIGHT in (path.parent / "report_files" / "item_00001_reference.svg").read_text()
 
 
 @pytest.mark.parametrize("grid_hw", [(7, 7), (8, 8)])
@@ -142,17 +154,21 @@ def test_loads_image_path_and_resizes(tmp_path):
     assert Image.open(path.parent / "report_files" / "item_00000.png").size == (150, 100)
 
 
+def _sort_options(page: str) -> list[str]:
+    (select,) = re.findall(r'<select id="sort">(.*?)</select>', page)
+    return re.findall(r'<option value="([^"]*)"', select)
+
+
 def test_sort_keys_and_values(tmp_path):
     _, page = _write(tmp_path)
-    options = re.findall(r'<option value="([^"]*)"', page)
+    options = _sort_options(page)
     assert options[0] == "given"
-    assert options[1:] == [f"{k}:{d}" for k in ("score", "bleu4", "tanimoto", "exact_match")
-                           for d in ("asc", "desc")]
+    assert options[1:] == [f"{k}:{d}" for k in ("score", "bleu4", "tanimoto", "exact_match",
+                                                "OSRA exact_match") for d in ("asc", "desc")]
     sorts = [json.loads(html.unescape(s)) for s in re.findall(r'data-sort="([^"]*)"', page)]
     assert sorts[2] == {"bleu4": 0.9, "tanimoto": 0.2}  # no score, so it sorts last on score
     _, page = _write(tmp_path, sortable_keys=["tanimoto"])
-    assert re.findall(r'<option value="([^"]*)"', page) == ["given", "tanimoto:asc",
-                                                            "tanimoto:desc"]
+    assert _sort_options(page) == ["given", "tanimoto:asc", "tanimoto:desc"]
 
 
 def test_many_items_stay_small(tmp_path):
@@ -168,6 +184,107 @@ def test_many_items_stay_small(tmp_path):
 def test_empty_report(tmp_path):
     page = write_report([], tmp_path / "r.html", (7, 7)).read_text(encoding="utf-8")
     assert "no items" in page and "<article" not in page
+
+
+# --------------------------------------------------------------------------- SMILES cards
+
+HIGHLIGHT = "#{:02X}{:02X}{:02X}".format(*(int(c * 255) for c in DIFF_COLOUR))
+
+
+def _figures(page: str) -> list[tuple[str, str]]:
+    """(class, inner HTML) of every molecule figure, in page order."""
+    return re.findall(r'<figure class="mol ([^"]*)">(.*?)</figure>', page, re.S)
+
+
+def _svg(fragment: str) -> str:
+    """The SVG text of the one drawing in ``fragment``."""
+    (data,) = re.findall(r'src="data:image/svg\+xml;base64,([^"]*)"', fragment)
+    return base64.b64decode(data).decode("utf-8")
+
+
+def test_smiles_card_draws_the_model_the_reference_and_other_readers(tmp_path):
+    _, page = _write(tmp_path)
+    figures = _figures(page)
+    assert [cls for cls, _ in figures] == ["read differs", "reference", "other exact"]
+    (_, model), (_, reference), (_, osra) = figures
+    assert "≠ differs" in model and "1 atom and 1 bond in the reference" in model
+    assert '<b class="who">OSRA</b>' in osra and "✓ exact" in osra
+    assert '<code class="smi">COC(C)=O</code>' in osra
+    # CC(=O)O lies wholly inside methyl acetate: only the reference's methyl is filled
+    assert HIGHLIGHT not in _svg(model) and HIGHLIGHT in _svg(reference)
+    assert HIGHLIGHT not in _svg(osra)
+    for _, body in figures:
+        assert _svg(body).startswith("<svg") and "<script" not in _svg(body)
+    card = re.search(r'<article class="item smiles mols" data-index="1"[^>]*>', page).group(0)
+    marks = json.loads(html.unescape(re.search(r'data-exact="([^"]*)"', card).group(1)))
+    assert marks == {"model": 0, "others": {"OSRA": 1}}
+    assert json.loads(html.unescape(re.search(r'data-sort="([^"]*)"', card).group(1)))[
+        "OSRA exact_match"] == 1.0
+    labels = re.findall(r'<select id="filter">(.*?)</select>', page)[0]
+    assert re.findall(r">([^<]*)</option>", labels) == [
+        "all", "model exact", "model not exact", "model exact, OSRA not",
+        "OSRA exact, model not", "neither exact (model, OSRA)"]
+
+
+def test_exact_smiles_card_draws_one_molecule(tmp_path):
+    item = ReportItem("m.png", list("OCC"), np.ones((3, 4)), "OCC", references=["CCO"],
+                      image=_image(32, 32, 0))
+    page = write_report([item], tmp_path / "r.html", (2, 2)).read_text(encoding="utf-8")
+    (cls, body), = _figures(page)
+    assert cls == "read exact" and "✓ exact" in body and HIGHLIGHT not in _svg(body)
+
+
+def test_invalid_smiles_prediction_shows_a_note_and_the_reference(tmp_path):
+    item = ReportItem("m.png", list("C1CC"), np.ones((4, 4)), "C1CC", references=["CCO"],
+                      image=_image(32, 32, 0))
+    page = write_report([item], tmp_path / "r.html", (2, 2)).read_text(encoding="utf-8")
+    (cls, body), (ref_cls, ref_body) = _figures(page)
+    assert cls == "read invalid" and "not a valid molecule" in body and "<img" not in body
+    assert ref_cls == "reference" and HIGHLIGHT not in _svg(ref_body)  # drawn plainly
+
+
+def test_caption_cards_have_no_molecules(tmp_path):
+    items = [it for i, it in enumerate(_items((7, 7))) if i != 1]
+    page = write_report(items, tmp_path / "r.html", (7, 7)).read_text(encoding="utf-8")
+    assert "<figure" not in page and "svg+xml" not in page and 'class="cols"' not in page
+    assert " data-exact=" not in page and 'id="filter"' not in page
+    assert page.count('<article class="item" ') == 3
+    off = write_report(_items((7, 7)), tmp_path / "off.html", (7, 7), molecules=False)
+    assert "<figure" not in off.read_text(encoding="utf-8")
+
+
+def test_other_reader_names_and_smiles_are_escaped(tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    item = ReportItem("m.png", ["C"], np.ones((1, 4)), "CCO", references=["CCN"],
+                      others={evil: f'C"{evil}', "fine": "CCN"}, image=_image(32, 32, 0))
+    page = write_report([item], tmp_path / "r.html", (2, 2)).read_text(encoding="utf-8")
+    assert evil not in page and "onerror=alert(1)>" not in page
+    assert f'<b class="who">{html.escape(evil)}</b>' in page
+    assert [cls for cls, _ in _figures(page)] == ["read differs", "reference",
+                                                   "other invalid", "other exact"]
+
+
+
+def test_report_items_hand_other_readers_to_the_page(tmp_path):
+    from captioner.data.tokenizers import Tokenizer
+    from captioner.viz.attention import report_items  # imports TensorFlow
+
+    tokenizer = Tokenizer.create("smiles").fit(["CCO", "CCN"])
+    texts = ["CCN", "CCO"]
+    ids = [tokenizer.encode(t, add_special=False) for t in texts]
+    gen = SimpleNamespace(images=["a.png", "b.png"], tokens=ids, texts=texts,
+                          scores=np.array([-1.0, -2.0]), attention=np.full((2, 3, 4), 0.25))
+    others = [{"OSRA": "CCO"}, {"OSRA": "C1CC"}]
+    items = report_items(SimpleNamespace(tokenizer=tokenizer), gen, [["CCO"], ["OCC"]],
+                         others=others)
+    assert [item.others for item in items] == others
+    for item in items:
+        item.image = _image(32, 32, 0)
+    page = write_report(items, tmp_path / "r.html", (2, 2)).read_text(encoding="utf-8")
+    assert [cls for cls, _ in _figures(page)] == [
+        "read differs", "reference", "other exact",  # we read CCN, OSRA got it
+        "read exact", "other invalid"]  # we got it, OSRA's SMILES does not parse
+    assert "OSRA exact_match:desc" in _sort_options(page)
 
 
 # --------------------------------------------------------------------------- headless Chromium
@@ -240,6 +357,16 @@ def test_browser_sorting(browser_page):
         "bleu4:asc": [1, 0, 3, 2], "bleu4:desc": [2, 0, 3, 1],  # ties keep given order
         "tanimoto:asc": [2, 0, 1, 3], "tanimoto:desc": [0, 2, 1, 3],
         "exact_match:asc": [3, 0, 1, 2], "exact_match:desc": [3, 0, 1, 2],
+        "OSRA exact_match:asc": [1, 0, 2, 3], "OSRA exact_match:desc": [1, 0, 2, 3],
+    }
+
+
+def test_browser_filter_by_exact_readers(browser_page):
+    _, _, st = browser_page
+    assert st["filters"] == {
+        "all": [0, 1, 2, 3], "model exact": [], "model not exact": [1],
+        "model exact, OSRA not": [], "OSRA exact, model not": [1],
+        "neither exact (model, OSRA)": [],
     }
 
 

@@ -52,6 +52,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 def test_health_names_the_model_and_grid(server, trained_run):
     body = httpx.get(f"{server}/health").json()
     assert body["status"] == "ok" and body["grid"] == [8, 8] and body["image_size"] == 32
+    assert body["molecules"] == "off"  # a caption model: no molecule drawings
     assert str(Path(trained_run).resolve()) in body["model"]
 
 
@@ -65,6 +66,7 @@ def test_caption_matches_the_captioner(server, trained_run, images):
     assert [x["image"] for x in body["results"]] == [p.name for p in images]
     for res, ids in zip(body["results"], gen.tokens):
         assert res["token_ids"] == ids and len(res["tokens"]) == len(ids)
+        assert "molecule" not in res
         att = np.array(res["attention"])
         assert att.shape == (len(ids), 64)
         np.testing.assert_allclose(att.sum(1), 1.0, atol=1e-3)

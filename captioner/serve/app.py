@@ -1,5 +1,5 @@
-"""The HTTP server: ``POST /v1/caption``, ``GET /health`` and ``GET /`` (a page to try
-the model), on FastAPI and uvicorn.
+"""The HTTP server: ``POST /v1/caption``, ``POST /v1/draw``, ``GET /health`` and ``GET /``
+(a page to try the model), on FastAPI and uvicorn.
 
 A request carries one or more images: multipart form data (field ``image``, repeatable)
 or JSON (``{"image": "<base64>"}`` or ``{"images": ["<base64>", ...]}``). Each image is
@@ -17,6 +17,17 @@ field, bad JSON or base64, empty, truncated or unreadable image, too many images
 (body over ``max_body_bytes``, or an image over ``max_pixels``: decompression bombs are
 refused from the header), 415 (not an image, or an unsupported content type). The server
 keeps serving after any of them.
+
+Molecules: when the model reads SMILES (a run whose tokenizer is ``smiles`` or ``char``;
+for an export, which does not record its tokenizer, any text that looks like SMILES),
+each result also has ``molecule``: the RDKit drawing of what was read, as
+:meth:`captioner.viz.molecules.MoleculeDiff.to_json` (``prediction`` with ``valid``,
+``canonical`` and ``svg``; ``note``). Caption models, and servers without RDKit, skip
+this. ``POST /v1/draw`` takes JSON ``{"smiles": "...", "reference": "..."}`` (reference
+optional) and returns the same structure with the atoms and bonds that differ
+highlighted on both sides; 400 (``bad_json``, ``no_smiles``, ``bad_reference``,
+``too_long``: over ``max_smiles_chars``, ``bad_smiles``: RDKit cannot parse it), 413
+(body over ``max_draw_body_bytes``), 415 (not JSON), 501 (``no_rdkit``).
 
 Example:
     >>> app = create_app(RunBackend("runs/demo"))          # doctest: +SKIP
@@ -44,16 +55,19 @@ from starlette.datastructures import UploadFile
 from captioner.data.images import ImageError, ImageLimits, load_image
 from captioner.serve.backends import CaptionBackend
 from captioner.serve.batching import BatchingOptions, MicroBatcher
+from captioner.viz.molecules import looks_like_smiles, molecule_diff_svg, rdkit_available
 from captioner.viz.report import live_page_html
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Limits and batching of the server.
+    """Limits, batching and molecule drawings of the server.
 
     Example:
         >>> ServeOptions().max_body_bytes, ServeOptions().max_images
         (20000000, 32)
+        >>> ServeOptions().max_smiles_chars, ServeOptions().molecule_px
+        (1000, 296)
     """
 
     max_body_bytes: int = 20_000_000
@@ -63,6 +77,9 @@ class ServeOptions:
     status_of: tuple[tuple[str, int], ...] = (
         ("too_large", 413), ("not_an_image", 415), ("empty", 400), ("truncated", 400),
         ("unreadable", 400))
+    max_smiles_chars: int = 1000
+    max_draw_body_bytes: int = 16_000
+    molecule_px: int = 296
 
 
 class ApiError(Exception):
@@ -160,13 +177,84 @@ async def request_images(request: Request, options: ServeOptions) -> list[tuple[
     return images
 
 
+_DRAW_SHAPE = 'JSON must be {"smiles": "..."} with an optional "reference": "..."'
+
+
+def _smiles_field(payload: dict[str, Any], key: str, limit: int) -> str | None:
+    """``payload[key]`` stripped; None when absent, null or blank; :class:`ApiError` (400)
+    when it is not a string or longer than ``limit`` characters."""
+    value = payload.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        code = "no_smiles" if key == "smiles" else "bad_reference"
+        raise ApiError(400, code, f"{key!r} must be a string, not {type(value).__name__}")
+    text = value.strip()
+    if len(text) > limit:
+        raise ApiError(400, "too_long", f"{key!r} has {len(text):,} characters; the limit "
+                       f"is {limit:,}")
+    return text or None
+
+
+async def draw_request(request: Request, options: ServeOptions) -> tuple[str, str | None]:
+    """(smiles, reference or None) of a ``POST /v1/draw``, or :class:`ApiError`."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, "unsupported_content_type", f"content type {kind or 'none'!r}: "
+                       "send application/json")
+    body = await read_body(request, options.max_draw_body_bytes)
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "no_smiles", _DRAW_SHAPE)
+    smiles = _smiles_field(payload, "smiles", options.max_smiles_chars)
+    if smiles is None:
+        raise ApiError(400, "no_smiles", f"no 'smiles' to draw; {_DRAW_SHAPE}")
+    return smiles, _smiles_field(payload, "reference", options.max_smiles_chars)
+
+
 class CaptionService:
-    """Checks images and hands them to the batcher; one per server."""
+    """Checks images and hands them to the batcher, and draws molecules; one per
+    server."""
 
     def __init__(self, backend: CaptionBackend, options: ServeOptions):
         self.backend = backend
         self.options = options
         self.batcher = MicroBatcher(backend.caption, options.batching)
+        self.rdkit = rdkit_available()
+        kind = getattr(backend, "text_kind", "caption")
+        # True: every text is SMILES; None: draw the texts that look like SMILES
+        self.molecules: bool | None = (False if not self.rdkit or kind == "caption"
+                                       else True if kind == "smiles" else None)
+
+    def _drawable(self, text: str) -> bool:
+        if self.molecules is None:
+            return looks_like_smiles(text)
+        return self.molecules and len(text) <= self.options.max_smiles_chars
+
+    def _draw_results(self, results: list[dict[str, Any]]) -> None:
+        """Add ``molecule`` (a plain drawing of what was read) to every SMILES result."""
+        px = self.options.molecule_px
+        for result in results:
+            if "text" in result and self._drawable(result["text"]):
+                result["molecule"] = molecule_diff_svg(result["text"], None, (px, px)).to_json()
+
+    async def draw(self, smiles: str, reference: str | None) -> JSONResponse:
+        """``POST /v1/draw``: ``smiles`` drawn against ``reference``, or :class:`ApiError`."""
+        if not self.rdkit:
+            raise ApiError(501, "no_rdkit", "drawing molecules needs RDKit on the server: "
+                           "pip install rdkit")
+        px = self.options.molecule_px
+        diff = await asyncio.to_thread(molecule_diff_svg, smiles, reference, (px, px))
+        if not diff.valid:
+            raise ApiError(400, "bad_smiles", f"smiles {smiles!r} is not a valid molecule "
+                           "(RDKit cannot parse it)")
+        if diff.reference is not None and not diff.reference.valid:
+            raise ApiError(400, "bad_reference", f"reference {reference!r} is not a valid "
+                           "molecule (RDKit cannot parse it)")
+        return JSONResponse(diff.to_json())
 
     def _pixels(self, name: str, data: bytes) -> np.ndarray:
         try:
@@ -192,6 +280,8 @@ class CaptionService:
                                                          "message": str(item)}})
             else:
                 results.append({"image": name, **next(decoded)})
+        if self.molecules is not False:
+            await asyncio.to_thread(self._draw_results, results)
         body = {"model": self.backend.name, "grid": list(self.backend.grid_hw),
                 "results": results}
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
@@ -238,7 +328,10 @@ def create_app(backend: CaptionBackend, options: ServeOptions | None = None) -> 
         return {"status": "ok", "model": backend.name, "grid": list(backend.grid_hw),
                 "image_size": backend.image_size,
                 "batching": {"max_batch": b.max_batch, "window_ms": b.window_ms},
-                "batches": {str(k): v for k, v in sorted(service.batcher.batch_sizes.items())}}
+                "batches": {str(k): v for k, v in sorted(service.batcher.batch_sizes.items())},
+                "molecules": {True: "every result", None: "results that look like SMILES",
+                              False: "off"}[service.molecules],
+                "draw": service.rdkit}
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -248,6 +341,13 @@ def create_app(backend: CaptionBackend, options: ServeOptions | None = None) -> 
     async def caption(request: Request) -> Response:
         try:
             return await service.caption(await request_images(request, options))
+        except ApiError as exc:
+            return exc.response()
+
+    @app.post("/v1/draw")
+    async def draw(request: Request) -> Response:
+        try:
+            return await service.draw(*await draw_request(request, options))
         except ApiError as exc:
             return exc.response()
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import tensorflow as tf
 
+from captioner.evaluate.metrics import metric_family
 from captioner.generate.captioner import Captioner
 from captioner.generate.export import next_version
 
@@ -28,6 +29,7 @@ class CaptionBackend(Protocol):
     name: str
     image_size: int
     grid_hw: tuple[int, int]
+    text_kind: str | None  # "smiles", "caption" or None (not known: an export)
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         """uint8 (B, S, S, 3) -> per image: text, tokens (strings), token_ids, score,
@@ -49,6 +51,7 @@ class RunBackend:
         self.name = f"run {Path(run_dir).resolve()}"
         self.image_size = self.cap.image_size
         self.grid_hw = tuple(self.cap.grid_hw)
+        self.text_kind = metric_family(self.cap.tokenizer.kind)  # "smiles" or "caption"
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         gen = self.cap.generate(pixels, **self.decode)
@@ -82,7 +85,8 @@ def saved_model_dir(export_dir: str | Path) -> Path:
 
 class ExportBackend:
     """A SavedModel written by ``captioner export``, through its ``serving_pixels``
-    signature (greedy decoding, as exported)."""
+    signature (greedy decoding, as exported). The export does not record its tokenizer,
+    so ``text_kind`` is None."""
 
     def __init__(self, export_dir: str | Path):
         path = saved_model_dir(export_dir)
@@ -92,6 +96,7 @@ class ExportBackend:
         self.name = f"export {path.resolve()}"
         self.image_size = meta["image_size"]
         self.grid_hw = (meta["grid_height"], meta["grid_width"])
+        self.text_kind = None
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         r = {k: v.numpy() for k, v in self.fn(pixels=tf.constant(pixels, tf.uint8)).items()}

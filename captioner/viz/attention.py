@@ -51,9 +51,11 @@ def write_figures(cap: Captioner, gen: Generation, out_dir: Path,
 
 def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]] | None = None,
                  metrics: Sequence[dict[str, Any]] | None = None,
-                 images: Sequence[str] | None = None) -> list[Any]:
+                 images: Sequence[str] | None = None,
+                 others: Sequence[dict[str, str]] | None = None) -> list[Any]:
     """:class:`captioner.report.ReportItem` for every image of ``gen`` (``images``: the
-    files, when ``gen`` was decoded from arrays)."""
+    files, when ``gen`` was decoded from arrays; ``others``: per image, other readers'
+    SMILES by reader name, e.g. ``{"OSRA": "CCO"}``, drawn beside the prediction)."""
     items = []
     for i, image_path in enumerate(images or gen.images):
         tokens = cap.tokenizer.ids_to_tokens(gen.tokens[i])
@@ -62,7 +64,8 @@ def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]
                                 prediction=gen.texts[i],
                                 references=list(references[i]) if references else None,
                                 score=float(gen.scores[i]),
-                                metrics=dict(metrics[i]) if metrics else {}))
+                                metrics=dict(metrics[i]) if metrics else {},
+                                others=dict(others[i]) if others else {}))
     return items
 
 

@@ -27,11 +27,23 @@ Home / End jump to the first / last token. A ``<select id="sort">`` orders the
 cards by score or any numeric metric, ascending or descending (items missing the
 value sort last); the default is the given order. An opacity slider re-blends maps.
 
+SMILES cards (the prediction or the first reference looks like SMILES; see
+``write_report(molecules=...)``) put the text column beside RDKit drawings: the molecule
+the model read, with the atoms and bonds that differ from the first reference filled in
+light red, the reference with its differing atoms filled the same way (left out when the
+two are the same molecule), and one drawing per other reader (``ReportItem.others``,
+e.g. OSRA) with its own exact / differs mark (:mod:`captioner.viz.molecules`). Drawings
+are SVG data URIs in ``<img>`` elements, so nothing in them can run. A ``<select
+id="filter">`` then shows only the cards where given readers are exact or not (e.g. the
+model exact and OSRA not), and each other reader's exactness is a sort key.
+
 DOM state (for tests): the card ``.item`` has ``data-active-token="i"`` while a
 map is shown (absent otherwise), the ``canvas.overlay`` has ``data-token="i"`` and
 is ``hidden`` when no map is shown, and ``.token-label`` names the active token.
-Opening the page with ``#selftest`` runs a scripted check and writes its result as
-JSON into ``<pre id="selftest">`` (see ``tests/test_report.py``).
+Hidden (filtered) cards have the ``hidden`` attribute and the card's ``data-exact``
+holds ``{"model": 0|1, "others": {name: 0|1}}``. Opening the page with ``#selftest``
+runs a scripted check and writes its result as JSON into ``<pre id="selftest">`` (see
+``tests/test_report.py``).
 
 Example:
     >>> import numpy as np, tempfile, pathlib
@@ -50,7 +62,6 @@ import html
 import io
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -60,6 +71,12 @@ import numpy as np
 from PIL import Image
 
 from captioner.viz.figures import _as_rgb_uint8, _check_hw, jet_colormap
+from captioner.viz.molecules import (
+    MoleculeDiff,
+    MoleculeDrawing,
+    looks_like_smiles,
+    molecule_diff_svg,
+)
 
 __all__ = ["ReportItem", "write_report"]
 
@@ -79,6 +96,7 @@ class _ReportLayout:
     stage_max_w: int = 296
     stage_max_h: int = 370
     quant: int = 1000
+    molecule_px: int = 296
 
 
 @dataclass(eq=False)
@@ -87,6 +105,8 @@ class ReportItem:
 
     ``attention`` is (len(tokens), G) with G = gh * gw (row-major grid cells).
     ``image`` (uint8 (H, W, 3)) is shown when given, else ``image_path`` is loaded.
+    ``others`` maps another reader's name to what it read from the same image (e.g.
+    ``{"OSRA": "CCO"}``); SMILES cards draw each beside the model's prediction.
 
     Example:
         >>> import numpy as np
@@ -102,6 +122,7 @@ class ReportItem:
     score: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None
+    others: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -120,37 +141,46 @@ def _finite(value: object) -> float | None:
     return None
 
 
-def _sort_values(item: ReportItem, keys: Sequence[str]) -> dict[str, float]:
-    """The finite numeric values of ``keys`` for one item ("score" = ``item.score``).
+def _sort_values(item: ReportItem, keys: Sequence[str],
+                 extra: dict[str, float] | None = None) -> dict[str, float]:
+    """The finite numeric values of ``keys`` for one item ("score" = ``item.score``,
+    then ``item.metrics``, then ``extra``: values the page computed, such as whether
+    another reader's SMILES is exact).
 
     Example:
         >>> import numpy as np
         >>> it = ReportItem("x", [], np.zeros((0, 4)), "", score=-1.5, metrics={"b": 2})
-        >>> _sort_values(it, ["score", "b", "c"])
-        {'score': -1.5, 'b': 2.0}
+        >>> _sort_values(it, ["score", "b", "c", "OSRA exact_match"], {"OSRA exact_match": 0})
+        {'score': -1.5, 'b': 2.0, 'OSRA exact_match': 0.0}
     """
+    extra = extra or {}
     values = {}
     for key in keys:
-        raw = item.score if key == "score" and item.score is not None else item.metrics.get(key)
+        if key == "score" and item.score is not None:
+            raw = item.score
+        else:
+            raw = item.metrics.get(key, extra.get(key))
         number = _finite(raw)
         if number is not None:
             values[key] = number
     return values
 
 
-def _default_sort_keys(items: Sequence[ReportItem]) -> list[str]:
-    """"score" (if any item has one) then every numeric metric key, first-seen order.
+def _default_sort_keys(items: Sequence[ReportItem],
+                       extras: Sequence[dict[str, float]] = ()) -> list[str]:
+    """"score" (if any item has one), every numeric metric key, then every key of
+    ``extras`` (one dict per item), first-seen order.
 
     Example:
         >>> import numpy as np
         >>> a = ReportItem("x", [], np.zeros((0, 4)), "", metrics={"bleu4": 0.1, "note": "?"})
         >>> b = ReportItem("y", [], np.zeros((0, 4)), "", score=0.3, metrics={"tanimoto": 1})
-        >>> _default_sort_keys([a, b])
-        ['score', 'bleu4', 'tanimoto']
+        >>> _default_sort_keys([a, b], [{}, {"OSRA exact_match": 1.0}])
+        ['score', 'bleu4', 'tanimoto', 'OSRA exact_match']
     """
     keys = ["score"] if any(_finite(it.score) is not None for it in items) else []
-    for item in items:
-        for key, value in item.metrics.items():
+    for values in [*(it.metrics for it in items), *extras]:
+        for key, value in values.items():
             if key not in keys and _finite(value) is not None:
                 keys.append(key)
     return keys
@@ -291,6 +321,205 @@ def _stage_size(height: int, width: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+# --------------------------------------------------------------------------- molecules
+
+
+@dataclass(frozen=True)
+class _Molecules:
+    """The drawings of one SMILES card: the prediction against the first reference and
+    each other reader against it too; ``missing`` says why there are none (no RDKit).
+
+    Example:
+        >>> _Molecules(None, {}, "SMILES support needs RDKit").missing
+        'SMILES support needs RDKit'
+    """
+
+    diff: MoleculeDiff | None
+    others: dict[str, MoleculeDiff] = field(default_factory=dict)
+    missing: str = ""
+
+
+def _item_molecules(item: ReportItem, draw: bool | None) -> _Molecules | None:
+    """Drawings for a card: when ``draw`` is True, or None and the prediction or the first
+    reference looks like SMILES; None for other cards.
+
+    Example:
+        >>> import numpy as np
+        >>> _item_molecules(ReportItem("x", [], np.zeros((0, 4)), "a cat"), None) is None
+        True
+        >>> _item_molecules(ReportItem("x", [], np.zeros((0, 4)), "CCN", references=["CCO"],
+        ...                            others={"OSRA": "CCO"}), None).others["OSRA"].note
+        'exact match'
+    """
+    texts = [item.prediction, *(item.references or [])[:1]]
+    if draw is False or (draw is None and not any(looks_like_smiles(t.strip()) for t in texts)):
+        return None
+    reference = item.references[0] if item.references else None
+    px = _ReportLayout().molecule_px
+    try:
+        diff = molecule_diff_svg(item.prediction, reference, (px, px))
+        others = {name: molecule_diff_svg(smiles, reference, (px, px))
+                  for name, smiles in item.others.items()}
+    except ImportError as exc:
+        return _Molecules(None, {}, str(exc))
+    return _Molecules(diff, others)
+
+
+def _exact_marks(mols: _Molecules | None) -> dict[str, object]:
+    """Which readers got the reference exactly (1) or not (0), for the page's filter;
+    readers without a valid reference to compare with are left out.
+
+    Example:
+        >>> d = molecule_diff_svg("CCN", "CCO")
+        >>> _exact_marks(_Molecules(d, {"OSRA": molecule_diff_svg("OCC", "CCO")}))
+        {'model': 0, 'others': {'OSRA': 1}}
+    """
+    if mols is None or mols.diff is None:
+        return {}
+    marks: dict[str, object] = {}
+    if mols.diff.exact_match is not None:
+        marks["model"] = int(mols.diff.exact_match)
+    others = {name: int(d.exact_match) for name, d in mols.others.items()
+              if d.exact_match is not None}
+    if others:
+        marks["others"] = others
+    return marks
+
+
+def _other_sort_values(mols: _Molecules | None) -> dict[str, float]:
+    """``"<reader> exact_match"``: 1.0 / 0.0 for every other reader with a verdict.
+
+    Example:
+        >>> _other_sort_values(_Molecules(None, {"OSRA": molecule_diff_svg("C", "C")}))
+        {'OSRA exact_match': 1.0}
+    """
+    if mols is None:
+        return {}
+    return {f"{name} exact_match": float(d.exact_match) for name, d in mols.others.items()
+            if d.exact_match is not None}
+
+
+def _svg_src(svg: str, name: str, files_dir: Path | None) -> str:
+    """A data URI of an SVG (``files_dir`` None) or the relative path of ``name`` written
+    there; either way the page shows it in an ``<img>``, where scripts never run.
+
+    Example:
+        >>> _svg_src("<svg/>", "m.svg", None)
+        'data:image/svg+xml;base64,PHN2Zy8+'
+    """
+    if files_dir is None:
+        data = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+        return f"data:image/svg+xml;base64,{data}"
+    (files_dir / name).write_text(svg, encoding="utf-8")
+    return f"{files_dir.name}/{name}"
+
+
+def _mark(diff: MoleculeDiff) -> tuple[str, str]:
+    """(CSS class, text) of a reader's verdict.
+
+    Example:
+        >>> _mark(molecule_diff_svg("CCO", "OCC")), _mark(molecule_diff_svg("C1CC", "C"))
+        (('exact', '✓ exact'), ('invalid', '✗ not a valid molecule'))
+    """
+    if not diff.valid:
+        return "invalid", "✗ not a valid molecule"
+    if diff.exact_match is None:
+        return "plain", "no reference to compare"
+    return ("exact", "✓ exact") if diff.exact_match else ("differs", "≠ differs")
+
+
+def _figure_html(drawing: MoleculeDrawing | None, src: str | None, cls: str, who: str,
+                 caption: str) -> str:
+    """One ``<figure class="mol ...">``: the drawing at ``src`` (or, when there is no
+    SVG, a box saying it is not a molecule) and its caption; ``who`` and ``caption`` are
+    already escaped HTML.
+
+    Example:
+        >>> _figure_html(MoleculeDrawing("X", False), None, "read invalid", "model",
+        ...              "").count("nomol")
+        1
+    """
+    px = _ReportLayout().molecule_px
+    if drawing is not None and drawing.svg is not None and src is not None:
+        alt = html.escape(f"{who}: {drawing.canonical or drawing.smiles}", quote=True)
+        body = (f'<img class="mol-svg" src="{html.escape(src)}" alt="{alt}" width="{px}" '
+                f'height="{px}" loading="lazy" decoding="async">')
+    else:
+        body = (f'<div class="nomol" style="width:{px}px;height:{px}px">'
+                "not a valid molecule</div>")
+    return (f'<figure class="mol {cls}">{body}<figcaption><b class="who">{who}</b> '
+            f"{caption}</figcaption></figure>")
+
+
+def _molecules_html(mols: _Molecules, index: int = 0, files_dir: Path | None = None) -> str:
+    """The figures of a SMILES card: what the model read (differences highlighted), the
+    reference (unless it is the same molecule), then each other reader. The SVGs are
+    data URIs, or files ``item_<index>_<who>.svg`` in ``files_dir``.
+
+    Example:
+        >>> page = _molecules_html(_Molecules(molecule_diff_svg("CCN", "CCO")))
+        >>> page.count("<figure"), "≠ differs" in page
+        (2, True)
+    """
+    if mols.diff is None:
+        return f'<p class="mol-missing">{html.escape(mols.missing)}</p>'
+
+    def src(drawing: MoleculeDrawing | None, who: str) -> str | None:
+        if drawing is None or drawing.svg is None:
+            return None
+        return _svg_src(drawing.svg, f"item_{index:05d}_{who}.svg", files_dir)
+
+    diff = mols.diff
+    cls, mark = _mark(diff)
+    note = "" if diff.note in ("exact match", "not a valid molecule") else diff.note
+    caption = (f'<span class="mark {cls}">{html.escape(mark)}</span>'
+               f'<span class="note">{html.escape(note)}</span>')
+    figures = [_figure_html(diff.prediction, src(diff.prediction, "model"), f"read {cls}",
+                            "model", caption)]
+    ref = diff.reference
+    if ref is not None and not diff.exact_match:
+        ref_caption = "" if ref.valid else (
+            '<span class="mark invalid">✗ not a valid molecule</span>')
+        figures.append(_figure_html(ref, src(ref, "reference"), "reference", "reference",
+                                    ref_caption))
+    for number, (name, other) in enumerate(mols.others.items()):
+        cls, mark = _mark(other)
+        caption = (f'<span class="mark {cls}">{html.escape(mark)}</span>'
+                   f'<code class="smi">{html.escape(other.prediction.smiles)}</code>')
+        figures.append(_figure_html(other.prediction, src(other.prediction, f"other{number}"),
+                                    f"other {cls}", html.escape(name), caption))
+    return "".join(figures)
+
+
+def _filter_options(items_marks: Sequence[dict[str, object]]) -> list[tuple[str, str]]:
+    """(value, label) of the filter control: JSON specs of which readers must be exact
+    (1) or not (0); empty when no card has a verdict.
+
+    Example:
+        >>> opts = _filter_options([{"model": 1, "others": {"OSRA": 0}}])
+        >>> [label for _, label in opts]  # doctest: +NORMALIZE_WHITESPACE
+        ['all', 'model exact', 'model not exact', 'model exact, OSRA not',
+         'OSRA exact, model not', 'neither exact (model, OSRA)']
+    """
+    if not any("model" in marks for marks in items_marks):
+        return []
+    names: list[str] = []
+    for marks in items_marks:
+        for name in marks.get("others", {}):  # type: ignore[union-attr]
+            if name not in names:
+                names.append(name)
+    options = [("", "all"), ('{"model":1}', "model exact"), ('{"model":0}', "model not exact")]
+    for name in names:
+        spec = {"model": 1, "others": {name: 0}}
+        options.append((json.dumps(spec, separators=(",", ":")), f"model exact, {name} not"))
+        spec = {"model": 0, "others": {name: 1}}
+        options.append((json.dumps(spec, separators=(",", ":")), f"{name} exact, model not"))
+        spec = {"model": 0, "others": {name: 0}}
+        options.append((json.dumps(spec, separators=(",", ":")),
+                        f"neither exact (model, {name})"))
+    return options
+
+
 # --------------------------------------------------------------------------- HTML pieces
 
 
@@ -305,20 +534,6 @@ def _fmt(value: object) -> str:
     if number is not None:
         return f"{number + 0.0:.3g}"  # + 0.0 turns -0.0 into 0.0
     return "–" if value is None else str(value)
-
-
-def _looks_like_smiles(text: str) -> bool:
-    """True for a single whitespace-free string of SMILES characters with structure.
-
-    Example:
-        >>> _looks_like_smiles("CC(=O)O"), _looks_like_smiles("a dog runs")
-        (True, False)
-    """
-    if not text or re.search(r"\s", text):
-        return False
-    if not re.fullmatch(r"[A-Za-z0-9@+\-\[\]()=#$/\\%.:*~]+", text):
-        return False
-    return bool(re.search(r"[0-9()\[\]=#@+/\\]|[A-Z]", text))
 
 
 def _token_chips(tokens: Sequence[str]) -> str:
@@ -378,9 +593,10 @@ def _references_html(item: ReportItem) -> str:
 
 def _card_html(
     item: ReportItem, index: int, src: str, shape: tuple[int, int], att: np.ndarray,
-    sort_keys: Sequence[str],
+    sort_keys: Sequence[str], mols: _Molecules | None = None, files_dir: Path | None = None,
 ) -> str:
-    """One ``<article class="item">`` card.
+    """One ``<article class="item">`` card; with ``mols``, the text column sits beside the
+    molecule drawings (``<div class="cols">``; SVG files go to ``files_dir`` if given).
 
     Example:
         >>> import numpy as np
@@ -389,14 +605,15 @@ def _card_html(
         True
     """
     width, height = _stage_size(*shape)
-    kind = " smiles" if _looks_like_smiles(item.prediction) else ""
-    sort_json = json.dumps(_sort_values(item, sort_keys), separators=(",", ":"))
+    kind = " smiles" if looks_like_smiles(item.prediction) or mols is not None else ""
+    kind += " mols" if mols is not None else ""
+    sort_json = json.dumps(_sort_values(item, sort_keys, _other_sort_values(mols)),
+                           separators=(",", ":"))
+    marks = _exact_marks(mols)
+    exact = (f' data-exact="{html.escape(json.dumps(marks, separators=(",", ":")))}"'
+             if marks else "")
     name = html.escape(Path(item.image_path).name or item.image_path or f"item {index}")
-    return (
-        f'<article class="item{kind}" data-index="{index}" '
-        f'data-sort="{html.escape(sort_json)}" data-att="{html.escape(_attention_json(att))}">'
-        f'<header class="card-head"><span class="idx">#{index}</span>'
-        f'<span class="name" title="{html.escape(item.image_path)}">{name}</span></header>'
+    main = (
         f'<div class="stage" style="width:{width}px;height:{height}px">'
         f'<img src="{html.escape(src)}" alt="{name}" width="{width}" height="{height}" '
         f'loading="lazy" decoding="async">'
@@ -405,7 +622,18 @@ def _card_html(
         f'<div class="tokens" role="group" aria-label="predicted tokens">'
         f"{_token_chips(item.tokens)}</div>"
         f'<div class="pred" title="prediction">{html.escape(item.prediction)}</div>'
-        f"{_references_html(item)}{_metrics_html(item)}</article>"
+        f"{_references_html(item)}{_metrics_html(item)}"
+    )
+    if mols is not None:
+        main = (f'<div class="cols"><div class="col-main">{main}</div>'
+                f"{_molecules_html(mols, index, files_dir)}</div>")
+    return (
+        f'<article class="item{kind}" data-index="{index}" '
+        f'data-sort="{html.escape(sort_json)}"{exact} '
+        f'data-att="{html.escape(_attention_json(att))}">'
+        f'<header class="card-head"><span class="idx">#{index}</span>'
+        f'<span class="name" title="{html.escape(item.image_path)}">{name}</span></header>'
+        f"{main}</article>"
     )
 
 
@@ -502,17 +730,28 @@ def live_page_html(title: str, grid_hw: tuple[int, int], before_cards: str, extr
                       before_cards, extra_css, extra_js)
 
 
-def _header_html(title: str, n_items: int, grid_hw: tuple[int, int], keys: Sequence[str]) -> str:
-    """The sticky top bar: title, counts, sort control, opacity slider, legend and help.
+def _header_html(title: str, n_items: int, grid_hw: tuple[int, int], keys: Sequence[str],
+                 filters: Sequence[tuple[str, str]] = ()) -> str:
+    """The sticky top bar: title, counts, sort control, the filter by which reader is
+    exact (when there are ``filters``), opacity slider, legend and help.
 
     Example:
         >>> 'id="sort"' in _header_html("t", 2, (7, 7), ["bleu4"])
         True
+        >>> 'id="filter"' in _header_html("t", 2, (7, 7), [], [("", "all")])
+        True
     """
+    filter_html = ""
+    if filters:
+        options = "".join(f'<option value="{html.escape(value)}">{html.escape(label)}</option>'
+                          for value, label in filters)
+        filter_html = (f'<label>show <select id="filter">{options}</select></label>'
+                       '<span class="count" id="shown" aria-live="polite"></span>')
     return (
         f'<header class="bar"><h1>{html.escape(title)}</h1>'
         f'<span class="count">{n_items} items · {grid_hw[0]}×{grid_hw[1]} attention grid</span>'
         f'<label>sort <select id="sort">{_sort_options(keys)}</select></label>'
+        f"{filter_html}"
         '<label>opacity <input id="opacity" type="range" min="0" max="1" step="0.05" '
         'value="0.6"></label>'
         f'<span class="legend">low <span class="ramp" style="background:{_legend_gradient()}">'
@@ -533,6 +772,7 @@ def write_report(
     image_size: int | tuple[int, int] | None = None,
     embed: bool = True,
     sortable_keys: Sequence[str] | None = None,
+    molecules: bool | None = None,
 ) -> Path:
     """Write a self-contained HTML attention report and return its path.
 
@@ -543,10 +783,17 @@ def write_report(
         title: page title and heading.
         image_size: None keeps the pixels as given; an int shrinks images so the longer
             side is at most that many pixels; (h, w) resizes to exactly that size.
-        embed: True embeds images as base64 data URIs; False writes them to
-            ``<out_dir>/report_files/`` and references them relatively.
+        embed: True embeds images (and molecule SVGs) as base64 data URIs; False writes
+            them to ``<out_dir>/report_files/`` and references them relatively.
         sortable_keys: keys offered by the sort control ("score" = ``item.score``,
-            others from ``item.metrics``); None = "score" (if any) + all numeric metrics.
+            others from ``item.metrics``, and ``"<reader> exact_match"`` for each of
+            ``item.others``); None = "score" (if any) + all numeric metrics + those.
+        molecules: draw the predicted molecule (differences from the first reference
+            highlighted), the reference and every other reader's molecule beside the
+            image (:func:`captioner.viz.molecules.molecule_diff_svg`): True for every
+            card, False for none, None (default) for cards whose prediction or first
+            reference looks like SMILES. The page then also filters cards by which
+            reader is exact. Without RDKit the cards say so instead.
 
     Raises:
         ValueError: if an item's attention is not (len(tokens), gh * gw).
@@ -561,19 +808,23 @@ def write_report(
     """
     grid = _check_hw(grid_hw, "grid_hw")
     atts = [_check_attention(item, i, grid) for i, item in enumerate(items)]
-    keys = list(sortable_keys) if sortable_keys is not None else _default_sort_keys(items)
+    mols = [_item_molecules(item, molecules) for item in items]
+    extras = [_other_sort_values(m) for m in mols]
+    keys = (list(sortable_keys) if sortable_keys is not None
+            else _default_sort_keys(items, extras))
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     files_dir = None if embed else path.parent / "report_files"
     if files_dir is not None:
         files_dir.mkdir(exist_ok=True)
     cards = []
-    for index, (item, att) in enumerate(zip(items, atts)):
+    for index, (item, att, mol) in enumerate(zip(items, atts, mols)):
         rgb = _resize(_load_rgb(item), image_size)  # (H, W, 3)
         src = _image_src(*_encode(rgb), index, files_dir)
-        cards.append(_card_html(item, index, src, rgb.shape[:2], att, keys))
+        cards.append(_card_html(item, index, src, rgb.shape[:2], att, keys, mol, files_dir))
     body = "".join(cards) or '<p class="empty">no items</p>'
-    header = _header_html(title, len(items), grid, keys)
+    header = _header_html(title, len(items), grid, keys,
+                          _filter_options([_exact_marks(m) for m in mols]))
     page = _page_html(html.escape(title), header, body, _config_json(grid, 0.6))
     path.write_text(page, encoding="utf-8")
     return path

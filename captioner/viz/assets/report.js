@@ -159,6 +159,39 @@
   }
   var sortSel = document.getElementById("sort");
   sortSel.addEventListener("change", function () { sortCards(sortSel.value); });
+
+  // Filter by which readers are exact: a spec {"model": 0|1, "others": {name: 0|1}}
+  // against each card's data-exact; cards without a verdict for a reader never match.
+  function exactOf(card) {
+    if (!card._exact) { card._exact = JSON.parse(card.dataset.exact || "{}"); }
+    return card._exact;
+  }
+  function own(obj, key) { return Object.prototype.hasOwnProperty.call(obj, key); }
+  function matches(card, spec) {
+    var e = exactOf(card), want = spec.others || {}, have = e.others || {};
+    if (own(spec, "model") && e.model !== spec.model) { return false; }
+    return Object.keys(want).every(function (name) {
+      return own(have, name) && have[name] === want[name];
+    });
+  }
+  var filterSel = document.getElementById("filter");
+  var shownLabel = document.getElementById("shown");
+  function filterCards(value) {
+    var spec = value ? JSON.parse(value) : null, kept = [];
+    var cards = deck.querySelectorAll(".item");
+    cards.forEach(function (card) {
+      var keep = !spec || matches(card, spec);
+      card.hidden = !keep;
+      if (keep) { kept.push(Number(card.dataset.index)); }
+    });
+    if (shownLabel) {
+      shownLabel.textContent = spec ? kept.length + " of " + cards.length + " shown" : "";
+    }
+    return kept.sort(function (a, b) { return a - b; });
+  }
+  if (filterSel) {
+    filterSel.addEventListener("change", function () { filterCards(filterSel.value); });
+  }
   var slider = document.getElementById("opacity");
   slider.addEventListener("input", function () {
     opacity = Number(slider.value);
@@ -213,6 +246,13 @@
       out.sorts[opt.value] = sortCards(opt.value);
     });
     sortSel.value = "given"; sortCards("given");
+    if (filterSel) {
+      out.filters = {};
+      Array.prototype.forEach.call(filterSel.options, function (opt) {
+        out.filters[opt.textContent] = filterCards(opt.value);
+      });
+      filterSel.value = ""; filterCards("");
+    }
     if (chips.length) { pin(card, Math.min(1, chips.length - 1)); out.final = state(card); }
     var pre = document.getElementById("selftest");
     pre.textContent = JSON.stringify(out);
