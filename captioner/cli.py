@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--report", action="store_true",
                    help="also write index.html: every image with its attention, sortable")
+    p.add_argument("--compare", action="append", choices=choices.compare, default=[],
+                   help="also read the same images with this program and score it beside "
+                        "the model (SMILES; repeatable; skipped if not installed)")
     _add_decode(p)
 
     p = sub.add_parser("extract-features",
@@ -280,7 +283,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluate.runs import evaluate
 
     evaluate(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
-             metrics=args.metrics, report=args.report, **_decode_args(args))
+             metrics=args.metrics, report=args.report, compare=args.compare,
+             **_decode_args(args))
     print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md, predictions.csv")
     return 0
 

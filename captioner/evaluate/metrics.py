@@ -683,4 +683,44 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
         header = ["Heavy atoms"] + [name for _, name in _headline_names("smiles")[:-1]]
         bin_rows = [[label] + [_fmt(group.get(k)) for k in keys] for label, group in bins.items()]
         lines += ["", "By heavy-atom count of the reference:", ""] + _table(header, bin_rows)
+    if metrics.get("compare"):
+        lines += ["", "Side by side with other readers on the same images:", "",
+                  comparison_markdown(metrics, metrics["compare"])]
     return "\n".join(lines)
+
+
+def comparison_markdown(ours: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of our SMILES metrics beside other readers' (one column each, named
+    by its ``name`` or its key): the headline matches, validity, Tanimoto, exact match by
+    heavy-atom bin (bins holding molecules) and images per second (wall time).
+
+    Example:
+        >>> ours = {"exact_match": 0.75, "validity": 1.0, "images_per_s": 50.0,
+        ...         "by_heavy_atoms": {"1-10": {"count": 4, "exact_match": 0.75},
+        ...                            "11-20": {"count": 0, "exact_match": None}}}
+        >>> osra = {"name": "OSRA", "exact_match": 0.25, "validity": 0.5, "images_per_s": 8.0,
+        ...         "by_heavy_atoms": {"1-10": {"count": 4, "exact_match": 0.25}}}
+        >>> print(comparison_markdown(ours, {"osra": osra}))
+        | Metric | ours | OSRA |
+        |---|---:|---:|
+        | Exact match (canonical) | 0.7500 | 0.2500 |
+        | Validity | 1.0000 | 0.5000 |
+        | Exact match, 1-10 heavy atoms (4) | 0.7500 | 0.2500 |
+        | Images per second (wall) | 50.0000 | 8.0000 |
+    """
+    columns = [ours, *others.values()]
+    header = ["Metric", "ours", *[str(m.get("name", key)) for key, m in others.items()]]
+    rows = []
+    for key in ("exact_match", "exact_match_nostereo", "inchi_match", "validity", "tanimoto",
+                "tanimoto_1"):
+        if any(key in m for m in columns):
+            rows.append([dict(_headline_names("smiles"))[key],
+                         *[_fmt(m.get(key)) for m in columns]])
+    for label, group in (ours.get("by_heavy_atoms") or {}).items():
+        if group.get("count"):
+            rows.append([f"Exact match, {label} heavy atoms ({group['count']})",
+                         *[_fmt((m.get("by_heavy_atoms") or {}).get(label, {}).get("exact_match"))
+                           for m in columns]])
+    if any("images_per_s" in m for m in columns):
+        rows.append(["Images per second (wall)", *[_fmt(m.get("images_per_s")) for m in columns]])
+    return "\n".join(_table(header, rows))

@@ -1,7 +1,9 @@
 """``evaluate``: decode a split, score it, and write metrics and per-example predictions.
 
 Writes ``metrics.json``, ``metrics.md`` and ``predictions.csv`` (image, references,
-prediction, score and per-example metrics) into the output folder.
+prediction, score and per-example metrics) into the output folder. With ``compare``
+other readers (OSRA, :mod:`captioner.evaluate.osra`) read the same image files and are
+scored with the same metrics beside ours.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
+from captioner.choices import Choices
 from captioner.config import DataConfig, load_config
 from captioner.data.formats import read_any, read_records
 from captioner.data.manifests import LoadReport, Record
@@ -27,7 +30,9 @@ from captioner.evaluate.metrics import (
     metrics_markdown,
     per_example_caption_metrics,
     per_example_smiles_metrics,
+    smiles_metrics,
 )
+from captioner.evaluate.osra import OsraReadings, OsraUnavailable, read_images
 from captioner.generate.captioner import Captioner, Generation
 from captioner.viz.attention import report_items
 from captioner.viz.report import write_report
@@ -95,14 +100,43 @@ def load_eval_data(cap: Captioner, data: str | None = None, split: str = "test",
                     source, report)
 
 
+def _heavy_atoms(split: SplitData) -> list[int] | None:
+    """The manifest's ``heavy_atoms`` of every image, None unless all have one."""
+    heavy = [m.get("heavy_atoms") for m in split.meta]
+    return [int(h) for h in heavy] if all(h not in (None, "") for h in heavy) else None
+
+
 def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[str, Any]]:
     if family == "smiles":
-        heavy = [m.get("heavy_atoms") for m in split.meta]
-        heavy = [int(h) for h in heavy] if all(h not in (None, "") for h in heavy) else None
-        rows = per_example_smiles_metrics(preds, split.references, heavy)
-    else:
-        rows = per_example_caption_metrics(preds, split.references)
-    return rows
+        return per_example_smiles_metrics(preds, split.references, _heavy_atoms(split))
+    return per_example_caption_metrics(preds, split.references)
+
+
+#: per-example columns of another reader in ``predictions.csv`` (prefixed by its name)
+COMPARED_COLUMNS = ("valid", "exact_match", "exact_match_nostereo", "inchi_match", "tanimoto")
+
+
+def _read_with_osra(split: SplitData, log: Callable[[str], None]) -> OsraReadings | None:
+    """OSRA's readings of the split's image files; None (and a logged message) when OSRA
+    is not installed."""
+    try:
+        log(f"--compare osra: reading {split.num_images} images with OSRA")
+        return read_images(split.paths)
+    except OsraUnavailable as exc:
+        log(f"--compare osra skipped: {exc}")
+        return None
+
+
+def _osra_columns(readings: OsraReadings, split: SplitData) -> dict[str, list[Any]]:
+    """``predictions.csv`` columns of OSRA: its prediction, per-example metrics, the
+    number of structures it found, its error and seconds."""
+    rows = per_example_smiles_metrics(readings.smiles, split.references, _heavy_atoms(split))
+    columns: dict[str, list[Any]] = {"osra_prediction": readings.smiles}
+    columns.update({f"osra_{k}": [row[k] for row in rows] for k in COMPARED_COLUMNS})
+    columns["osra_structures"] = [len(r.structures) for r in readings.results]
+    columns["osra_error"] = [r.error or "" for r in readings.results]
+    columns["osra_seconds"] = [f"{r.seconds:.3f}" for r in readings.results]
+    return columns
 
 
 def image_hw(path: str) -> tuple[int, int]:
@@ -131,20 +165,27 @@ def grounding_scores(cap: Captioner, gen: Generation, split: SplitData) -> dict[
 
 
 def _write_predictions(path: Path, gen: Generation, split: SplitData,
-                       rows: list[dict[str, Any]]) -> None:
-    keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))] if rows else []
+                       rows: list[dict[str, Any]],
+                       extra: dict[str, list[Any]] | None = None) -> None:
+    """One row per image: image, references, prediction, score, our per-example metrics,
+    then the ``extra`` columns (name -> one value per image)."""
+    first = ("image", "references", "prediction", "score")
+    keys = [k for k in rows[0] if k not in first and not isinstance(rows[0][k], (list, dict))
+            ] if rows else []
+    extra = extra or {}
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "references", "prediction", "score", *keys])
+        writer.writerow([*first, *keys, *extra])
         for i, row in enumerate(rows):
             writer.writerow([split.paths[i], json.dumps(split.references[i]), gen.texts[i],
-                             f"{gen.scores[i]:.5f}", *[row[k] for k in keys]])
+                             f"{gen.scores[i]:.5f}", *[row[k] for k in keys],
+                             *[values[i] for values in extra.values()]])
 
 
 def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
              split: str = "test", limit: int | None = None, metrics: str | None = None,
-             report: bool = False, log: Callable[[str], None] = print,
-             **decode: Any) -> dict[str, Any]:
+             report: bool = False, compare: Sequence[str] = (),
+             log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
     """Decode ``split`` of ``data`` (the run's own data by default) and score it.
 
     ``decode`` takes the :meth:`Captioner.generate` options (``strategy``, ``beam_size``,
@@ -152,13 +193,24 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     caption metrics, SMILES -> SMILES metrics) unless ``metrics`` says. ``report`` also
     writes ``index.html``: every image with its per-token attention, sortable by the
     per-example metrics and score.
+
+    ``compare`` (values of ``Choices().compare``; SMILES metrics only): other readers of
+    the same image files, scored with the same SMILES metrics into
+    ``metrics["compare"][name]`` (plus their timings), side by side in ``metrics.md``, as
+    ``<name>_*`` columns of ``predictions.csv`` and on the report page. A reader that is
+    not installed is skipped with a logged message; the rest is written as usual.
     """
+    compare = tuple(dict.fromkeys(Choices().check("compare", c, key="compare")
+                                  for c in compare))
     cap = Captioner.load(run_dir)
+    family = metrics or metric_family(cap.tokenizer.kind)
+    if compare and family != "smiles":
+        raise ValueError(f"compare {', '.join(compare)}: other readers give SMILES, so it "
+                         f"needs SMILES metrics, not {family}")
     ev = load_eval_data(cap, data, split, limit)
     started = time.perf_counter()
     gen = cap.generate(ev.split.images, **decode)
     seconds = time.perf_counter() - started
-    family = metrics or metric_family(cap.tokenizer.kind)
     result = compute_metrics(family, gen.texts, ev.split.references)
     grounding = grounding_scores(cap, gen, ev.split)
     if grounding is not None:
@@ -168,24 +220,36 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
                    "skipped_images": ev.report.count, "decode": cap.options(**{
                        k: v for k, v in decode.items() if k != "max_length"}).__dict__,
                    "images_per_s": ev.split.num_images / max(seconds, 1e-9)})
+    osra = _read_with_osra(ev.split, log) if "osra" in compare else None
+    if osra is not None:
+        result["compare"] = {"osra": {**smiles_metrics(osra.smiles, ev.split.references),
+                                      **osra.summary()}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "metrics.md").write_text(metrics_markdown(result))
     ev.report.write(out / "skipped_images.txt")
     rows = _per_example(family, gen.texts, ev.split)
-    _write_predictions(out / "predictions.csv", gen, ev.split, rows)
+    _write_predictions(out / "predictions.csv", gen, ev.split, rows,
+                       _osra_columns(osra, ev.split) if osra is not None else None)
     if report:
-        _write_report(cap, gen, ev.split, rows, out / "index.html")
+        others = [{"OSRA": s} for s in osra.smiles] if osra is not None else None
+        _write_report(cap, gen, ev.split, rows, out / "index.html", others)
     log(headline(result))
+    for name, other in result.get("compare", {}).items():
+        log(f"{name}: " + headline({**other, "split": split, "images": other["count"]}))
     return result
 
 
 def _write_report(cap: Captioner, gen: Generation, split: SplitData,
-                  rows: list[dict[str, Any]], path: Path) -> Path:
+                  rows: list[dict[str, Any]], path: Path,
+                  others: list[dict[str, str]] | None = None) -> Path:
+    """``index.html`` of the evaluation; ``others``: per image, other readers' SMILES by
+    reader name (e.g. ``{"OSRA": "CCO"}``), drawn beside ours."""
     numeric = [{k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
                for row in rows]  # exact_match and friends become 0/1
-    items = report_items(cap, gen, split.references, numeric, images=split.paths)
+    items = report_items(cap, gen, split.references, numeric, images=split.paths,
+                         others=others)
     return write_report(items, path, cap.grid_hw, title=f"captioner evaluation: {path.parent}",
                         image_size=320)
 
