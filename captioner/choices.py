@@ -29,10 +29,10 @@ class Choices:
     """
 
     data_format: tuple[str, ...] = ("csv", "jsonl", "coco", "karpathy", "flickr8k",
-                                    "captions_csv", "auto", "shapes")
+                                    "captions_csv", "auto", "shapes", "smiles")
     feature_dtype: tuple[str, ...] = ("float16", "float32")
     split_by: tuple[str, ...] = ("auto", "image", "smiles")
-    tokenizer: tuple[str, ...] = ("word", "smiles", "char")
+    tokenizer: tuple[str, ...] = ("word", "smiles", "char", "selfies")
     backbone: tuple[str, ...] = ("small_cnn", "efficientnet_b0", "mobilenet_v2", "resnet50",
                                  "inception_v3")
     trainable: tuple[str, ...] = ("frozen", "full", "fine_tune")
@@ -41,6 +41,11 @@ class Choices:
     init_state: tuple[str, ...] = ("mean", "zeros")
     attention_kernel: tuple[str, ...] = ("auto", "fused", "tensorflow")
     cnn_padding: tuple[str, ...] = ("same", "reflect")
+    cnn_norm: tuple[str, ...] = ("batch", "group", "none")
+    toolkit: tuple[str, ...] = ("rdkit", "indigo", "openbabel")
+    drawing_style: tuple[str, ...] = ("mix", "rdkit_plain", "rdkit_default", "indigo_default",
+                                      "openbabel_default", "thin_rotated_bw")
+    compare: tuple[str, ...] = ("osra",)
     lr_schedule: tuple[str, ...] = ("constant", "cosine", "exponential")
     val_metric: tuple[str, ...] = ("auto", "exact_match", "bleu4")
     precision: tuple[str, ...] = ("float32", "mixed_bfloat16", "mixed_float16")
