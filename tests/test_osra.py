@@ -104,7 +104,7 @@ def test_missing_osra_raises_with_the_install_command(monkeypatch):
 
 
 @needs_osra
-def test_real_osra_reads_rendered_molecules(tmp_path):
+def test_real_osra_reads_rendered_molecules(tmp_path, monkeypatch):
     from captioner.data.molecules import render_one
 
     mols = SMILES[:6]
@@ -115,6 +115,10 @@ def test_real_osra_reads_rendered_molecules(tmp_path):
         image.save(paths[-1])
     readings = read_images(paths, workers=2)
     assert readings.failed == 0
+    # Open Babel's Python package sets BABEL_LIBDIR for itself; OSRA must not see it
+    monkeypatch.setenv("BABEL_LIBDIR", str(tmp_path))
+    monkeypatch.setenv("BABEL_DATADIR", str(tmp_path))
+    assert read_images(paths[1:2]).smiles == readings.smiles[1:2] == ["Oc1ccccc1"]
     rows = per_example_smiles_metrics(readings.smiles, mols)
     read = {smi for smi, row in zip(mols, rows) if row["exact_match"]}
     # OSRA 2.1.3 reads the four ring molecules exactly and prints nothing for the two

@@ -598,15 +598,17 @@ def smiles_metrics(predictions: list[str], references: list[str] | list[list[str
 
 
 def metric_family(tokenizer_kind: str) -> str:
-    """``"caption"`` for word tokenizers, ``"smiles"`` for smiles/char tokenizers.
+    """``"caption"`` for word tokenizers, ``"smiles"`` for smiles/char/selfies tokenizers
+    (a SELFIES tokenizer decodes to SMILES).
 
     Example:
-        >>> metric_family("word"), metric_family("char")
-        ('caption', 'smiles')
+        >>> metric_family("word"), metric_family("char"), metric_family("selfies")
+        ('caption', 'smiles', 'smiles')
     """
-    families = {"word": "caption", "smiles": "smiles", "char": "smiles"}
+    families = {"word": "caption", "smiles": "smiles", "char": "smiles", "selfies": "smiles"}
     if tokenizer_kind not in families:
-        raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r} (word, smiles or char)")
+        raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r} "
+                         f"({', '.join(families)})")
     return families[tokenizer_kind]
 
 

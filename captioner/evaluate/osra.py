@@ -14,7 +14,10 @@ them at a time, each with a timeout. How its output becomes one prediction per i
 * A non-zero exit status, a timeout or a program that cannot start gives ``""`` too,
   with the reason in :attr:`OsraResult.error`; it never stops the other images.
 
-A missing program raises :class:`OsraUnavailable` before anything runs.
+A missing program raises :class:`OsraUnavailable` before anything runs. ``osra`` runs
+without the ``BABEL_*`` environment variables (:func:`osra_environment`): importing Open
+Babel's Python package points them at its own plugins, and OSRA's Open Babel (the system
+library) then prints nothing or aborts.
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def osra_version(program: str) -> str | None:
     """
     try:
         out = subprocess.run([program, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
+                             timeout=30, env=osra_environment()).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -165,13 +168,26 @@ def _last_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
+def osra_environment() -> dict[str, str]:
+    """This process's environment without ``BABEL_*`` variables (Open Babel's plugin and
+    data folders, which belong to the Python package's Open Babel, not OSRA's).
+
+    Example:
+        >>> os.environ["BABEL_LIBDIR"] = "/site-packages/openbabel/lib"
+        >>> "BABEL_LIBDIR" in osra_environment(), "PATH" in osra_environment()
+        (False, True)
+        >>> del os.environ["BABEL_LIBDIR"]
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith("BABEL_")}
+
+
 def read_image(path: str | Path, program: str, timeout: float = 30.0) -> OsraResult:
     """Run ``osra`` on one image file; failures come back as an empty result with its
     ``error`` (``exit status N: <last stderr line>``, ``timeout after T s``, ...)."""
     started = time.perf_counter()
     try:
         proc = subprocess.run([program, str(path)], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=osra_environment())
     except subprocess.TimeoutExpired:  # run() has killed the process
         return OsraResult(str(path), (), time.perf_counter() - started,
                           f"timeout after {timeout:g} s")
