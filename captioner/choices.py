@@ -41,7 +41,7 @@ class Choices:
     init_state: tuple[str, ...] = ("mean", "zeros")
     attention_kernel: tuple[str, ...] = ("auto", "fused", "tensorflow")
     cnn_padding: tuple[str, ...] = ("same", "reflect")
-    cnn_norm: tuple[str, ...] = ("batch", "group", "none")
+    cnn_norm: tuple[str, ...] = ("batch", "group", "plain")
     toolkit: tuple[str, ...] = ("rdkit", "indigo", "openbabel")
     drawing_style: tuple[str, ...] = ("mix", "rdkit_plain", "rdkit_default", "indigo_default",
                                       "openbabel_default", "thin_rotated_bw")

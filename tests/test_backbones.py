@@ -262,3 +262,23 @@ def test_build_backbone_small_cnn_weights_and_modes(tmp_path):
     assert 0 < len(backbone_variables(tuned)) < 12
     mixed = build_backbone("small_cnn", 32, dtype=keras.DTypePolicy("mixed_bfloat16"), **kw)
     assert mixed(x).dtype == tf.bfloat16
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "plain"])
+def test_small_cnn_norms(norm):
+    """group and none use no batch statistics: training and inference agree; batch
+    normalisation in training mode does not (it normalises with the batch's own)."""
+    from captioner.model.backbones import SmallCNN
+
+    cnn = SmallCNN([8, 16], norm=norm)
+    x = tf.random.stateless_uniform((4, 16, 16, 3), (1, 2))
+    train, infer = cnn(x, training=True), cnn(x, training=False)
+    assert train.shape == (4, 4, 4, 16)
+    same = np.allclose(train.numpy(), infer.numpy(), atol=1e-5)
+    assert same == (norm != "batch")
+    alone = cnn(x[:1], training=True).numpy()  # a picture's features do not depend on the batch
+    assert np.allclose(alone, train[:1].numpy(), atol=1e-5) == (norm != "batch")
+    names = {w.path.split("/")[-2] for w in cnn.weights}
+    assert any(n.startswith({"batch": "bn", "group": "gn", "plain": "conv"}[norm]) for n in names)
+    clone = SmallCNN.from_config(cnn.get_config())
+    assert clone.norm == norm

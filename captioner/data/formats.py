@@ -23,7 +23,10 @@ auto           sniffed from the file (:func:`detect_format`)
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import operator
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +36,7 @@ from typing import Any, NamedTuple
 
 from captioner.choices import Choices
 from captioner.config import DataConfig
-from captioner.data.chem import canonical_smiles
+from captioner.data.chem import canonical_smiles, chem, parse, quiet_rdkit
 from captioner.data.manifests import (
     DataError,
     Record,
@@ -42,7 +45,7 @@ from captioner.data.manifests import (
     read_text,
 )
 from captioner.data.shapes import generate_shapes
-from captioner.data.tokenizers import SmilesTokenizer
+from captioner.data.tokenizers import SelfiesTokenizer, SmilesTokenizer
 
 PathLike = str | Path
 
@@ -56,7 +59,7 @@ class DatasetFormats:
 
     Example:
         >>> DatasetFormats().formats()
-        ('csv', 'jsonl', 'coco', 'karpathy', 'flickr8k', 'captions_csv', 'auto')
+        ('csv', 'jsonl', 'coco', 'karpathy', 'flickr8k', 'captions_csv', 'auto', 'smiles')
         >>> DatasetFormats().flickr8k_split_files[0]
         ('train', 'Flickr_8k.trainImages.txt')
     """
@@ -571,8 +574,51 @@ def read_any(fmt: str, path: PathLike | Sequence[PathLike], images_dir: PathLike
                              else _karpathy_from_doc(doc, path, images_dir)),
         "flickr8k": lambda: read_flickr_token(path, images_dir).records,
         "captions_csv": lambda: read_captions_csv(path, images_dir),
+        "smiles": lambda: read_smiles_list(path, text_column, split_column),
     }
     return readers[fmt]()
+
+
+def read_smiles_list(path: PathLike, column: str = "smiles", split_column: str | None = None
+                     ) -> list[Record]:
+    """Molecules without pictures (``data.format: smiles``): one record per row of a CSV
+    whose ``column`` holds SMILES, its text the RDKit canonical SMILES and its image
+    empty (training draws it). A SMILES RDKit cannot parse is a :class:`DataError`
+    naming the file and line, after counting all such rows.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "m.csv"
+        >>> _ = p.write_text("smiles\\nOCC\\nc1ccccc1\\n")
+        >>> [(r.text, r.source.endswith("m.csv:2")) for r in read_smiles_list(p)][:1]
+        [('CCO', True)]
+    """
+    path = Path(path)
+    text = read_text(path)
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        raise DataError(f"{path}: no column {column!r} in the header (found "
+                        f"{list(reader.fieldnames or [])}); set data.text_column")
+    records, bad = [], []
+    rd = chem()
+    with quiet_rdkit():
+        rows = [(reader.line_num, (row[column] or "").strip(), row.get(split_column or ""))
+                for row in reader]
+        mols = [parse(smiles) if smiles else None for _, smiles, _ in rows]
+        texts = [rd.MolToSmiles(m) if m is not None else None for m in mols]
+    for (line, smiles, split_value), canonical in zip(rows, texts):
+        where = f"{path}:{line}"
+        if canonical is None:
+            bad.append(f"{where}: {smiles!r}")
+            continue
+        split = _split_name(split_value, where) if split_column else None
+        records.append(Record("", canonical, split, source=where))
+    if bad:
+        raise DataError(f"{len(bad)} SMILES that RDKit cannot parse, first "
+                        f"{'; '.join(bad[:3])}")
+    if not records:
+        raise DataError(f"{path}: no SMILES rows")
+    return records
 
 
 # ---- splits ------------------------------------------------------------------------------
@@ -633,7 +679,7 @@ def group_splits(records: list[Record], val_fraction: float, test_fraction: floa
             for k, r in zip(keys, records)]
 
 
-def check_smiles(records: Sequence[Record]) -> None:
+def check_smiles(records: Sequence[Record], kind: str = "smiles") -> None:
     """Raise :class:`DataError` at the first text the SMILES tokenizer cannot split,
     naming where it was read (file:line) and the character.
 
@@ -644,7 +690,7 @@ def check_smiles(records: Sequence[Record]) -> None:
         ...
         captioner.data.manifests.DataError: m.csv:3: cannot tokenize SMILES 'C&C': ... position 1
     """
-    tokenizer = SmilesTokenizer()
+    tokenizer = SelfiesTokenizer(canonical=False) if kind == "selfies" else SmilesTokenizer()
     for i, r in enumerate(records):
         try:
             tokenizer.validate(r.text)
@@ -652,7 +698,8 @@ def check_smiles(records: Sequence[Record]) -> None:
             raise DataError(f"{r.source or f'record {i} ({r.image})'}: {exc}") from None
 
 
-def read_records(cfg: DataConfig, smiles_targets: bool = False) -> list[Record]:
+def read_records(cfg: DataConfig, smiles_targets: bool = False, kind: str = "smiles"
+                 ) -> list[Record]:
     """All records of the configured data source, each with a split.
 
     With ``smiles_targets`` every text must split into SMILES tokens, else
@@ -672,13 +719,18 @@ def read_records(cfg: DataConfig, smiles_targets: bool = False) -> list[Record]:
         records = read_any(cfg.format, cfg.path, cfg.images_dir, cfg.image_column,
                            cfg.text_column, cfg.split_column)
     if smiles_targets:
-        check_smiles(records)
-    if cfg.only_existing:
+        check_smiles(records, kind)
+    drawn = cfg.format == "smiles"  # no image files: the molecules are drawn
+    if cfg.only_existing and not drawn:
         records = drop_missing(records).records
-    if cfg.limit:
+    if cfg.limit and drawn:
+        records = records[: cfg.limit]
+    elif cfg.limit:
         keep = set(sorted({r.image for r in records})[: cfg.limit])
         records = [r for r in records if r.image in keep]
     by_smiles = cfg.split_by == "smiles" or (cfg.split_by == "auto" and smiles_targets)
-    return group_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
-                        key=canonical_smiles_key if by_smiles else None)
+    key = canonical_smiles_key if by_smiles else None
+    if drawn:  # the texts are canonical SMILES already
+        key = operator.attrgetter("text")
+    return group_splits(records, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, key=key)
 

@@ -121,6 +121,8 @@ class DrawStyle:
     aromatic: bool = False
     blur_radius: float = 0.0
     noise_sigma: float = 0.0
+    font_file: str | None = None  # a TrueType file; None: RDKit's built-in font
+    all_carbons: bool = False  # label every carbon "C", not only the heteroatoms
 
     @classmethod
     def plain(cls, options: RenderOptions) -> DrawStyle:
@@ -250,6 +252,7 @@ def canonical_order(mol: Any) -> tuple[str, list[int]]:
 
 
 def _configure(drawer: Any, style: DrawStyle, size: int) -> None:
+    """Apply ``style`` to an RDKit drawer whose shorter side is ``size`` pixels."""
     opts = drawer.drawOptions()
     opts.rotate = style.rotate
     opts.bondLineWidth = max(1, round(style.bond_width * size / 224))
@@ -261,6 +264,8 @@ def _configure(drawer: Any, style: DrawStyle, size: int) -> None:
     opts.setBackgroundColour((1.0, 1.0, 1.0, 1.0))
     opts.clearBackground = True
     opts.includeMetadata = False
+    if style.font_file:
+        opts.fontFile = style.font_file
     if not style.colour:
         opts.useBWAtomPalette()
 
@@ -271,11 +276,17 @@ def _mol_to_draw(mol: Any, style: DrawStyle) -> Any:
     from rdkit.Chem.Draw import rdMolDraw2D
 
     drawn = chem.AddHs(mol) if style.explicit_h else chem.Mol(mol)
+    if style.all_carbons:
+        for atom in drawn.GetAtoms():
+            if atom.GetSymbol() == "C":
+                atom.SetProp("atomLabel", "C")
     return rdMolDraw2D.PrepareMolForDrawing(drawn, kekulize=not style.aromatic)
 
 
-def draw_molecule(mol: Any, size: int, style: DrawStyle) -> tuple[bytes, list[tuple[float, float]]]:
-    """Draw ``mol`` as a ``size`` x ``size`` PNG; returns the PNG and each atom's (x, y) pixel.
+def draw_molecule(mol: Any, size: int | tuple[int, int], style: DrawStyle
+                  ) -> tuple[bytes, list[tuple[float, float]]]:
+    """Draw ``mol`` as a PNG of ``size`` (a side, or (width, height)); returns the PNG and
+    each atom's (x, y) pixel.
 
     Coordinates are read from the drawer after drawing, so they follow rotation/padding.
 
@@ -286,8 +297,9 @@ def draw_molecule(mol: Any, size: int, style: DrawStyle) -> tuple[bytes, list[tu
     """
     from rdkit.Chem.Draw import rdMolDraw2D
 
-    drawer = rdMolDraw2D.MolDraw2DCairo(size, size)
-    _configure(drawer, style, size)
+    width, height = (size, size) if isinstance(size, int) else size
+    drawer = rdMolDraw2D.MolDraw2DCairo(width, height)
+    _configure(drawer, style, min(width, height))
     drawer.drawOptions().prepareMolsBeforeDrawing = False
     try:
         drawer.DrawMolecule(_mol_to_draw(mol, style))
@@ -549,7 +561,7 @@ def _cached_summary(out_dir: Path, params: dict[str, Any]) -> RenderSummary | No
     return RenderSummary(rendered, skipped, paths[1], cached=True, params=params)
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns))
@@ -620,8 +632,8 @@ def render_molecules(
     skipped = [(line, smi, reason) for line, smi, rec, reason in results if rec is None]
     layout = RenderLayout()
     columns = layout.manifest_columns + (("selfies",) if selfies else ())
-    _write_csv(out_dir / "manifest.csv", columns, records)
-    _write_csv(out_dir / "skipped.csv", layout.skipped_columns,
+    write_csv(out_dir / "manifest.csv", columns, records)
+    write_csv(out_dir / "skipped.csv", layout.skipped_columns,
                [dict(zip(layout.skipped_columns, s)) for s in skipped])
     (out_dir / "render.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
     return RenderSummary(len(records), skipped, out_dir / "manifest.csv", params=params)

@@ -310,7 +310,7 @@ class Captioner:
 
     def _reranks(self, options: DecodeOptions) -> bool:
         return (options.strategy == "beam" and self.config.decode.rerank_valid_smiles
-                and self.tokenizer.kind == "smiles")
+                and self.tokenizer.kind in ("smiles", "selfies"))
 
     def generate(self, images: Sequence[str | Path] | np.ndarray, max_length: int | None = None,
                  batch_size: int | None = None, seed: int = 0, on_error: str = "raise",

@@ -302,8 +302,11 @@ class ReflectPad(keras.layers.Layer):
 class SmallCNN(keras.layers.Layer):
     """A small CNN trained from scratch: one stride-2 stage per entry of ``filters``.
 
-    Each stage is convKxK/2 -> BN -> ReLU -> convKxK -> BN -> ReLU with the kernel sizes
-    of ``kernels`` (default 3 and 3), so a 224x224 image and five stages give a 7x7 grid.
+    Each stage is convKxK/2 -> norm -> ReLU -> convKxK -> norm -> ReLU with the kernel
+    sizes of ``kernels`` (default 3 and 3), so a 224x224 image and five stages give a 7x7
+    grid. ``norm``: ``batch`` (BatchNormalization), ``group`` (GroupNormalization with 8
+    groups, or fewer when the filters do not divide: no batch statistics, so training
+    and inference compute the same function) or ``plain`` (none: a bias instead, He-initialised).
     Small kernels (e.g. ``[2, 1]``: non-overlapping patches) keep each grid cell's
     receptive field on its own patch, which makes attention maps easy to read.
     ``padding="reflect"`` mirrors the border instead of padding with zeros, so cells at
@@ -317,22 +320,31 @@ class SmallCNN(keras.layers.Layer):
 
     def __init__(self, filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
                  kernels: list[int] | tuple[int, ...] = (3, 3), padding: str = "same",
-                 **kwargs):
+                 norm: str = "batch", **kwargs):
         super().__init__(**kwargs)
         Choices().check("cnn_padding", padding)
+        Choices().check("cnn_norm", norm)
         self.filters = list(filters)
         self.kernels = list(kernels)
         self.padding = padding
+        self.norm = norm
         layers: list[keras.layers.Layer] = []
         for i, f in enumerate(self.filters):
             for j, (kernel, stride) in enumerate(zip(self.kernels, (2, 1))):
                 layers += self._conv(f, kernel, stride, f"{i}_{j}")
-                layers += [
-                    keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}_{j}",
-                                                    dtype=self.dtype_policy),
-                    keras.layers.ReLU(dtype=self.dtype_policy),
-                ]
+                layers += self._norm(f, f"{i}_{j}")
+                layers.append(keras.layers.ReLU(dtype=self.dtype_policy))
         self.net = keras.Sequential(layers, name="stages")
+
+    def _norm(self, filters: int, name: str) -> list[keras.layers.Layer]:
+        if self.norm == "batch":
+            return [keras.layers.BatchNormalization(momentum=0.9, name=f"bn{name}",
+                                                    dtype=self.dtype_policy)]
+        if self.norm == "group":
+            groups = next(g for g in (8, 4, 2, 1) if filters % g == 0)
+            return [keras.layers.GroupNormalization(groups, name=f"gn{name}",
+                                                    dtype=self.dtype_policy)]
+        return []
 
     def _conv(self, filters: int, kernel: int, stride: int, name: str) -> list[keras.layers.Layer]:
         pad = []
@@ -341,8 +353,11 @@ class SmallCNN(keras.layers.Layer):
             pad = [ReflectPad(before, kernel - 1 - before, name=f"pad{name}",
                               dtype=self.dtype_policy)]
         mode = "valid" if self.padding == "reflect" else "same"
+        plain = self.norm == "plain"  # no normalisation: a bias, and He init for the ReLUs
         return pad + [keras.layers.Conv2D(filters, kernel, strides=stride, padding=mode,
-                                          use_bias=False, name=f"conv{name}",
+                                          use_bias=plain, name=f"conv{name}",
+                                          kernel_initializer="he_normal" if plain
+                                          else "glorot_uniform",
                                           dtype=self.dtype_policy)]
 
     def grid_hw(self, image_size: int) -> tuple[int, int]:
@@ -368,14 +383,14 @@ class SmallCNN(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "filters": self.filters, "kernels": self.kernels,
-                "padding": self.padding}
+                "padding": self.padding, "norm": self.norm}
 
 
 def build_backbone(name: str, image_size: int, weights: str | None = None,
                    trainable: str = "full", fine_tune_from: str | None = None,
                    cnn_filters: Sequence[int] = (32, 64, 128, 256, 256),
                    cnn_kernels: Sequence[int] = (3, 3), cnn_padding: str = "same",
-                   dtype: Any = None) -> keras.layers.Layer:
+                   dtype: Any = None, cnn_norm: str = "batch") -> keras.layers.Layer:
     """A built backbone layer named ``"backbone"``: ``SmallCNN`` or a pretrained network.
 
     ``cnn_*`` only apply to ``small_cnn``, whose ``weights`` may be ``None`` or a file
@@ -388,7 +403,7 @@ def build_backbone(name: str, image_size: int, weights: str | None = None,
     """
     if name == "small_cnn":
         return _build_small_cnn(image_size, weights, trainable, fine_tune_from, cnn_filters,
-                                cnn_kernels, cnn_padding, dtype)
+                                cnn_kernels, cnn_padding, dtype, cnn_norm)
     if name not in BackboneDefaults().specs:
         raise ValueError(f"unknown backbone {name!r}; available: "
                          f"{', '.join(available_backbones())}")
@@ -398,13 +413,14 @@ def build_backbone(name: str, image_size: int, weights: str | None = None,
 
 def _build_small_cnn(image_size: int, weights: str | None, trainable: str,
                      fine_tune_from: str | None, filters: Sequence[int],
-                     kernels: Sequence[int], padding: str, dtype: Any) -> keras.layers.Layer:
+                     kernels: Sequence[int], padding: str, dtype: Any,
+                     norm: str = "batch") -> keras.layers.Layer:
     if weights == "imagenet":
         raise ValueError("small_cnn is trained from scratch and has no 'imagenet' weights; "
                          "set model.weights to null or a file from save_backbone_weights")
     mode = _check_trainable(trainable, fine_tune_from)
     source = _check_weights(weights)
-    cnn = SmallCNN(filters, kernels, padding, name="backbone", dtype=dtype)
+    cnn = SmallCNN(filters, kernels, padding, norm, name="backbone", dtype=dtype)
     cnn(keras.KerasTensor((None, image_size, image_size, 3)))  # symbolic call: creates weights
     if source is not None:
         cnn.net.load_weights(source)

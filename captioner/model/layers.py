@@ -407,21 +407,24 @@ class CaptionModel(keras.Model):
                  fine_tune_from: str | None = None,
                  cnn_filters: list[int] | tuple[int, ...] = (32, 64, 128, 256, 256),
                  cnn_kernels: list[int] | tuple[int, ...] = (3, 3), cnn_padding: str = "same",
-                 embedding_dim: int = 256, units: int = 512, attention: str = "additive",
-                 attention_units: int = 512, dropout: float = 0.3, init_state: str = "mean",
+                 cnn_norm: str = "batch", embedding_dim: int = 256, units: int = 512,
+                 attention: str = "additive", attention_units: int = 512, dropout: float = 0.3,
+                 init_state: str = "mean",
                  positional: bool = True, attend: str = "before",
                  attention_kernel: str = "auto", **kwargs):
         super().__init__(**kwargs)
         self.args = dict(vocab_size=vocab_size, image_size=image_size, backbone=backbone,
                          weights=weights, trainable=trainable, fine_tune_from=fine_tune_from,
                          cnn_filters=list(cnn_filters), cnn_kernels=list(cnn_kernels),
-                         cnn_padding=cnn_padding, embedding_dim=embedding_dim, units=units,
+                         cnn_padding=cnn_padding, cnn_norm=cnn_norm,
+                         embedding_dim=embedding_dim, units=units,
                          attention=attention, attention_units=attention_units, dropout=dropout,
                          init_state=init_state, positional=positional, attend=attend,
                          attention_kernel=attention_kernel)
         pol = self.dtype_policy
         self.backbone = build_backbone(backbone, image_size, weights, trainable, fine_tune_from,
-                                       cnn_filters, cnn_kernels, cnn_padding, dtype=pol)
+                                       cnn_filters, cnn_kernels, cnn_padding, dtype=pol,
+                                       cnn_norm=cnn_norm)
         gh, gw = self.backbone.grid_hw(image_size)
         self.grid_hw = (gh, gw)
         self.encoder = FeatureEncoder(embedding_dim, gh * gw, dropout, positional,
@@ -438,7 +441,7 @@ class CaptionModel(keras.Model):
                    weights=cfg.weights, trainable=cfg.trainable,
                    fine_tune_from=cfg.fine_tune_from, cnn_filters=cfg.cnn_filters,
                    cnn_kernels=cfg.cnn_kernels, cnn_padding=cfg.cnn_padding,
-                   embedding_dim=cfg.embedding_dim, units=cfg.units,
+                   cnn_norm=cfg.cnn_norm, embedding_dim=cfg.embedding_dim, units=cfg.units,
                    attention=cfg.attention, attention_units=cfg.attention_units,
                    dropout=cfg.dropout, init_state=cfg.init_state, positional=cfg.positional,
                    attend=cfg.attend, attention_kernel=cfg.attention_kernel, dtype=dtype)

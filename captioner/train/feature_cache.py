@@ -22,6 +22,8 @@ def cache_fingerprint(cfg: Config) -> dict[str, Any]:
           "precision": cfg.train.precision}
     if m.backbone == "small_cnn":
         fp.update(cnn_filters=m.cnn_filters, cnn_kernels=m.cnn_kernels, cnn_padding=m.cnn_padding)
+        if m.cnn_norm != "batch":  # caches made before the choice existed stay valid
+            fp["cnn_norm"] = m.cnn_norm
     if m.weights is None:  # random frozen weights: they depend on the seed
         fp["seed"] = cfg.train.seed
     return fp
@@ -58,7 +60,8 @@ def extract_for_config(cfg: Config, log: Callable[[str], None] = print) -> Featu
     if cfg.model.trainable != "frozen":
         raise ConfigError("extract-features needs model.trainable: frozen")
     keras.utils.set_random_seed(cfg.train.seed)
-    records = read_records(cfg.data, smiles_targets=cfg.tokenizer.kind == "smiles")
+    kind = cfg.tokenizer.kind
+    records = read_records(cfg.data, smiles_targets=kind in ("smiles", "selfies"), kind=kind)
     policy = keras.DTypePolicy(cfg.train.precision)
     model = CaptionModel.from_model_config(cfg.model, vocab_size=8, dtype=policy)
     paths = sorted({r.image for r in records})  # the same order as the Trainer's

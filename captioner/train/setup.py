@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import Config, ConfigError, TrainConfig, config_from_dict
+from captioner.data.drawn import DrawnExamples, draw_split
 from captioner.data.features import FeatureCache
 from captioner.data.formats import read_records
 from captioner.data.manifests import LoadReport, Record
@@ -208,7 +210,8 @@ def validate_config(cfg: Config) -> None:
 def read_splits(cfg: Config) -> dict[str, list[Record]]:
     """The records of ``cfg.data`` by split: ``{"train": [...], "val": [...], "test": [...]}``
     (SMILES targets for a ``smiles`` tokenizer); there must be training records."""
-    records = read_records(cfg.data, smiles_targets=cfg.tokenizer.kind == "smiles")
+    kind = cfg.tokenizer.kind
+    records = read_records(cfg.data, smiles_targets=kind in ("smiles", "selfies"), kind=kind)
     by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
     if not by_split["train"]:
         raise ConfigError(f"no training pairs in {cfg.data.path}")
@@ -237,7 +240,7 @@ def load_or_fit_tokenizer(cfg: Config, run_dir: Path, texts: list[str]) -> Token
     t = cfg.tokenizer
     options = {"word": dict(lower=t.lower, strip_punctuation=t.strip_punctuation,
                             max_vocab=t.max_vocab, min_count=t.min_count),
-               "char": dict(lower=t.lower), "smiles": {}}[t.kind]
+               "char": dict(lower=t.lower), "smiles": {}, "selfies": {}}[t.kind]
     tok = Tokenizer.create(t.kind, **options).fit(texts)
     tok.save(path)  # atomic
     return tok
@@ -335,6 +338,7 @@ def check_model_config(run_dir: Path, model: CaptionModel, vocab_size: int) -> N
                          f"model (model.json, the checkpoints' output layer) has "
                          f"{saved['vocab_size']}: the tokenizer is not this run's")
     new = json.loads(json.dumps(model.get_config()))
+    saved.setdefault("cnn_norm", "batch")  # written before the choice existed
     ignore = {"dtype", "name", "trainable"}  # the precision may change between sessions
     differ = sorted(k for k in set(saved) | set(new)
                     if k not in ignore and saved.get(k) != new.get(k))
@@ -361,6 +365,7 @@ class PreparedData:
     val_tokens: np.ndarray  # (N_val_pairs, L) int32
     report: LoadReport  # the images that could not be used
     cache: FeatureCache | None = None
+    drawn: DrawnExamples | None = None  # data.format smiles: training pictures drawn
     _pairs: PairTensors | None = field(default=None, init=False, repr=False)
 
     def batches(self, t: TrainConfig, epoch: int, skip: int = 0) -> tf.data.Dataset:
@@ -368,6 +373,8 @@ class PreparedData:
         order (``train.seed``), after the ``skip`` already trained: images gathered from
         memory, or cached grids read from the shards through tf.data."""
         train = self.train
+        if self.drawn is not None:
+            return self.drawn.batches(t.batch_size, epoch, skip, t.max_steps_per_epoch)
         if self.cache is not None:
             pair_paths = [train.paths[i] for i in train.pair_image]
             return self.cache.pair_dataset(pair_paths, self.tokens, t.batch_size, t.seed,
@@ -389,7 +396,10 @@ def prepare_data(cfg: Config, run_dir: Path, records: dict[str, list[Record]],
     With ``data.feature_cache``, the grids of ``model``'s frozen backbone are extracted
     into the cache first unless they are there (every image of every split, in sorted
     order), and the val and test grids are read from it instead of the images.
+    With ``data.format: smiles`` nothing is loaded: see :func:`prepare_drawn_data`.
     """
+    if cfg.data.format == "smiles":
+        return prepare_drawn_data(cfg, records, tokenizer, log)
     report, cache = LoadReport(), None
     size, workers = cfg.model.image_size, cfg.data.load_workers
     if not cfg.data.feature_cache:
@@ -417,6 +427,37 @@ def prepare_data(cfg: Config, run_dir: Path, records: dict[str, list[Record]],
     return PreparedData(splits["train"], splits["val"], splits["test"],
                         tokenizer.encode_batch(splits["train"].pair_text, L),
                         tokenizer.encode_batch(splits["val"].pair_text, L), report, cache)
+
+
+def _molecules_split(texts: list[str], images: np.ndarray | None) -> SplitData:
+    """A split of molecules, one pair per molecule, named by its SMILES."""
+    return SplitData(images, list(texts), [[t] for t in texts], [{} for _ in texts],
+                     np.arange(len(texts), dtype=np.int64), list(texts))
+
+
+def prepare_drawn_data(cfg: Config, records: dict[str, list[Record]], tokenizer: Tokenizer,
+                       log: Callable[[str], None] = print) -> PreparedData:
+    """``data.format: smiles``: the training molecules are drawn while training
+    (:class:`~captioner.data.drawn.DrawnExamples`), the first ``train.val_limit``
+    validation molecules once, in ``data.drawing.val_style`` (seeded by
+    ``train.seed``). The test molecules keep no pictures (``evaluate`` draws them)."""
+    dr, size, L = cfg.data.drawing, cfg.model.image_size, cfg.data.max_length
+    train = [r.text for r in records["train"]]
+    val = [r.text for r in records["val"]][: cfg.train.val_limit or None]
+    report = LoadReport(texts=len(train), truncated=tokenizer.num_truncated(train, L))
+    if report.truncated:
+        log(f"truncated {report.truncated} of {report.texts} training SMILES to "
+            f"data.max_length={L}")
+    started = time.perf_counter()
+    val_images = draw_split(val, size, dr.val_style, cfg.train.seed, dr)  # (N_val, S, S, 3)
+    log(f"{len(train)} training molecules drawn while training ({', '.join(dr.toolkits)}; "
+        f"{dr.workers} drawing processes); {len(val)} validation molecules drawn in "
+        f"{dr.val_style} style in {time.perf_counter() - started:.1f} s")
+    tokens = tokenizer.encode_batch(train, L)  # (N_train, L)
+    drawn = DrawnExamples(train, tokens, size, dr, cfg.train.seed)
+    return PreparedData(_molecules_split(train, None), _molecules_split(val, val_images),
+                        _molecules_split([r.text for r in records["test"]], None), tokens,
+                        tokenizer.encode_batch(val, L), report, drawn=drawn)
 
 
 def train_steps_per_epoch(t: TrainConfig, num_pairs: int) -> int:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from captioner.config import Config
 from captioner.data.features import FeatureCache
+from captioner.data.tokenizers import SmilesTokenizer
 from captioner.evaluate.metrics import validation_metric
 from captioner.fileio import atomic_write_text
 from captioner.generate.captioner import Captioner
@@ -321,7 +322,8 @@ class Trainer:
                                 tf.constant(self.data.val_tokens[sel])).numpy()
         limit = t.val_limit or val.num_images
         texts = self.captioner().generate(val.images[:limit], strategy="greedy").texts
-        split = self.tokenizer.tokenize
+        selfies = self.tokenizer.kind == "selfies"  # its texts are SMILES; re-encoding can fail
+        split = SmilesTokenizer().tokenize if selfies else self.tokenizer.tokenize
         metric = validation_metric(self.val_metric_name, texts, val.references[:limit], split)
         return {"val_loss": float(totals[0] / max(totals[1], 1.0)), "val_metric": metric,
                 "val_metric_name": self.val_metric_name}

@@ -1,0 +1,144 @@
+"""Training batches of molecule pictures drawn while training (``data.format: smiles``).
+
+Every example is drawn anew, in a style sampled from ``data.drawing``
+(:func:`captioner.data.drawing.draw_example`), seeded by (``train.seed``, epoch,
+position in the epoch): an epoch never shows the same picture twice and no two epochs
+look alike, yet a run -- or a run resumed in the middle of an epoch -- sees exactly the
+same pictures with any number of drawing processes. Drawing runs in
+``data.drawing.workers`` processes (0: in the training process), a few batches ahead
+of training, and reaches TensorFlow through ``tf.data.Dataset.from_generator``.
+
+Example::
+
+    source = DrawnExamples(["CCO", "c1ccccc1"], tokens, image_size=128,
+                           cfg=DrawingConfig(workers=0), seed=0)
+    for images, targets in source.batches(batch_size=2, epoch=1):  # (2, 128, 128, 3) uint8
+        ...
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+import tensorflow as tf
+
+from captioner.config import DrawingConfig
+from captioner.data.drawing import draw_batch, draw_named
+from captioner.data.splits import epoch_batches
+
+
+def example_seed(seed: int, epoch: int, position: int) -> int:
+    """The drawing seed of the example at ``position`` of 1-based ``epoch``.
+
+    Example:
+        >>> example_seed(0, 1, 5) == example_seed(0, 1, 5) != example_seed(0, 2, 5)
+        True
+    """
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0] >> 1)
+
+
+class DrawnExamples:
+    """Batches of (pictures (B, S, S, 3) uint8, targets (B, L) int32) drawn from SMILES.
+
+    ``smiles[i]`` is drawn for training pair ``i`` whose targets are ``tokens[i]``.
+    The drawing processes start on first use and stop with :meth:`close` (or when the
+    object is collected).
+    """
+
+    def __init__(self, smiles: Sequence[str], tokens: np.ndarray, image_size: int,
+                 cfg: DrawingConfig, seed: int, ahead: int = 4):
+        if len(smiles) != len(tokens):
+            raise ValueError(f"{len(smiles)} SMILES but {len(tokens)} target rows")
+        self.smiles, self.tokens = list(smiles), np.asarray(tokens, np.int32)
+        self.image_size, self.cfg, self.seed = int(image_size), cfg, int(seed)
+        self.ahead = max(1, ahead)
+        self._pool: ProcessPoolExecutor | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.smiles)
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        if self.cfg.workers == 0:
+            return None
+        if self._pool is None:  # spawn: the workers never inherit TensorFlow's threads
+            self._pool = ProcessPoolExecutor(self.cfg.workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
+            self._finalizer = weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the drawing processes (a later batch starts new ones)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pool = self._finalizer = None
+
+    def _items(self, epoch: int, rows: np.ndarray, first: int) -> list[tuple[str, int]]:
+        """(SMILES, seed) of one batch of pair indices, the batch at step ``first``."""
+        b = len(rows)
+        return [(self.smiles[i], example_seed(self.seed, epoch, first * b + j))
+                for j, i in enumerate(rows)]
+
+    def pictures(self, epoch: int, rows: np.ndarray, step: int) -> np.ndarray:
+        """The pictures of one batch (rows: its pair indices; step: its place in the
+        epoch), drawn in this process: (B, S, S, 3) uint8."""
+        return draw_batch(self._items(epoch, rows, step), self.image_size, self.cfg)
+
+    def _generate(self, epoch: int, batches: np.ndarray, skip: int
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pool = self._executor()
+        window: deque[tuple[np.ndarray, Future | np.ndarray]] = deque()
+
+        def submit(k: int) -> None:
+            items = self._items(epoch, batches[k], skip + k)
+            work = (pool.submit(draw_batch, items, self.image_size, self.cfg) if pool
+                    else None)
+            window.append((batches[k], work if work is not None else
+                           draw_batch(items, self.image_size, self.cfg)))
+
+        upcoming = iter(range(len(batches)))
+        for k in upcoming:
+            submit(k)
+            if len(window) >= self.ahead:
+                break
+        while window:
+            rows, work = window.popleft()
+            images = work.result() if isinstance(work, Future) else work
+            k = next(upcoming, None)
+            if k is not None:
+                submit(k)
+            yield images, self.tokens[rows]
+
+    def batches(self, batch_size: int, epoch: int, skip: int = 0,
+                max_steps: int | None = None) -> tf.data.Dataset:
+        """The batches of 1-based ``epoch`` after the first ``skip`` (pairs in the seeded
+        order of :func:`~captioner.data.splits.epoch_batches`, full batches only)."""
+        order = epoch_batches(self.num_pairs, batch_size, self.seed, epoch, skip, max_steps)
+        size, length = self.image_size, self.tokens.shape[1]
+        signature = (tf.TensorSpec((batch_size, size, size, 3), tf.uint8),
+                     tf.TensorSpec((batch_size, length), tf.int32))
+        return tf.data.Dataset.from_generator(
+            lambda: self._generate(epoch, order, skip), output_signature=signature
+        ).prefetch(2)
+
+
+def draw_split(smiles: Sequence[str], size: int, style: str, seed: int,
+               cfg: DrawingConfig) -> np.ndarray:
+    """Fixed pictures of a validation/test split: (N, size, size, 3) uint8, molecule ``i``
+    drawn in ``style`` with seed (``seed``, 0, ``i``); the training mix for ``mix``."""
+    if style == "mix":
+        items = [(s, example_seed(seed, 0, i)) for i, s in enumerate(smiles)]
+        return draw_batch(items, size, cfg)
+    out = np.empty((len(smiles), size, size, 3), np.uint8)
+    for i, s in enumerate(smiles):
+        out[i] = np.asarray(draw_named(s, style, size, example_seed(seed, 0, i))[0])
+    return out
+
+
+__all__ = ["DrawnExamples", "draw_split", "example_seed"]

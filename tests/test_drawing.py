@@ -1,0 +1,250 @@
+"""Molecules drawn in many styles (captioner.data.drawing) and drawn while training
+(captioner.data.drawn, data.format: smiles)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rdkit")
+pytest.importorskip("indigo")
+pytest.importorskip("albumentations")
+
+from captioner.choices import Choices  # noqa: E402
+from captioner.config import ConfigError, DrawingConfig, load_config  # noqa: E402
+from captioner.data.drawing import (  # noqa: E402
+    Damage,
+    Style,
+    damage,
+    draw_canvas,
+    draw_example,
+    draw_named,
+    sample_style,
+    to_square,
+)
+from captioner.data.formats import read_smiles_list  # noqa: E402
+from captioner.data.manifests import DataError  # noqa: E402
+
+MOLECULES = ["CC1(C)CC2CC2O1", "OC1CN=C(N)O1", "N#CC1=CC(O)C=C1", "Cc1ccc(O)cc1N",
+             "O=C1NC(=O)C2=C1N=CN2", "CCC(C)(C)C#N", "C[NH3+]", "FC(F)(F)c1ccncc1"]
+
+
+def test_examples_are_seeded_and_varied():
+    cfg = DrawingConfig()
+    a = draw_example("Cc1ccc(O)cc1N", 64, cfg, seed=3)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, draw_example("Cc1ccc(O)cc1N", 64, cfg, seed=3))
+    others = [draw_example("Cc1ccc(O)cc1N", 64, cfg, seed=s) for s in range(4, 12)]
+    assert all(not np.array_equal(a, b) for b in others)
+    assert all(b.min() < 200 for b in others)  # ink on every picture
+
+
+def test_style_sampling_covers_the_configured_mix():
+    rng = np.random.default_rng(0)
+    styles = [sample_style(DrawingConfig(), rng) for _ in range(400)]
+    toolkits = [s.toolkit for s in styles]
+    assert 0.5 < toolkits.count("rdkit") / 400 < 0.7  # weights 0.6 / 0.4
+    assert {"rdkit", "indigo"} == set(toolkits)
+    assert any(s.rotate for s in styles) and any(not s.rotate for s in styles)
+    assert any(s.width != s.height for s in styles)
+    assert all(128 <= max(s.canvas) <= 256 for s in styles)
+    assert 0.2 < np.mean([s.damage.any for s in styles]) < 0.5
+    only_indigo = DrawingConfig(toolkits=["indigo"], toolkit_weights=[1.0])
+    assert {sample_style(only_indigo, rng).toolkit for _ in range(20)} == {"indigo"}
+
+
+@pytest.mark.parametrize("toolkit", ["rdkit", "indigo", "openbabel"])
+def test_each_toolkit_draws_on_a_non_square_canvas(toolkit):
+    if toolkit == "openbabel":
+        pytest.importorskip("openbabel")
+    style = Style(toolkit, 200, 120, rotate=30.0, colour=True, aromatic=True)
+    image = draw_canvas("Cc1ccc(O)cc1N", style)
+    pixels = np.asarray(image)
+    assert pixels.shape[2] == 3 and pixels.min() < 100 and pixels.max() == 255
+    if toolkit != "openbabel":  # Open Babel rotates the picture: the canvas grows
+        assert image.size == (200, 120)
+    square, where = to_square(image, 64, margin=0.1)
+    assert square.size == (64, 64)
+    assert np.asarray(square)[0].min() > 200  # the margin is white, not stretched ink
+
+
+def test_to_square_pads_without_stretching():
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 50), "white")
+    image.paste((0, 0, 0), (0, 0, 100, 50))  # all black: its square copy is half black
+    square, where = to_square(image, 40)
+    pixels = np.asarray(square)[..., 0]
+    assert (pixels < 128).mean() == pytest.approx(0.5, abs=0.03)
+    assert where(0.0, 0.0) == (0.0, 10.0) and where(100.0, 50.0) == (40.0, 30.0)
+
+
+def test_damage_is_seeded_and_changes_pixels():
+    clean = draw_example("Cc1ccc(O)cc1N", 64, DrawingConfig(degrade_prob=0.0), seed=1)
+    every = Damage(blur=True, noise=True, jpeg=True, binarize=False, distort=True)
+    a, b = damage(clean, every, 5), damage(clean, every, 5)
+    assert np.array_equal(a, b) and not np.array_equal(a, clean)
+    assert not np.array_equal(a, damage(clean, every, 6))
+    binary = damage(clean, Damage(binarize=True), 0)
+    assert set(np.unique(binary)) <= {0, 255}
+    assert damage(clean, Damage(), 0) is clean
+
+
+@pytest.mark.parametrize("style", Choices().drawing_style)
+def test_named_styles(style):
+    if style == "openbabel_default":
+        pytest.importorskip("openbabel")
+    image, canonical, atoms = draw_named("OCC", style, 96, seed=2)
+    assert image.size == (96, 96) and canonical == "CCO"
+    assert np.asarray(image).min() < 128
+    if style in ("rdkit_plain", "rdkit_default", "thin_rotated_bw"):
+        assert [a["symbol"] for a in atoms] == ["C", "C", "O"]
+        assert all(0 <= a["x"] <= 96 and 0 <= a["y"] <= 96 for a in atoms)
+    else:
+        assert atoms is None
+    again, _, _ = draw_named("OCC", style, 96, seed=2)
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+
+
+def test_rdkit_default_is_what_draw_moltoimage_draws():
+    from rdkit import Chem
+    from rdkit.Chem import Draw
+
+    ours = np.asarray(draw_named("Cc1ccc(O)cc1N", "rdkit_default", 224)[0]).astype(int)
+    theirs = np.asarray(Draw.MolToImage(Chem.MolFromSmiles("Cc1ccc(O)cc1N"),
+                                        size=(224, 224)).convert("RGB")).astype(int)
+    assert np.abs(ours - theirs).mean() < 2.0  # the same drawing up to anti-aliasing
+
+
+def test_thin_rotated_differs_by_seed():
+    a = np.asarray(draw_named("Cc1ccc(O)cc1N", "thin_rotated_bw", 128, seed=0)[0])
+    b = np.asarray(draw_named("Cc1ccc(O)cc1N", "thin_rotated_bw", 128, seed=1)[0])
+    assert not np.array_equal(a, b)
+    assert set(np.unique(a[..., 0] - a[..., 2])) == {0}  # black and white: no colour
+
+
+def test_drawing_module_does_not_import_tensorflow():
+    code = ("import sys, captioner.data.drawing; "
+            "print(any(m.split('.')[0] in ('tensorflow', 'keras') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---- data.format: smiles -------------------------------------------------------------------
+def test_read_smiles_list_canonicalises_and_names_bad_lines(tmp_path):
+    good = tmp_path / "m.csv"
+    good.write_text("id,smiles\n1,OCC\n2,C1=CC=CC=C1\n")
+    records = read_smiles_list(good)
+    assert [r.text for r in records] == ["CCO", "c1ccccc1"]
+    assert [r.image for r in records] == ["", ""]
+    assert records[1].source == f"{good}:3"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("smiles\nCCO\nC1CC\nCC\nXyz\n")
+    with pytest.raises(DataError, match=r"2 SMILES that RDKit cannot parse, first .*bad.csv:3"):
+        read_smiles_list(bad)
+    with pytest.raises(DataError, match="no column 'smi'"):
+        read_smiles_list(good, column="smi")
+
+
+def test_drawing_config_is_checked():
+    with pytest.raises(ConfigError, match=r"data.drawing.toolkits\[1\] must be one of"):
+        load_config("smiles_qm9", ["data.drawing.toolkits=[rdkit, chemdraw]"])
+    with pytest.raises(ConfigError, match="data.drawing.toolkit_weights"):
+        load_config("smiles_qm9", ["data.drawing.toolkit_weights=[1.0]"])
+    with pytest.raises(ConfigError, match="data.drawing.blur_prob"):
+        load_config("smiles_qm9", ["data.drawing.blur_prob=1.5"])
+    with pytest.raises(ConfigError, match="data.drawing.eval_style must be one of"):
+        load_config("smiles_qm9", ["data.drawing.eval_style=crayon"])
+    cfg = load_config("smiles_qm9")
+    assert cfg.data.format == "smiles" and cfg.model.cnn_norm == "group"
+
+
+tf = pytest.importorskip("tensorflow")
+
+from captioner.data.drawn import DrawnExamples, draw_split, example_seed  # noqa: E402
+
+
+def _source(workers: int, n: int = 12) -> DrawnExamples:
+    smiles = [MOLECULES[i % len(MOLECULES)] for i in range(n)]
+    tokens = np.arange(n * 5, dtype=np.int32).reshape(n, 5)
+    return DrawnExamples(smiles, tokens, 32, DrawingConfig(workers=workers), seed=7)
+
+
+def _epoch(source: DrawnExamples, epoch: int, skip: int = 0) -> list[tuple[np.ndarray, ...]]:
+    return [(im.numpy(), tok.numpy()) for im, tok in source.batches(4, epoch, skip)]
+
+
+def test_drawn_batches_are_new_each_epoch_and_resume_exactly():
+    source = _source(workers=0)
+    one = _epoch(source, 1)
+    assert len(one) == 3 and one[0][0].shape == (4, 32, 32, 3) and one[0][1].shape == (4, 5)
+    # every pair once per epoch, with its own targets
+    rows = np.concatenate([tok[:, 0] // 5 for _, tok in one])
+    assert sorted(rows) == list(range(12))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(one, _epoch(source, 1)))
+    two = _epoch(source, 2)
+    assert not any(np.array_equal(a[0], b[0]) for a, b in zip(one, two))
+    resumed = _epoch(source, 1, skip=2)  # after 2 of 3 batches
+    assert len(resumed) == 1
+    assert np.array_equal(resumed[0][0], one[2][0]) and np.array_equal(resumed[0][1], one[2][1])
+
+
+def test_drawing_processes_draw_the_same_pictures():
+    in_process, pooled = _source(workers=0), _source(workers=2)
+    try:
+        for a, b in zip(_epoch(in_process, 1), _epoch(pooled, 1)):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    finally:
+        pooled.close()
+
+
+def test_example_seeds_and_fixed_splits():
+    assert len({example_seed(0, e, p) for e in range(3) for p in range(100)}) == 300
+    cfg = DrawingConfig(workers=0)
+    a = draw_split(MOLECULES[:3], 32, "mix", 0, cfg)
+    assert a.shape == (3, 32, 32, 3) and np.array_equal(a, draw_split(MOLECULES[:3], 32, "mix",
+                                                                      0, cfg))
+    b = draw_split(MOLECULES[:3], 32, "rdkit_plain", 0, cfg)
+    assert not np.array_equal(a, b)
+
+
+def test_train_on_drawn_molecules(tmp_path):
+    from captioner.train.trainer import train
+
+    data = tmp_path / "mols.csv"
+    data.write_text("smiles\n" + "\n".join(MOLECULES * 5) + "\n")
+    overrides = [f"data.path={data}", "data.drawing.workers=0", "data.val_fraction=0.25",
+                 "data.test_fraction=0.125", "model.image_size=32", "model.cnn_filters=[8, 8]",
+                 "model.units=16", "model.embedding_dim=8", "model.attention_units=8",
+                 "train.epochs=2", "train.batch_size=2", "train.max_steps_per_epoch=2",
+                 "train.progress=false", "train.tensorboard=false", "train.warmup_steps=0"]
+    cfg = load_config("smiles_qm9", overrides)
+    logs: list[str] = []
+    history = train(cfg, tmp_path / "run", log=logs.append)
+    assert history["epoch"] == [1, 2] and all(np.isfinite(history["loss"]))
+    assert any("training molecules drawn while training" in m for m in logs)
+    model = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert model["cnn_norm"] == "group"
+
+
+def test_render_smiles_writes_a_manifest_evaluate_can_read(tmp_path):
+    from captioner.data.drawing import render_smiles
+    from captioner.data.manifests import read_csv_manifest
+
+    summary = render_smiles(["OCC", "C1CC", "c1ccccc1O"], tmp_path / "thin", 64,
+                            "thin_rotated_bw", seed=1, progress=False)
+    assert summary.rendered == 2 and summary.skipped[0][:2] == (1, "C1CC")
+    records = read_csv_manifest(summary.manifest, text_column="smiles", split_column=None)
+    assert [r.text for r in records] == ["CCO", "Oc1ccccc1"]
+    assert [a["symbol"] for a in records[0].meta["atoms"]] == ["C", "C", "O"]
+    assert records[1].meta["heavy_atoms"] == "7"
+    again = render_smiles(["OCC"], tmp_path / "again", 64, "thin_rotated_bw", seed=1,
+                          progress=False)
+    first = (tmp_path / "thin" / "images" / "mol_000000.png").read_bytes()
+    assert (tmp_path / "again" / "images" / "mol_000000.png").read_bytes() == first
+    assert again.rendered == 1
