@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="append", choices=choices.compare, default=[],
                    help="also read the same images with this program and score it beside "
                         "the model (SMILES; repeatable; skipped if not installed)")
+    p.add_argument("--style", choices=choices.drawing_style,
+                   help="draw the split's molecules in this style into OUT/images and "
+                        "evaluate those pictures (data.format smiles: always drawn, by "
+                        "default in data.drawing.eval_style)")
+    p.add_argument("--size", type=int,
+                   help="side of the drawn pictures in pixels (default: data.drawing.eval_size)")
+    p.add_argument("--draw-seed", type=int, default=0,
+                   help="seed of the drawing style's random choices")
     _add_decode(p)
 
     p = sub.add_parser("extract-features",
@@ -284,7 +292,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
              metrics=args.metrics, report=args.report, compare=args.compare,
-             **_decode_args(args))
+             style=args.style, size=args.size, draw_seed=args.draw_seed, **_decode_args(args))
     print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md, predictions.csv")
     return 0
 

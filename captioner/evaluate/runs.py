@@ -3,7 +3,9 @@
 Writes ``metrics.json``, ``metrics.md`` and ``predictions.csv`` (image, references,
 prediction, score and per-example metrics) into the output folder. With ``compare``
 other readers (OSRA, :mod:`captioner.evaluate.osra`) read the same image files and are
-scored with the same metrics beside ours.
+scored with the same metrics beside ours. Molecules can be drawn for the evaluation in a
+named style (:func:`draw_eval_data`); data without pictures (``data.format: smiles``)
+always is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image, ImageOps
 
 from captioner.choices import Choices
 from captioner.config import DataConfig, load_config
+from captioner.data.drawing import render_smiles
 from captioner.data.formats import read_any, read_records
 from captioner.data.manifests import LoadReport, Record
 from captioner.data.splits import SplitData, build_split
@@ -106,6 +109,78 @@ def _heavy_atoms(split: SplitData) -> list[int] | None:
     return [int(h) for h in heavy] if all(h not in (None, "") for h in heavy) else None
 
 
+@dataclass(frozen=True)
+class Drawing:
+    """How :func:`draw_eval_data` draws the molecules: a style of
+    ``Choices().drawing_style``, the side in pixels and the seed of the style's random
+    choices.
+
+    Example:
+        >>> Drawing("rdkit_default", 224)
+        Drawing(style='rdkit_default', size=224, seed=0)
+    """
+
+    style: str
+    size: int
+    seed: int = 0
+
+
+def _data_config(cap: Captioner, data: str | None) -> DataConfig | None:
+    """The data config ``data`` names (the run's own without it; None for a manifest)."""
+    if data is None:
+        return cap.config.data
+    if Path(data).suffix.lower() in (".yaml", ".yml"):
+        return load_config(data).data
+    return None
+
+
+def eval_drawing(cap: Captioner, data: str | None = None, style: str | None = None,
+                 size: int | None = None, seed: int = 0) -> Drawing | None:
+    """How to draw the evaluated molecules, None to read the data's own image files.
+
+    Drawn when ``style`` or ``size`` is given, or when the data has no pictures
+    (``data.format: smiles``); the one not given comes from the data config's
+    ``data.drawing.eval_style`` / ``eval_size`` (the run's, for a manifest).
+    """
+    cfg = _data_config(cap, data)
+    if style is None and size is None and (cfg is None or cfg.format != "smiles"):
+        return None
+    drawing = (cfg or cap.config.data).drawing
+    style = Choices().check("drawing_style", style or drawing.eval_style, key="style")
+    return Drawing(style, size or drawing.eval_size, seed)
+
+
+def split_smiles(cap: Captioner, data: str | None = None, split: str = "test",
+                 limit: int | None = None) -> tuple[list[str], str]:
+    """The distinct reference SMILES of ``split`` (the first ``limit``) and their source."""
+    records, source = _records(cap, data, split)
+    smiles = list(dict.fromkeys(r.text for r in records if r.split == split))
+    if not smiles:
+        raise ValueError(f"no '{split}' pairs in {source}")
+    return smiles[:limit] if limit else smiles, source
+
+
+def draw_eval_data(cap: Captioner, out_dir: str | Path, drawing: Drawing,
+                   data: str | None = None, split: str = "test",
+                   limit: int | None = None) -> tuple[EvalData, int]:
+    """Draw the split's reference SMILES (:func:`split_smiles`) with
+    :func:`captioner.data.drawing.render_smiles` into ``out_dir/images`` (listed in
+    ``out_dir/manifest.csv``) and load those pictures: (the data, molecules that could
+    not be drawn)."""
+    smiles, source = split_smiles(cap, data, split, limit)
+    summary = render_smiles(smiles, out_dir, size=drawing.size, style=drawing.style,
+                            seed=drawing.seed, progress=False)
+    records = read_any("csv", summary.manifest, None, "image", "smiles", None)
+    records = [replace(r, split=split) for r in records]
+    if not records:
+        raise ValueError(f"none of the {len(smiles)} '{split}' molecules of {source} "
+                         f"could be drawn in style {drawing.style}")
+    report = LoadReport()
+    loaded = build_split(records, cap.image_size, cap.config.data.load_workers, report)
+    where = f"{source}, drawn {drawing.style} at {drawing.size} px"
+    return EvalData(loaded, where, report), len(summary.skipped)
+
+
 def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[str, Any]]:
     if family == "smiles":
         return per_example_smiles_metrics(preds, split.references, _heavy_atoms(split))
@@ -184,7 +259,8 @@ def _write_predictions(path: Path, gen: Generation, split: SplitData,
 
 def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
              split: str = "test", limit: int | None = None, metrics: str | None = None,
-             report: bool = False, compare: Sequence[str] = (),
+             report: bool = False, compare: Sequence[str] = (), style: str | None = None,
+             size: int | None = None, draw_seed: int = 0,
              log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
     """Decode ``split`` of ``data`` (the run's own data by default) and score it.
 
@@ -199,6 +275,14 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     ``metrics["compare"][name]`` (plus their timings), side by side in ``metrics.md``, as
     ``<name>_*`` columns of ``predictions.csv`` and on the report page. A reader that is
     not installed is skipped with a logged message; the rest is written as usual.
+
+    ``style`` (of ``Choices().drawing_style``) and ``size`` (pixels): draw the split's
+    molecules into ``out_dir/images`` (seeded by ``draw_seed``; see
+    :func:`eval_drawing` and :func:`draw_eval_data`) and evaluate those pictures, which the
+    report and the other readers then see too. Data without pictures
+    (``data.format: smiles``) is drawn by default in ``data.drawing.eval_style`` at
+    ``eval_size`` px. ``metrics["style"]`` and ``metrics["image_px"]`` say how (None when
+    the data's own image files were read).
     """
     compare = tuple(dict.fromkeys(Choices().check("compare", c, key="compare")
                                   for c in compare))
@@ -207,7 +291,13 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     if compare and family != "smiles":
         raise ValueError(f"compare {', '.join(compare)}: other readers give SMILES, so it "
                          f"needs SMILES metrics, not {family}")
-    ev = load_eval_data(cap, data, split, limit)
+    drawing = eval_drawing(cap, data, style, size, draw_seed)
+    undrawn = 0
+    if drawing is None:
+        ev = load_eval_data(cap, data, split, limit)
+    else:
+        log(f"drawing the '{split}' molecules: {drawing.style} at {drawing.size} px")
+        ev, undrawn = draw_eval_data(cap, out_dir, drawing, data, split, limit)
     started = time.perf_counter()
     gen = cap.generate(ev.split.images, **decode)
     seconds = time.perf_counter() - started
@@ -219,7 +309,11 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     result.update({"split": split, "data": ev.source, "images": ev.split.num_images,
                    "skipped_images": ev.report.count, "decode": cap.options(**{
                        k: v for k, v in decode.items() if k != "max_length"}).__dict__,
-                   "images_per_s": ev.split.num_images / max(seconds, 1e-9)})
+                   "images_per_s": ev.split.num_images / max(seconds, 1e-9),
+                   "style": drawing.style if drawing else None,
+                   "image_px": drawing.size if drawing else None})
+    if drawing is not None:
+        result.update({"draw_seed": drawing.seed, "undrawn_molecules": undrawn})
     osra = _read_with_osra(ev.split, log) if "osra" in compare else None
     if osra is not None:
         result["compare"] = {"osra": {**smiles_metrics(osra.smiles, ev.split.references),

@@ -1,0 +1,117 @@
+"""``evaluate`` on molecules it draws itself: a named style and size (``--style``,
+``--size``), and by default for data without pictures (``data.format: smiles``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from captioner.choices import ChoiceError
+from captioner.evaluate.osra import parse_osra_output
+from captioner.evaluate.runs import Drawing, eval_drawing, evaluate, split_smiles
+from tests.test_osra import SMILES
+
+
+@pytest.fixture(scope="module")
+def drawn_run(tmp_path_factory, project_root):
+    """A tiny ``data.format: smiles`` run (pictures drawn while training), two steps."""
+    from captioner.config import load_config
+    from captioner.train.trainer import train
+
+    work = tmp_path_factory.mktemp("drawn_run")
+    src = work / "smiles.csv"
+    src.write_text("smiles\n" + "\n".join(SMILES) + "\n")
+    cfg = load_config(project_root / "configs" / "smiles_qm9.yaml", [
+        "data.format=smiles", f"data.path={src}", "data.val_fraction=0.15",
+        "data.test_fraction=0.25", "data.drawing.eval_size=64", "data.drawing.workers=1",
+        "model.image_size=32", "model.cnn_filters=[8, 16]", "model.embedding_dim=16",
+        "model.units=32", "model.attention_units=16", "model.dropout=0.0",
+        "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=2",
+        "train.val_limit=4", "train.progress=false", "train.warmup_steps=0",
+        "decode.max_length=24"])
+    train(cfg, work / "run", log=lambda _msg: None)
+    return work / "run"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_smiles_data_is_drawn_by_default_in_the_eval_style(drawn_run, tmp_path):
+    from captioner.generate.captioner import Captioner
+
+    out = tmp_path / "eval"
+    logged: list[str] = []
+    metrics = evaluate(drawn_run, out, log=logged.append)
+    assert "drawing the 'test' molecules: rdkit_default at 64 px" in logged
+    assert (metrics["style"], metrics["image_px"], metrics["draw_seed"]) == (
+        "rdkit_default", 64, 0)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert (saved["style"], saved["image_px"]) == ("rdkit_default", 64)
+
+    test_smiles, _ = split_smiles(Captioner.load(drawn_run))
+    manifest = read_csv(out / "manifest.csv")
+    assert [r["smiles"] for r in manifest] == test_smiles
+    assert metrics["images"] == len(test_smiles) == metrics["count"] >= 6
+    pictures = sorted((out / "images").glob("*.png"))
+    assert len(pictures) == len(test_smiles)
+    for picture in pictures:
+        with Image.open(picture) as im:
+            assert im.size == (64, 64)
+    rows = read_csv(out / "predictions.csv")  # the model read exactly those files
+    assert sorted(Path(r["image"]).resolve() for r in rows) == [p.resolve() for p in pictures]
+    assert [json.loads(r["references"]) for r in rows] == [[s] for s in test_smiles]
+
+
+def test_named_style_size_and_seed(drawn_run, tmp_path):
+    def draw(name: str, seed: int) -> list[bytes]:
+        metrics = evaluate(drawn_run, tmp_path / name, style="thin_rotated_bw", size=96,
+                           limit=3, draw_seed=seed, log=lambda _m: None)
+        assert (metrics["style"], metrics["image_px"], metrics["images"]) == (
+            "thin_rotated_bw", 96, 3)
+        return [p.read_bytes() for p in sorted((tmp_path / name / "images").glob("*.png"))]
+
+    first, again, other = draw("a", 0), draw("b", 0), draw("c", 1)
+    assert len(first) == 3 and first == again  # seeded: the same pictures every time
+    assert first != other  # another seed rotates them differently
+
+
+def test_drawing_choice_follows_the_data_and_the_arguments(drawn_run):
+    from captioner.generate.captioner import Captioner
+
+    cap = Captioner.load(drawn_run)
+    assert eval_drawing(cap) == Drawing("rdkit_default", 64, 0)
+    assert eval_drawing(cap, style="indigo_default") == Drawing("indigo_default", 64, 0)
+    assert eval_drawing(cap, size=128, seed=3) == Drawing("rdkit_default", 128, 3)
+    with pytest.raises(ChoiceError, match="style must be one of"):
+        eval_drawing(cap, style="crayon")
+    pictures = SimpleNamespace(config=SimpleNamespace(data=replace(cap.config.data,
+                                                                  format="csv")))
+    assert eval_drawing(pictures) is None  # image files: read them as they are
+    assert eval_drawing(pictures, size=300) == Drawing("rdkit_default", 300, 0)
+
+
+@pytest.mark.skipif(shutil.which("osra") is None, reason="osra not installed")
+def test_cli_style_with_osra_reads_the_drawn_files(drawn_run, tmp_path):
+    from captioner.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(drawn_run), "--out", str(out), "--style",
+                 "rdkit_plain", "--size", "300", "--limit", "4", "--compare", "osra"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["style"], metrics["image_px"], metrics["images"]) == ("rdkit_plain", 300, 4)
+    assert metrics["compare"]["osra"]["count"] == 4
+    for row in read_csv(out / "predictions.csv"):
+        assert Path(row["image"]).resolve().parent == (out / "images").resolve()
+        printed = subprocess.run(["osra", row["image"]], capture_output=True, text=True,
+                                 timeout=60).stdout
+        assert row["osra_prediction"] == ".".join(parse_osra_output(printed))
