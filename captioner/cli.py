@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--augment", action="store_true", help="seeded drawing-style augmentation")
+    p.add_argument("--style", choices=choices.drawing_style,
+                   help="draw every molecule in one named style (RDKit, Indigo, Open Babel "
+                        "defaults, thin rotated lines, or the training mix)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--sample", type=int, help="a random N rows (seeded by --seed)")
@@ -317,6 +320,8 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
 
 
 def cmd_render_molecules(args: argparse.Namespace) -> int:
+    if args.style:
+        return _render_style(args)
     from captioner.data.molecules import render_molecules
 
     summary = render_molecules(args.smiles, args.out, size=args.size, augment=args.augment,
@@ -326,6 +331,23 @@ def cmd_render_molecules(args: argparse.Namespace) -> int:
     cached = " (already rendered)" if summary.cached else ""
     print(f"rendered {summary.rendered} molecules{cached}, skipped {len(summary.skipped)}; "
           f"manifest: {summary.manifest}")
+    return 0
+
+
+def _render_style(args: argparse.Namespace) -> int:
+    """render-molecules --style NAME: every SMILES drawn in one named style."""
+    from captioner.data.drawing import render_smiles
+    from captioner.data.molecules import read_smiles_csv, sample_rows
+
+    if args.augment or args.selfies:
+        raise ValueError("--style draws one named style: it does not combine with "
+                         "--augment (use --style mix) or --selfies")
+    rows = sample_rows(read_smiles_csv(args.smiles, args.column, args.limit), args.sample,
+                       args.seed)
+    summary = render_smiles([smiles for _, _, smiles in rows], args.out, args.size,
+                            args.style, args.seed, lines=[line for _, line, _ in rows])
+    print(f"drew {summary.rendered} molecules in style {args.style}, skipped "
+          f"{len(summary.skipped)} (listed in skipped.csv); manifest: {summary.manifest}")
     return 0
 
 

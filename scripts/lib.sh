@@ -33,3 +33,45 @@ captioner() { echo "+ captioner $*" >&2; "$PYTHON" -m captioner "$@"; }
 budget() { echo "== $SCRIPT: $* =="; }
 elapsed() { printf '== %s: done in %dm%02ds ==\n' "$SCRIPT" $((SECONDS / 60)) $((SECONDS % 60)); }
 summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }
+
+# smiles_recipe NAME CSV: train configs/smiles_NAME.yaml on the molecules of CSV (drawn while
+# training) into $RUNS/NAME, then evaluate the held-out molecules drawn in several styles
+# (RDKit defaults greedy + beam 5, Indigo, Open Babel -- not in the training mix --, thin
+# rotated black-and-white lines, the training mix; OSRA beside ours where it is installed)
+# and print the tables, exact match by molecule size and the training curve.
+# EVAL_LIMIT bounds every evaluation, OSRA_LIMIT (default 500) the OSRA ones.
+smiles_recipe() {
+  local name="$1" csv="$2" run="$RUNS/$1" osra_limit="${OSRA_LIMIT:-500}"
+  local limit=()
+  [[ -n "${EVAL_LIMIT:-}" ]] && limit=(--limit "$EVAL_LIMIT")
+  "$PYTHON" -c "import rdkit, indigo, albumentations" 2>/dev/null \
+    || die "drawing molecules needs rdkit, epam-indigo and albumentations: pip install -r requirements.txt"
+  captioner train --config "smiles_$name" --run-dir "$run" --set "data.path=$csv" \
+    ${EXTRA[@]+"${EXTRA[@]}"}
+  _style() {  # _style OUT STYLE SIZE [flags]: the held-out molecules drawn in STYLE
+    local out="$1" style="$2" size="$3"; shift 3
+    captioner evaluate --run "$run" --out "$run/eval-$out" --style "$style" --size "$size" "$@"
+  }
+  _style rdkit_default rdkit_default 224 --strategy greedy --report ${limit[@]+"${limit[@]}"}
+  _style rdkit_default-beam5 rdkit_default 224 --beam-size 5 ${limit[@]+"${limit[@]}"}
+  _style indigo_default indigo_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
+  _style openbabel_default openbabel_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
+  _style thin_rotated_bw thin_rotated_bw 256 --strategy greedy ${limit[@]+"${limit[@]}"}
+  _style mix mix 224 --strategy greedy ${limit[@]+"${limit[@]}"}
+  summarize smiles "RDKit defaults 224 px, greedy=$run/eval-rdkit_default" \
+    "RDKit defaults 224 px, beam 5=$run/eval-rdkit_default-beam5" \
+    "Indigo defaults 224 px=$run/eval-indigo_default" \
+    "Open Babel defaults 224 px (not in training)=$run/eval-openbabel_default" \
+    "thin rotated black-and-white 256 px=$run/eval-thin_rotated_bw" \
+    "training mix 224 px=$run/eval-mix"
+  if command -v osra >/dev/null; then
+    _style osra rdkit_default 224 --strategy greedy --limit "$osra_limit" --compare osra --report
+    _style osra-thin thin_rotated_bw 256 --strategy greedy --limit "$osra_limit" --compare osra
+    summarize smiles "RDKit defaults, first $osra_limit=$run/eval-osra" \
+      "thin rotated, first $osra_limit=$run/eval-osra-thin"
+  else
+    echo "osra is not installed: no OSRA rows (apt-get install osra)"
+  fi
+  summarize sizes "RDKit defaults=$run/eval-rdkit_default" "thin rotated=$run/eval-thin_rotated_bw"
+  summarize curve "$name=$run"
+}

@@ -2,6 +2,8 @@
 
     python scripts/summarize.py demo float32=runs/demo mixed_bfloat16=runs/demo_mixed_bfloat16
     python scripts/summarize.py smiles greedy=runs/qm9/eval-greedy "beam 5=runs/qm9/eval-beam5"
+    python scripts/summarize.py sizes greedy=runs/qm9/eval-rdkit_default
+    python scripts/summarize.py curve qm9=runs/qm9
     python scripts/summarize.py captions greedy=runs/flickr8k/eval-greedy
     python scripts/summarize.py bench ours_float32=runs/bench/ours_float32.json ...
 
@@ -12,6 +14,7 @@ Each argument is ``LABEL=PATH``: a run or evaluation folder holding ``metrics.js
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +23,15 @@ from typing import Any
 
 
 def load(path: Path) -> dict[str, Any]:
-    """``metrics.json`` of a folder, or a JSON file (the last non-empty line: ``bench``)."""
+    """``metrics.json`` of a folder, or a JSON file (the last non-empty line: ``bench``);
+    ``_path`` holds the folder. A run folder (``history.json``, no metrics) gives only ``_path``."""
+    run_only = not (path / "metrics.json").is_file() and (path / "history.json").is_file()
+    if path.is_dir() and run_only:
+        return {"_path": str(path)}
+    return {**_load(path), "_path": str(path)}
+
+
+def _load(path: Path) -> dict[str, Any]:
     file = path / "metrics.json" if path.is_dir() else path
     if not file.is_file():
         raise SystemExit(f"summarize: no results at {file}")
@@ -56,10 +67,19 @@ def demo(results: dict[str, dict[str, Any]]) -> str:
 
 
 def smiles(results: dict[str, dict[str, Any]]) -> str:
-    rows = [[label, num(m.get("exact_match")), num(m.get("validity")), num(m.get("inchi_match")),
-             num(m.get("tanimoto")), num(m.get("levenshtein"))] for label, m in results.items()]
-    text = table(["decoding", "exact match", "validity", "InChI match", "mean Tanimoto",
-                  "norm. Levenshtein"], rows)
+    rows = []
+    for label, m in results.items():
+        rows.append([label, str(m.get("images", "n/a")), num(m.get("exact_match")),
+                     num(m.get("validity")), num(m.get("inchi_match")), num(m.get("tanimoto")),
+                     num(m.get("levenshtein"))])
+        osra = (m.get("compare") or {}).get("osra")
+        if osra:  # OSRA on the same pictures
+            rows.append([f"{label}: OSRA", str(osra.get("count", "n/a")),
+                         num(osra.get("exact_match")), num(osra.get("validity")),
+                         num(osra.get("inchi_match")), num(osra.get("tanimoto")),
+                         num(osra.get("levenshtein"))])
+    text = table(["drawings, decoding", "images", "exact match", "validity", "InChI match",
+                  "mean Tanimoto", "norm. Levenshtein"], rows)
     for label, m in results.items():
         d = m.get("grounding_detail") or {}
         if m.get("grounding") is not None:
@@ -67,6 +87,38 @@ def smiles(results: dict[str, dict[str, Any]]) -> str:
                      f"{num(d.get('within_one_cell'), 2)} ({d.get('molecules')} molecules, "
                      f"{m.get('images')} images)")
     return text
+
+
+def sizes(results: dict[str, dict[str, Any]]) -> str:
+    """Exact match by the reference's heavy atoms, from ``predictions.csv`` beside each
+    ``metrics.json`` (the label's PATH must be the evaluation folder)."""
+    counts: dict[str, dict[int, list[int]]] = {}
+    for label, m in results.items():
+        path = Path(m["_path"]) / "predictions.csv"
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("heavy_atoms") not in (None, ""):
+                    hit = counts.setdefault(label, {}).setdefault(int(row["heavy_atoms"]), [0, 0])
+                    hit[0] += row.get("exact_match") == "True"
+                    hit[1] += 1
+    atoms = sorted({a for c in counts.values() for a in c})
+    rows = [[label, *(f"{c[a][0] / c[a][1]:.3f} ({c[a][1]})" if a in c else "—" for a in atoms)]
+            for label, c in counts.items()]
+    return table(["exact match (molecules)", *(f"{a} atoms" for a in atoms)], rows)
+
+
+def curve(results: dict[str, dict[str, Any]]) -> str:
+    """The training curve of a run folder (its ``history.json``)."""
+    out = []
+    for label, m in results.items():
+        h = json.loads((Path(m["_path"]) / "history.json").read_text())
+        rows = [[str(e), num(h["loss"][i]), num(h["val_loss"][i]), num(h["val_metric"][i]),
+                 f"{h['seconds'][i]:.0f}", num(h["images_per_s"][i], 0)]
+                for i, e in enumerate(h["epoch"])]
+        total = sum(h["seconds"])
+        out.append(f"{label} ({total / 60:.1f} min of training):\n" + table(
+            ["epoch", "train loss", "val loss", "val exact", "seconds", "images/s"], rows))
+    return "\n\n".join(out)
 
 
 def captions(results: dict[str, dict[str, Any]]) -> str:
@@ -110,7 +162,8 @@ def bench(results: dict[str, dict[str, Any]]) -> str:
     return text
 
 
-KINDS = {"demo": demo, "smiles": smiles, "captions": captions, "bench": bench}
+KINDS = {"demo": demo, "smiles": smiles, "sizes": sizes, "curve": curve, "captions": captions,
+         "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,3 +248,23 @@ def test_render_smiles_writes_a_manifest_evaluate_can_read(tmp_path):
     first = (tmp_path / "thin" / "images" / "mol_000000.png").read_bytes()
     assert (tmp_path / "again" / "images" / "mol_000000.png").read_bytes() == first
     assert again.rendered == 1
+
+
+def test_render_molecules_cli_draws_a_named_style(tmp_path):
+    src = tmp_path / "m.csv"
+    src.write_text("name,smiles\na,CCO\nb,C1CC\nc,c1ccccc1O\n")
+    out = tmp_path / "indigo"
+    done = subprocess.run([sys.executable, "-m", "captioner", "render-molecules", "--smiles",
+                           str(src), "--out", str(out), "--style", "indigo_default",
+                           "--size", "96"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "drew 2 molecules in style indigo_default, skipped 1" in done.stdout
+    assert (out / "skipped.csv").read_text().splitlines()[1].startswith("3,C1CC,")
+    from PIL import Image
+
+    with Image.open(out / "images" / "mol_000002.png") as image:
+        assert image.size == (96, 96)
+    bad = subprocess.run([sys.executable, "-m", "captioner", "render-molecules", "--smiles",
+                          str(src), "--out", str(out), "--style", "mix", "--augment"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not combine with --augment" in bad.stderr

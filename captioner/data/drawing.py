@@ -425,13 +425,14 @@ def draw_named(smiles: str, style: str, size: int, seed: int = 0
 
 
 def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
-                  style: str = "rdkit_plain", seed: int = 0, progress: bool = True
-                  ) -> RenderSummary:
+                  style: str = "rdkit_plain", seed: int = 0, progress: bool = True,
+                  lines: Sequence[int] | None = None) -> RenderSummary:
     """Draw each SMILES in the named ``style`` at ``size`` px into ``out_dir``: the
     ``render-molecules`` layout (``images/mol_NNNNNN.png`` named by position,
     ``manifest.csv`` with image, smiles (canonical), heavy_atoms, atoms -- empty for
     toolkits that do not report atom positions -- and ``skipped.csv`` with the
-    position (as ``line``, 0-based), SMILES and reason of what could not be drawn).
+    ``line`` (``lines[i]``, e.g. the CSV line, else the 0-based position), SMILES and
+    reason of what could not be drawn).
     Molecule ``i`` uses the seed (``seed``, ``i``), so a rerun draws the same pictures.
 
     Example::
@@ -453,7 +454,8 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
                                                  int(np.random.SeedSequence([seed, i])
                                                      .generate_state(1)[0] >> 1))
         except RenderError as exc:
-            skipped.append({"line": i, "smiles": text, "reason": str(exc)})
+            skipped.append({"line": lines[i] if lines is not None else i, "smiles": text,
+                            "reason": str(exc)})
             continue
         name = f"images/mol_{i:06d}.png"
         image.save(out / name, format="PNG")

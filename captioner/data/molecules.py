@@ -488,6 +488,19 @@ def read_smiles_csv(
     return rows
 
 
+def sample_rows(items: list[Any], sample: int | None, seed: int) -> list[Any]:
+    """A seeded random ``sample`` of ``items`` kept in their order (all when None or more).
+
+    Example:
+        >>> sample_rows(list("abcdef"), 3, seed=0) == sample_rows(list("abcdef"), 3, seed=0)
+        True
+    """
+    if sample is None or sample >= len(items):
+        return items
+    keep = np.random.default_rng(seed).choice(len(items), size=sample, replace=False)
+    return [items[i] for i in sorted(keep)]
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -621,10 +634,7 @@ def render_molecules(
     cached = _cached_summary(out_dir, params)
     if cached is not None:
         return cached
-    items = read_smiles_csv(csv_path, smiles_column, limit)
-    if sample is not None and sample < len(items):
-        keep = np.random.default_rng(seed).choice(len(items), size=sample, replace=False)
-        items = [items[i] for i in sorted(keep)]
+    items = sample_rows(read_smiles_csv(csv_path, smiles_column, limit), sample, seed)
     _prepare_out_dir(out_dir)
     job = _Job(out_dir, size, augment, seed, options, selfies)
     results = _run(job, items, workers or os.cpu_count() or 1, progress)
@@ -652,5 +662,6 @@ __all__ = [
     "read_smiles_csv",
     "render_molecules",
     "render_one",
+    "sample_rows",
     "smiles_tokens",
 ]
