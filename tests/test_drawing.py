@@ -161,7 +161,7 @@ def test_drawing_config_is_checked():
     with pytest.raises(ConfigError, match="data.drawing.eval_style must be one of"):
         load_config("smiles_qm9", ["data.drawing.eval_style=crayon"])
     cfg = load_config("smiles_qm9")
-    assert cfg.data.format == "smiles" and cfg.model.cnn_norm == "group"
+    assert cfg.data.format == "smiles" and cfg.data.drawing.toolkits == ["rdkit", "indigo"]
 
 
 tf = pytest.importorskip("tensorflow")
@@ -229,7 +229,7 @@ def test_train_on_drawn_molecules(tmp_path):
     assert history["epoch"] == [1, 2] and all(np.isfinite(history["loss"]))
     assert any("training molecules drawn while training" in m for m in logs)
     model = json.loads((tmp_path / "run" / "model.json").read_text())
-    assert model["cnn_norm"] == "group"
+    assert model["cnn_norm"] == cfg.model.cnn_norm
 
 
 def test_render_smiles_writes_a_manifest_evaluate_can_read(tmp_path):

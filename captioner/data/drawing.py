@@ -314,8 +314,8 @@ def _damage_transforms() -> dict[str, Any]:
 def damage(pixels: np.ndarray, which: Damage, seed: int) -> np.ndarray:
     """Scan-like degradation of an (H, W, 3) uint8 picture, seeded.
 
-    Order: distortion, blur, binarisation (a threshold in [170, 235] on the grey level:
-    black ink on white), noise, JPEG.
+    Order: distortion, blur, binarisation (black ink on white: a grey-level threshold
+    35-80% of the way from the darkest pixel to white), noise, JPEG.
     """
     if not which.any:
         return pixels
@@ -325,9 +325,11 @@ def damage(pixels: np.ndarray, which: Damage, seed: int) -> np.ndarray:
         if getattr(which, name):
             transforms[name].set_random_seed(int(rng.integers(2**31 - 1)))
             pixels = transforms[name](image=pixels)["image"]
-    if which.binarize:
+    if which.binarize:  # threshold between the darkest ink and white: ink never vanishes
         grey = pixels.mean(axis=-1, keepdims=True)
-        pixels = np.where(grey < rng.uniform(170, 235), 0, 255).astype(np.uint8)
+        darkest = float(grey.min())
+        threshold = darkest + rng.uniform(0.35, 0.8) * (255.0 - darkest)
+        pixels = np.where(grey <= threshold, 0, 255).astype(np.uint8)
         pixels = np.repeat(pixels, 3, axis=-1)
     for name in ("noise", "jpeg"):
         if getattr(which, name):
