@@ -78,7 +78,7 @@ class DrawingConfig:
     explicit_methyl_prob: float = 0.15
     all_carbons_prob: float = 0.05
     serif_prob: float = 0.3
-    degrade_prob: float = 0.5
+    degrade_prob: float = 0.25
     blur_prob: float = 0.4
     noise_prob: float = 0.4
     jpeg_prob: float = 0.4

@@ -52,7 +52,7 @@ smiles_recipe() {
     local out="$1" style="$2" size="$3"; shift 3
     captioner evaluate --run "$run" --out "$run/eval-$out" --style "$style" --size "$size" "$@"
   }
-  _style rdkit_default rdkit_default 224 --strategy greedy --report ${limit[@]+"${limit[@]}"}
+  _style rdkit_default rdkit_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
   _style rdkit_default-beam5 rdkit_default 224 --beam-size 5 ${limit[@]+"${limit[@]}"}
   _style indigo_default indigo_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
   _style openbabel_default openbabel_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}

@@ -353,16 +353,18 @@ def draw_example(smiles: str, size: int, cfg: DrawingConfig, seed: int) -> np.nd
     return damage(np.asarray(square, dtype=np.uint8), style.damage, style.seed)
 
 
-def draw_batch(items: list[tuple[str, int]], size: int, cfg: DrawingConfig) -> np.ndarray:
-    """Pictures of ``(smiles, seed)`` pairs: (N, size, size, 3) uint8. A molecule no
-    toolkit can draw gives a white picture (counted by the caller from its SMILES)."""
+def draw_batch(items: list[tuple[str, int]], size: int, cfg: DrawingConfig
+               ) -> tuple[np.ndarray, list[str]]:
+    """Pictures of ``(smiles, seed)`` pairs: ((N, size, size, 3) uint8, the SMILES no
+    toolkit could draw -- their pictures are left white for the caller to count)."""
     out = np.full((len(items), size, size, 3), 255, np.uint8)
+    failed = []
     for i, (smiles, seed) in enumerate(items):
         try:
             out[i] = draw_example(smiles, size, cfg, seed)
         except RenderError:
-            pass
-    return out
+            failed.append(smiles)
+    return out, failed
 
 
 def named_style(name: str, rng: np.random.Generator, size: int) -> Style | None:

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import weakref
 from collections import deque
@@ -47,7 +48,8 @@ class DrawnExamples:
 
     ``smiles[i]`` is drawn for training pair ``i`` whose targets are ``tokens[i]``.
     The drawing processes start on first use and stop with :meth:`close` (or when the
-    object is collected).
+    object is collected). A molecule no toolkit can draw is trained on a white picture,
+    logged and counted in :attr:`undrawn`.
     """
 
     def __init__(self, smiles: Sequence[str], tokens: np.ndarray, image_size: int,
@@ -58,6 +60,7 @@ class DrawnExamples:
         self.image_size, self.cfg, self.seed = int(image_size), cfg, int(seed)
         self.ahead = max(1, ahead)
         self._pool: ProcessPoolExecutor | None = None
+        self.undrawn: dict[str, int] = {}  # SMILES no toolkit could draw -> times
         self._finalizer: weakref.finalize | None = None
 
     @property
@@ -73,6 +76,14 @@ class DrawnExamples:
             self._finalizer = weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
         return self._pool
 
+    def _count(self, failed: list[str]) -> None:
+        """Molecules no toolkit could draw (trained on a white picture), logged once each."""
+        for smiles in failed:
+            if smiles not in self.undrawn:
+                logging.getLogger(__name__).warning(
+                    "could not draw %r: trained on a white picture", smiles)
+            self.undrawn[smiles] = self.undrawn.get(smiles, 0) + 1
+
     def close(self) -> None:
         """Stop the drawing processes (a later batch starts new ones)."""
         if self._finalizer is not None:
@@ -84,11 +95,6 @@ class DrawnExamples:
         b = len(rows)
         return [(self.smiles[i], example_seed(self.seed, epoch, first * b + j))
                 for j, i in enumerate(rows)]
-
-    def pictures(self, epoch: int, rows: np.ndarray, step: int) -> np.ndarray:
-        """The pictures of one batch (rows: its pair indices; step: its place in the
-        epoch), drawn in this process: (B, S, S, 3) uint8."""
-        return draw_batch(self._items(epoch, rows, step), self.image_size, self.cfg)
 
     def _generate(self, epoch: int, batches: np.ndarray, skip: int
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -109,7 +115,8 @@ class DrawnExamples:
                 break
         while window:
             rows, work = window.popleft()
-            images = work.result() if isinstance(work, Future) else work
+            images, failed = work.result() if isinstance(work, Future) else work
+            self._count(failed)
             k = next(upcoming, None)
             if k is not None:
                 submit(k)
@@ -134,7 +141,7 @@ def draw_split(smiles: Sequence[str], size: int, style: str, seed: int,
     drawn in ``style`` with seed (``seed``, 0, ``i``); the training mix for ``mix``."""
     if style == "mix":
         items = [(s, example_seed(seed, 0, i)) for i, s in enumerate(smiles)]
-        return draw_batch(items, size, cfg)
+        return draw_batch(items, size, cfg)[0]
     out = np.empty((len(smiles), size, size, 3), np.uint8)
     for i, s in enumerate(smiles):
         out[i] = np.asarray(draw_named(s, style, size, example_seed(seed, 0, i))[0])
