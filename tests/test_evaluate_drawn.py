@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from captioner.choices import ChoiceError
-from captioner.evaluate.osra import parse_osra_output
+from captioner.evaluate.osra import osra_environment, parse_osra_output
 from captioner.evaluate.runs import Drawing, eval_drawing, evaluate, split_smiles
 from tests.test_osra import SMILES
 
@@ -113,5 +113,5 @@ def test_cli_style_with_osra_reads_the_drawn_files(drawn_run, tmp_path):
     for row in read_csv(out / "predictions.csv"):
         assert Path(row["image"]).resolve().parent == (out / "images").resolve()
         printed = subprocess.run(["osra", row["image"]], capture_output=True, text=True,
-                                 timeout=60).stdout
+                                 timeout=60, env=osra_environment()).stdout
         assert row["osra_prediction"] == ".".join(parse_osra_output(printed))

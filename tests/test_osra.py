@@ -17,6 +17,7 @@ from captioner.evaluate import osra as osra_module
 from captioner.evaluate.metrics import per_example_smiles_metrics, smiles_metrics
 from captioner.evaluate.osra import (
     OsraUnavailable,
+    osra_environment,
     parse_osra_output,
     read_image,
     read_images,
@@ -181,7 +182,7 @@ def test_cli_evaluate_compare_osra_scores_the_same_files(smiles_run, tmp_path, c
     # each osra_prediction is what osra prints for that very image file
     for row in rows:
         printed = subprocess.run(["osra", row["image"]], capture_output=True, text=True,
-                                 timeout=60).stdout
+                                 timeout=60, env=osra_environment()).stdout
         assert row["osra_prediction"] == ".".join(parse_osra_output(printed))
         assert int(row["osra_structures"]) == len(parse_osra_output(printed))
     # the summary is the same SMILES metrics on those predictions
