@@ -43,6 +43,16 @@ def shapes_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shapes")
 
 
+@pytest.fixture(scope="session")
+def tiny_smiles_overrides() -> list[str]:
+    """Model and training overrides of ``smiles_qm9`` for a two-step SMILES run."""
+    return ["model.image_size=32", "model.cnn_filters=[8, 16]", "model.embedding_dim=16",
+            "model.units=32", "model.attention_units=16", "model.dropout=0.0",
+            "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=2",
+            "train.val_limit=4", "train.progress=false", "train.warmup_steps=0",
+            "decode.max_length=24"]
+
+
 @pytest.fixture
 def tiny_overrides(shapes_dir) -> list[str]:
     """Overrides that turn configs/shapes.yaml into a seconds-long run."""

@@ -21,7 +21,7 @@ from tests.test_osra import SMILES
 
 
 @pytest.fixture(scope="module")
-def drawn_run(tmp_path_factory, project_root):
+def drawn_run(tmp_path_factory, project_root, tiny_smiles_overrides):
     """A tiny ``data.format: smiles`` run (pictures drawn while training), two steps."""
     from captioner.config import load_config
     from captioner.train.trainer import train
@@ -32,11 +32,7 @@ def drawn_run(tmp_path_factory, project_root):
     cfg = load_config(project_root / "configs" / "smiles_qm9.yaml", [
         "data.format=smiles", f"data.path={src}", "data.val_fraction=0.15",
         "data.test_fraction=0.25", "data.drawing.eval_size=64", "data.drawing.workers=1",
-        "model.image_size=32", "model.cnn_filters=[8, 16]", "model.embedding_dim=16",
-        "model.units=32", "model.attention_units=16", "model.dropout=0.0",
-        "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=2",
-        "train.val_limit=4", "train.progress=false", "train.warmup_steps=0",
-        "decode.max_length=24"])
+        *tiny_smiles_overrides])
     train(cfg, work / "run", log=lambda _msg: None)
     return work / "run"
 

@@ -133,7 +133,7 @@ def test_real_osra_reads_rendered_molecules(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def smiles_run(tmp_path_factory, project_root):
+def smiles_run(tmp_path_factory, project_root, tiny_smiles_overrides):
     """A tiny SMILES run trained for two steps on molecules rendered at 300 px."""
     from captioner.config import load_config
     from captioner.data.molecules import render_molecules
@@ -145,12 +145,7 @@ def smiles_run(tmp_path_factory, project_root):
     summary = render_molecules(src, work / "data", size=300, workers=1, progress=False)
     cfg = load_config(project_root / "configs" / "smiles_qm9.yaml", [
         "data.format=csv", f"data.path={summary.manifest}", "data.val_fraction=0.15",
-        "data.test_fraction=0.25",
-        "model.image_size=32", "model.cnn_filters=[8, 16]", "model.embedding_dim=16",
-        "model.units=32", "model.attention_units=16", "model.dropout=0.0",
-        "train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=2",
-        "train.val_limit=4", "train.progress=false", "train.warmup_steps=0",
-        "decode.max_length=24"])
+        "data.test_fraction=0.25", *tiny_smiles_overrides])
     train(cfg, work / "run", log=lambda _msg: None)
     return work / "run"
 
