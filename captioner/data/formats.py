@@ -15,6 +15,7 @@ karpathy       Karpathy split JSON, e.g. ``dataset_flickr8k.json`` (:func:`read_
 flickr8k       official ``Flickr8k.token.txt`` + split files (:func:`read_flickr_token`)
 captions_csv   Kaggle ``captions.txt`` (``image,caption``) (:func:`read_captions_csv`)
 auto           sniffed from the file (:func:`detect_format`)
+smiles         a CSV of SMILES without pictures, drawn while training (:func:`read_smiles_list`)
 =============  ===========================================================================
 
 :func:`group_splits` assigns splits by group (image path, or canonical SMILES with
