@@ -166,7 +166,8 @@ def test_drawing_config_is_checked():
 
 tf = pytest.importorskip("tensorflow")
 
-from captioner.data.drawn import DrawnExamples, draw_split, example_seed  # noqa: E402
+from captioner.data.drawing import example_seed  # noqa: E402
+from captioner.data.drawn import DrawnExamples, draw_split  # noqa: E402
 
 
 def _source(workers: int, n: int = 12) -> DrawnExamples:

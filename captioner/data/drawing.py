@@ -111,6 +111,17 @@ class Style:
         return self.width, self.height
 
 
+def example_seed(*keys: int) -> int:
+    """A drawing seed derived from ``keys`` (e.g. run seed, epoch, position), the same
+    on every machine.
+
+    Example:
+        >>> example_seed(0, 1, 5) == example_seed(0, 1, 5) != example_seed(0, 2, 5)
+        True
+    """
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
+
+
 def _uniform(rng: np.random.Generator, lo_hi: list[float] | list[int]) -> float:
     return float(lo_hi[0] + (lo_hi[1] - lo_hi[0]) * rng.random())
 
@@ -369,7 +380,8 @@ def draw_batch(items: list[tuple[str, int]], size: int, cfg: DrawingConfig
 
 def named_style(name: str, rng: np.random.Generator, size: int) -> Style | None:
     """The :class:`Style` of a named style at ``size`` px (``None`` for ``rdkit_default``
-    and ``openbabel_default``, which use the toolkit's own defaults)."""
+    and ``openbabel_default``, which use the toolkit's own defaults, and for ``mix``,
+    sampled per picture by :func:`draw_example`)."""
     Choices().check("drawing_style", name)
     if name == "rdkit_plain":
         return Style("rdkit", size, size, bond_width=2.0, font_scale=1.0, colour=False)
@@ -378,8 +390,6 @@ def named_style(name: str, rng: np.random.Generator, size: int) -> Style | None:
                      font_scale=1.0, colour=False)
     if name == "indigo_default":
         return Style("indigo", size, size, bond_width=2.0, colour=True)
-    if name == "mix":
-        return sample_style(DrawingConfig(), rng)
     return None
 
 
@@ -417,11 +427,12 @@ def draw_named(smiles: str, style: str, size: int, seed: int = 0
         order = list(range(mol.GetNumAtoms()))
     elif style == "openbabel_default":
         image, _ = to_square(_draw_openbabel(canonical, Style("openbabel", 300, 300)), size)
-    elif spec is not None and spec.toolkit == "rdkit" and style != "mix":
+    elif style == "mix":
+        image = Image.fromarray(draw_example(canonical, size, DrawingConfig(), seed))
+    elif spec.toolkit == "rdkit":
         image, coords = _draw_rdkit(smiles, spec)
     else:
-        image = Image.fromarray(draw_example(canonical, size, DrawingConfig(), seed)) \
-            if style == "mix" else to_square(draw_canvas(canonical, spec), size)[0]
+        image, _ = to_square(draw_canvas(canonical, spec), size)
     atoms = None if coords is None else [
         {"symbol": mol.GetAtomWithIdx(i).GetSymbol(),
          "x": round(coords[i][0], 2), "y": round(coords[i][1], 2)} for i in order]
@@ -454,9 +465,7 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
     for i, text in enumerate(tqdm(smiles, desc=f"draw {style}", unit="mol",
                                   disable=not progress)):
         try:
-            image, canonical, atoms = draw_named(text, style, size,
-                                                 int(np.random.SeedSequence([seed, i])
-                                                     .generate_state(1)[0] >> 1))
+            image, canonical, atoms = draw_named(text, style, size, example_seed(seed, i))
         except RenderError as exc:
             skipped.append({"line": lines[i] if lines is not None else i, "smiles": text,
                             "reason": str(exc)})
@@ -475,4 +484,5 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
 
 
 __all__ = ["Damage", "Style", "damage", "draw_batch", "draw_canvas", "draw_example",
-           "draw_named", "named_style", "render_smiles", "sample_style", "to_square"]
+           "draw_named", "example_seed", "named_style", "render_smiles", "sample_style",
+           "to_square"]

@@ -29,18 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import DrawingConfig
-from captioner.data.drawing import draw_batch, draw_named
+from captioner.data.drawing import draw_batch, draw_named, example_seed
 from captioner.data.splits import epoch_batches
-
-
-def example_seed(seed: int, epoch: int, position: int) -> int:
-    """The drawing seed of the example at ``position`` of 1-based ``epoch``.
-
-    Example:
-        >>> example_seed(0, 1, 5) == example_seed(0, 1, 5) != example_seed(0, 2, 5)
-        True
-    """
-    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0] >> 1)
 
 
 class DrawnExamples:
@@ -148,4 +138,4 @@ def draw_split(smiles: Sequence[str], size: int, style: str, seed: int,
     return out
 
 
-__all__ = ["DrawnExamples", "draw_split", "example_seed"]
+__all__ = ["DrawnExamples", "draw_split"]
