@@ -110,6 +110,17 @@ def test_named_styles(style):
     assert np.array_equal(np.asarray(image), np.asarray(again))
 
 
+def test_mix_style_samples_the_given_drawing_config():
+    indigo_only = DrawingConfig(toolkits=["indigo"], toolkit_weights=[1.0])
+    rdkit_only = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0])
+    image, canonical, _ = draw_named("Cc1ccc(O)cc1N", "mix", 96, 5, indigo_only)
+    assert np.array_equal(np.asarray(image), draw_example(canonical, 96, indigo_only, 5))
+    other = np.asarray(draw_named("Cc1ccc(O)cc1N", "mix", 96, 5, rdkit_only)[0])
+    assert not np.array_equal(np.asarray(image), other)
+    default = np.asarray(draw_named("Cc1ccc(O)cc1N", "mix", 96, 5)[0])
+    assert np.array_equal(default, draw_example(canonical, 96, DrawingConfig(), 5))
+
+
 def test_rdkit_default_is_what_draw_moltoimage_draws():
     from rdkit import Chem
     from rdkit.Chem import Draw

@@ -11,12 +11,19 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from captioner.choices import ChoiceError
 from captioner.evaluate.osra import osra_environment, parse_osra_output
-from captioner.evaluate.runs import Drawing, eval_drawing, evaluate, split_smiles
+from captioner.evaluate.runs import (
+    Drawing,
+    draw_eval_data,
+    eval_drawing,
+    evaluate,
+    split_smiles,
+)
 from tests.test_osra import SMILES
 
 
@@ -94,6 +101,23 @@ def test_drawing_choice_follows_the_data_and_the_arguments(drawn_run):
                                                                   format="csv")))
     assert eval_drawing(pictures) is None  # image files: read them as they are
     assert eval_drawing(pictures, size=300) == Drawing("rdkit_default", 300, 0)
+
+
+def test_mix_style_draws_the_runs_own_drawing_config(drawn_run, tmp_path):
+    from captioner.data.drawing import draw_named, example_seed
+    from captioner.generate.captioner import Captioner
+
+    cap = Captioner.load(drawn_run)
+    indigo_only = replace(cap.config.data.drawing, toolkits=["indigo"], toolkit_weights=[1.0])
+    cap.config = replace(cap.config, data=replace(cap.config.data, drawing=indigo_only))
+    eval_data, undrawn = draw_eval_data(cap, tmp_path / "mix", Drawing("mix", 64, 0), limit=2)
+    assert undrawn == 0 and eval_data.split.num_images == 2
+    manifest = read_csv(tmp_path / "mix" / "manifest.csv")
+    for i, row in enumerate(manifest):
+        with Image.open(tmp_path / "mix" / row["image"]) as im:
+            drawn = np.asarray(im.convert("RGB"))
+        expected = draw_named(row["smiles"], "mix", 64, example_seed(0, i), indigo_only)[0]
+        assert np.array_equal(drawn, np.asarray(expected))
 
 
 @pytest.mark.skipif(shutil.which("osra") is None, reason="osra not installed")

@@ -406,11 +406,14 @@ def _rdkit_default(smiles: str, size: int) -> tuple[Image.Image, list[tuple[floa
     return image, [(float(p.x), float(p.y)) for p in coords]
 
 
-def draw_named(smiles: str, style: str, size: int, seed: int = 0
+def draw_named(smiles: str, style: str, size: int, seed: int = 0,
+               mix: DrawingConfig | None = None
                ) -> tuple[Image.Image, str, list[dict[str, Any]] | None]:
     """``smiles`` in the named ``style`` at ``size`` x ``size`` px: (image, canonical
     SMILES, atoms in canonical order with their pixel or None when the toolkit does not
-    report positions). Raises :class:`RenderError` for unusable input.
+    report positions). Style ``mix`` draws one sample of the drawing config ``mix`` (a
+    run's ``data.drawing``; the default :class:`DrawingConfig` when None). Raises
+    :class:`RenderError` for unusable input.
 
     Example:
         >>> image, canonical, atoms = draw_named("OCC", "rdkit_default", 96)
@@ -428,7 +431,7 @@ def draw_named(smiles: str, style: str, size: int, seed: int = 0
     elif style == "openbabel_default":
         image, _ = to_square(_draw_openbabel(canonical, Style("openbabel", 300, 300)), size)
     elif style == "mix":
-        image = Image.fromarray(draw_example(canonical, size, DrawingConfig(), seed))
+        image = Image.fromarray(draw_example(canonical, size, mix or DrawingConfig(), seed))
     elif spec.toolkit == "rdkit":
         image, coords = _draw_rdkit(smiles, spec)
     else:
@@ -441,7 +444,8 @@ def draw_named(smiles: str, style: str, size: int, seed: int = 0
 
 def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
                   style: str = "rdkit_plain", seed: int = 0, progress: bool = True,
-                  lines: Sequence[int] | None = None) -> RenderSummary:
+                  lines: Sequence[int] | None = None,
+                  mix: DrawingConfig | None = None) -> RenderSummary:
     """Draw each SMILES in the named ``style`` at ``size`` px into ``out_dir``: the
     ``render-molecules`` layout (``images/mol_NNNNNN.png`` named by position,
     ``manifest.csv`` with image, smiles (canonical), heavy_atoms, atoms -- empty for
@@ -449,6 +453,7 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
     ``line`` (``lines[i]``, e.g. the CSV line, else the 0-based position), SMILES and
     reason of what could not be drawn).
     Molecule ``i`` uses the seed (``seed``, ``i``), so a rerun draws the same pictures.
+    ``mix`` is the drawing config the ``mix`` style samples from (:func:`draw_named`).
 
     Example::
 
@@ -465,7 +470,7 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
     for i, text in enumerate(tqdm(smiles, desc=f"draw {style}", unit="mol",
                                   disable=not progress)):
         try:
-            image, canonical, atoms = draw_named(text, style, size, example_seed(seed, i))
+            image, canonical, atoms = draw_named(text, style, size, example_seed(seed, i), mix)
         except RenderError as exc:
             skipped.append({"line": lines[i] if lines is not None else i, "smiles": text,
                             "reason": str(exc)})

@@ -165,11 +165,11 @@ def draw_eval_data(cap: Captioner, out_dir: str | Path, drawing: Drawing,
                    limit: int | None = None) -> tuple[EvalData, int]:
     """Draw the split's reference SMILES (:func:`split_smiles`) with
     :func:`captioner.data.drawing.render_smiles` into ``out_dir/images`` (listed in
-    ``out_dir/manifest.csv``) and load those pictures: (the data, molecules that could
-    not be drawn)."""
+    ``out_dir/manifest.csv``; style ``mix`` samples the run's own ``data.drawing``) and
+    load those pictures: (the data, molecules that could not be drawn)."""
     smiles, source = split_smiles(cap, data, split, limit)
     summary = render_smiles(smiles, out_dir, size=drawing.size, style=drawing.style,
-                            seed=drawing.seed, progress=False)
+                            seed=drawing.seed, progress=False, mix=cap.config.data.drawing)
     records = read_any("csv", summary.manifest, None, "image", "smiles", None)
     records = [replace(r, split=split) for r in records]
     if not records:
