@@ -225,7 +225,13 @@ def test_example_seeds_and_fixed_splits():
     assert not np.array_equal(a, b)
 
 
-def test_train_on_drawn_molecules(tmp_path):
+def test_train_on_drawn_molecules_with_selfies_tokens(tmp_path):
+    """The drawn source with the SELFIES tokenizer (test_evaluate_drawn's run uses SMILES):
+    training, a run directory that says so, and a model whose outputs are molecules."""
+    pytest.importorskip("selfies")
+    from rdkit import Chem
+
+    from captioner.generate.captioner import Captioner
     from captioner.train.trainer import train
 
     data = tmp_path / "mols.csv"
@@ -233,8 +239,9 @@ def test_train_on_drawn_molecules(tmp_path):
     overrides = [f"data.path={data}", "data.drawing.workers=0", "data.val_fraction=0.25",
                  "data.test_fraction=0.125", "model.image_size=32", "model.cnn_filters=[8, 8]",
                  "model.units=16", "model.embedding_dim=8", "model.attention_units=8",
-                 "train.epochs=2", "train.batch_size=2", "train.max_steps_per_epoch=2",
-                 "train.progress=false", "train.tensorboard=false", "train.warmup_steps=0"]
+                 "tokenizer.kind=selfies", "train.epochs=2", "train.batch_size=2",
+                 "train.max_steps_per_epoch=2", "train.progress=false",
+                 "train.tensorboard=false", "train.warmup_steps=0", "decode.max_length=12"]
     cfg = load_config("smiles_qm9", overrides)
     logs: list[str] = []
     history = train(cfg, tmp_path / "run", log=logs.append)
@@ -242,6 +249,12 @@ def test_train_on_drawn_molecules(tmp_path):
     assert any("training molecules drawn while training" in m for m in logs)
     model = json.loads((tmp_path / "run" / "model.json").read_text())
     assert model["cnn_norm"] == cfg.model.cnn_norm
+    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["kind"] == "selfies"
+    pictures = np.stack([draw_example(s, 32, DrawingConfig(), i)
+                         for i, s in enumerate(MOLECULES[:3])])
+    texts = Captioner.load(tmp_path / "run").generate(pictures).texts
+    assert len(texts) == 3
+    assert all(t == "" or Chem.MolFromSmiles(t) is not None for t in texts)  # SMILES out
 
 
 def test_render_smiles_writes_a_manifest_evaluate_can_read(tmp_path):
