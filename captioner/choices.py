@@ -54,6 +54,8 @@ class Choices:
     decode_strategy: tuple[str, ...] = ("greedy", "beam", "sample")
     checkpoint: tuple[str, ...] = ("best", "latest")
     metric_family: tuple[str, ...] = ("caption", "smiles")
+    #: how a predicted molecule differs from its reference (``evaluate``'s ``error`` column)
+    smiles_error: tuple[str, ...] = ("none", "invalid", "stereo", "isomer", "atoms", "size")
     bench_impl: tuple[str, ...] = ("captioner", "classic")
     on_nonfinite: tuple[str, ...] = ("stop", "skip")
     on_image_error: tuple[str, ...] = ("raise", "skip")

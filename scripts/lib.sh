@@ -38,7 +38,8 @@ summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }
 # training) into $RUNS/NAME, then evaluate the held-out molecules drawn in several styles
 # (RDKit defaults greedy + beam 5, Indigo, Open Babel -- not in the training mix --, thin
 # rotated black-and-white lines, the training mix; OSRA beside ours where it is installed)
-# and print the tables, exact match by molecule size and the training curve.
+# and print the tables, exact match by molecule size, the kinds of error and the training
+# curve.
 # EVAL_LIMIT bounds every evaluation, OSRA_LIMIT (default 500) the OSRA ones.
 smiles_recipe() {
   local name="$1" csv="$2" run="$RUNS/$1" osra_limit="${OSRA_LIMIT:-500}"
@@ -73,5 +74,7 @@ smiles_recipe() {
     echo "osra is not installed: no OSRA rows (apt-get install osra)"
   fi
   summarize sizes "RDKit defaults=$run/eval-rdkit_default" "thin rotated=$run/eval-thin_rotated_bw"
+  summarize errors "RDKit defaults=$run/eval-rdkit_default" \
+    "thin rotated=$run/eval-thin_rotated_bw" "Open Babel=$run/eval-openbabel_default"
   summarize curve "$name=$run"
 }

@@ -3,6 +3,7 @@
     python scripts/summarize.py demo float32=runs/demo mixed_bfloat16=runs/demo_mixed_bfloat16
     python scripts/summarize.py smiles greedy=runs/qm9/eval-greedy "beam 5=runs/qm9/eval-beam5"
     python scripts/summarize.py sizes greedy=runs/qm9/eval-rdkit_default
+    python scripts/summarize.py errors greedy=runs/qm9/eval-rdkit_default
     python scripts/summarize.py curve qm9=runs/qm9
     python scripts/summarize.py captions greedy=runs/flickr8k/eval-greedy
     python scripts/summarize.py bench ours_float32=runs/bench/ours_float32.json ...
@@ -107,6 +108,18 @@ def sizes(results: dict[str, dict[str, Any]]) -> str:
     return table(["exact match (molecules)", *(f"{a} atoms" for a in atoms)], rows)
 
 
+def errors(results: dict[str, dict[str, Any]]) -> str:
+    """How the readings differ from their molecule: the share of each ``error_kinds`` of
+    each ``metrics.json`` (OSRA's on a row of its own where it was compared)."""
+    rows, kinds = [], []
+    for label, m in results.items():
+        for name, got in ((label, m), (f"{label}: OSRA", (m.get("compare") or {}).get("osra"))):
+            if got and got.get("error_kinds"):
+                kinds = kinds or list(got["error_kinds"])
+                rows.append([name, *(num(got["error_kinds"].get(k)) for k in kinds)])
+    return table(["drawings", *kinds], rows)
+
+
 def curve(results: dict[str, dict[str, Any]]) -> str:
     """The training curve of a run folder (its ``history.json``)."""
     out = []
@@ -162,8 +175,8 @@ def bench(results: dict[str, dict[str, Any]]) -> str:
     return text
 
 
-KINDS = {"demo": demo, "smiles": smiles, "sizes": sizes, "curve": curve, "captions": captions,
-         "bench": bench}
+KINDS = {"demo": demo, "smiles": smiles, "sizes": sizes, "errors": errors, "curve": curve,
+         "captions": captions, "bench": bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,6 +255,20 @@ def test_invalid_prediction():
     assert m["levenshtein"] == pytest.approx(0.625)
 
 
+def test_kinds_of_error():
+    preds = ["OCC", "", "C[C@H](N)O", "COC", "CCN", "CCCO", "C1CC"]
+    refs = ["CCO", "CCO", "C[C@@H](N)O", "CCO", "CCO", "CCO", "CCO"]
+    rows = per_example_smiles_metrics(preds, refs)
+    assert [r["error_kind"] for r in rows] == ["none", "invalid", "stereo", "isomer", "atoms",
+                                          "size", "invalid"]
+    errors = smiles_metrics(preds, refs)["error_kinds"]
+    assert errors == pytest.approx({"none": 1 / 7, "invalid": 2 / 7, "stereo": 1 / 7,
+                                    "isomer": 1 / 7, "atoms": 1 / 7, "size": 1 / 7})
+    md = metrics_markdown(smiles_metrics(preds, refs))
+    assert "| invalid | stereo | isomer | atoms | size |" in md
+    assert "| 0.2857 | 0.1429 | 0.1429 | 0.1429 | 0.1429 |" in md
+
+
 def test_inchi_matches_mobile_h_tautomers_only():
     rows = per_example_smiles_metrics(
         ["Oc1ccccn1", "OC(=O)CC(N)=N", "CC(O)=C"],
@@ -306,7 +320,8 @@ def test_heavy_atoms_override_and_unknown_bin():
     assert m["by_heavy_atoms"]["31+"]["count"] == 1
     assert m["by_heavy_atoms"]["1-10"] == {
         "count": 0, "validity": None, "exact_match": None, "exact_match_nostereo": None,
-        "inchi_match": None, "tanimoto": None, "tanimoto_1": None, "levenshtein": None}
+        "inchi_match": None, "tanimoto": None, "tanimoto_1": None, "levenshtein": None,
+        "error_kinds": None}
     m = smiles_metrics(["CCO"], ["C1CC"])
     assert m["invalid_references"] == 1 and m["by_heavy_atoms"]["unknown"]["count"] == 1
     assert m["exact_match"] == 0.0

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captioner.choices import Choices
 from captioner.data.chem import chem, parse, quiet_rdkit
 
 Splitter = Callable[[str], list[str]]
@@ -485,6 +486,25 @@ def _describe(smiles: str, generator: Any) -> _Molecule:
                      generator.GetFingerprint(mol))
 
 
+def _smiles_error(pred: _Molecule, ref: _Molecule) -> str:
+    """How ``pred`` differs from ``ref``, one of ``Choices().smiles_error``: ``none`` (the
+    same canonical SMILES), ``invalid`` (a side did not parse), ``stereo`` (right but for
+    stereo), ``isomer`` (the same molecular formula, other bonds), ``atoms`` (as many heavy
+    atoms, another formula: an element or hydrogens misread), ``size`` (another number of
+    heavy atoms)."""
+    from rdkit.Chem.rdMolDescriptors import CalcMolFormula
+
+    if pred.mol is None or ref.mol is None:
+        return "invalid"
+    if pred.canonical == ref.canonical:
+        return "none"
+    if pred.canonical_flat == ref.canonical_flat:
+        return "stereo"
+    if CalcMolFormula(pred.mol) == CalcMolFormula(ref.mol):
+        return "isomer"
+    return "atoms" if pred.mol.GetNumHeavyAtoms() == ref.mol.GetNumHeavyAtoms() else "size"
+
+
 def _smiles_example(pred: _Molecule, ref: _Molecule, heavy_atoms: int | None) -> dict[str, Any]:
     from rdkit import DataStructs
 
@@ -505,6 +525,7 @@ def _smiles_example(pred: _Molecule, ref: _Molecule, heavy_atoms: int | None) ->
                                               ref.canonical or ref.smiles),
         "heavy_atoms": heavy_atoms,
         "heavy_atom_bin": heavy_atom_bin(heavy_atoms),
+        "error_kind": _smiles_error(pred, ref),
     }
 
 
@@ -565,6 +586,8 @@ def _summarise_smiles(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tanimoto": _mean([r["tanimoto"] for r in rows]),
         "tanimoto_1": _mean([float(r["tanimoto"] == 1.0) for r in rows]),
         "levenshtein": _mean([r["levenshtein"] for r in rows]),
+        "error_kinds": {kind: _mean([float(r["error_kind"] == kind) for r in rows])
+                   for kind in Choices().smiles_error} if rows else None,
     }
 
 
@@ -575,6 +598,8 @@ def smiles_metrics(predictions: list[str], references: list[str] | list[list[str
     Keys: ``count``, ``validity``, ``exact_match`` (canonical, with stereo),
     ``exact_match_nostereo``, ``inchi_match``, ``tanimoto`` (mean), ``tanimoto_1`` (share
     with Tanimoto 1.0), ``levenshtein`` (mean normalised distance, lower is better),
+    ``error_kinds`` (the share of each kind of difference, ``Choices().smiles_error``:
+    none, invalid, stereo, isomer, atoms, size; each example's is its ``error_kind``),
     ``invalid_references`` and ``by_heavy_atoms`` (bin -> the same keys; an ``"unknown"`` bin
     appears only for unparseable references without a given count). Empty groups get None.
 
@@ -679,6 +704,12 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
                 value += f" ({metrics['meteor_unavailable']})"
             rows.append([name, value])
     lines = _table(["Metric", "Value"], rows)
+    errors = metrics.get("error_kinds")
+    if errors:
+        kinds = [k for k in errors if k != "none"]
+        lines += ["", "How the molecules read wrong differ from their reference (share of all "
+                  "images; `error_kind` in predictions.csv):", "",
+                  *_table(kinds, [[_fmt(errors[k]) for k in kinds]])]
     bins = metrics.get("by_heavy_atoms")
     if bins:
         keys = [k for k, _ in _headline_names("smiles")[:-1]]

@@ -188,7 +188,8 @@ def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[s
 
 
 #: per-example columns of another reader in ``predictions.csv`` (prefixed by its name)
-COMPARED_COLUMNS = ("valid", "exact_match", "exact_match_nostereo", "inchi_match", "tanimoto")
+COMPARED_COLUMNS = ("valid", "exact_match", "exact_match_nostereo", "inchi_match", "tanimoto",
+                    "error_kind")
 
 
 def _read_with_osra(split: SplitData, log: Callable[[str], None]) -> OsraReadings | None:
