@@ -54,7 +54,7 @@ class Choices:
     decode_strategy: tuple[str, ...] = ("greedy", "beam", "sample")
     checkpoint: tuple[str, ...] = ("best", "latest")
     metric_family: tuple[str, ...] = ("caption", "smiles")
-    #: how a predicted molecule differs from its reference (``evaluate``'s ``error`` column)
+    #: how a predicted molecule differs from its reference (``evaluate``'s ``error_kind``)
     smiles_error: tuple[str, ...] = ("none", "invalid", "stereo", "isomer", "atoms", "size")
     bench_impl: tuple[str, ...] = ("captioner", "classic")
     on_nonfinite: tuple[str, ...] = ("stop", "skip")

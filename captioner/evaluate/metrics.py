@@ -587,7 +587,7 @@ def _summarise_smiles(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tanimoto_1": _mean([float(r["tanimoto"] == 1.0) for r in rows]),
         "levenshtein": _mean([r["levenshtein"] for r in rows]),
         "error_kinds": {kind: _mean([float(r["error_kind"] == kind) for r in rows])
-                   for kind in Choices().smiles_error} if rows else None,
+                        for kind in Choices().smiles_error} if rows else None,
     }
 
 
