@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     _add_overrides(p)
 
+    p = sub.add_parser("recalibrate", help=(
+        "recompute a trained run's batch-norm statistics for its final weights (what "
+        "train.precise_bn_batches does at each validation), validate, save a checkpoint"))
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--batches", type=int, default=16,
+                   help="training batches of the last epoch to average (default 16)")
+    _add_overrides(p)
+
     p = sub.add_parser("caption", help="caption images with a trained run")
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
@@ -263,6 +271,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from captioner.config import load_config
+
+    cfg = load_config(Path(args.run, "config.json"), args.overrides)
+    from captioner.train.trainer import Trainer
+
+    record = Trainer(cfg, args.run).recalibrate(args.batches)
+    best = " (best)" if record["best"] else ""
+    print(f"batch-norm statistics from {record['batches']} batches: val_loss "
+          f"{record['val_loss']:.4f} {record['val_metric_name']} {record['val_metric']:.4f}"
+          f"{best} -> {record['checkpoint']}")
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     """Caption every usable image; an unusable one is reported on stderr (``skipped
     <path>: <reason>: <detail>``) and as a record with an ``error`` in --json / --out.
@@ -380,8 +402,8 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "caption": cmd_caption, "evaluate": cmd_evaluate,
-                "attention": cmd_attention, "bench": cmd_bench,
+    commands = {"train": cmd_train, "recalibrate": cmd_recalibrate, "caption": cmd_caption,
+                "evaluate": cmd_evaluate, "attention": cmd_attention, "bench": cmd_bench,
                 "demo": cmd_demo, "make-shapes": cmd_make_shapes,
                 "render-molecules": cmd_render_molecules,
                 "extract-features": cmd_extract_features, "export": cmd_export,

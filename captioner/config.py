@@ -238,6 +238,11 @@ class TrainConfig:
     good weights), ``skip`` goes on and counts the skipped batches in the history
     (``skipped_nonfinite``).
 
+    ``precise_bn_batches`` > 0: before each validation, the backbone's batch-norm moving
+    statistics are recomputed with the current weights from the first that many batches
+    of the epoch just trained (:mod:`captioner.train.batchnorm`; no effect without
+    trainable batch norm or with a feature cache); 0 keeps the moving averages.
+
     Example:
         >>> TrainConfig(epochs=3).batch_size
         64
@@ -264,6 +269,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     checkpoint_minutes: float = 10.0
     on_nonfinite: str = "stop"
+    precise_bn_batches: int = 0
     precision: str = "float32"
     strategy: str = "default"
     logical_cpus: int = 0
@@ -558,5 +564,7 @@ def validate(cfg: Config) -> None:
     _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")
     _require(d.max_length >= 3, "data.max_length", "must be at least 3")
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")
+    _require(t.precise_bn_batches >= 0, "train.precise_bn_batches",
+             "must be 0 (off) or a number of batches")
     _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes",
              "must be 0 (off) or a positive number of minutes")

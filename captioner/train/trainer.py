@@ -36,7 +36,8 @@ from captioner.data.tokenizers import SmilesTokenizer
 from captioner.evaluate.metrics import validation_metric
 from captioner.fileio import atomic_write_text
 from captioner.generate.captioner import Captioner
-from captioner.train.checkpoints import Checkpoints
+from captioner.train.batchnorm import recompute_batchnorm, trainable_batchnorm
+from captioner.train.checkpoints import Checkpoints, checkpoint_number
 from captioner.train.distribute import distribute_batches, strategy_from_config, worker_run_dir
 from captioner.train.setup import (
     PreparedData,
@@ -269,6 +270,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - started
+        self._precise_bn(epoch)
         done = int(self.step_in_epoch.numpy()) - int(ckpts.skipped.numpy())
         record = {"epoch": epoch,
                   "loss": float(ckpts.loss_sum.numpy()) / done if done > 0 else None,
@@ -278,6 +280,48 @@ class Trainer:
                   "skipped_nonfinite": int(ckpts.skipped.numpy()),
                   **self._validate(eval_step)}
         self._end_epoch(record, writer)
+
+    def _precise_bn(self, epoch: int, batches: int | None = None) -> int:
+        """Recompute the backbone's batch-norm statistics with the current weights from
+        the first ``batches`` (default ``train.precise_bn_batches``) training batches of
+        1-based ``epoch`` (:func:`~captioner.train.batchnorm.recompute_batchnorm`); returns
+        the batches used (0: off, no trainable batch norm, or cached grids)."""
+        k = self.cfg.train.precise_bn_batches if batches is None else batches
+        if not k or self.data.cache is not None or not trainable_batchnorm(self.model):
+            return 0
+        data = self.data.batches(self.cfg.train, epoch).take(k)
+        return recompute_batchnorm(self.model, (inputs for inputs, _ in data))
+
+    def recalibrate(self, batches: int = 16) -> dict[str, Any]:
+        """Recompute the batch-norm statistics of a trained run's newest checkpoint from
+        ``batches`` batches of its last epoch (what ``train.precise_bn_batches`` does
+        before each validation, for runs trained without it), validate, and save the
+        result as a new checkpoint -- and as ``best/`` when its validation metric beats
+        the best so far. Returns the validation record (``val_loss``, ``val_metric``,
+        ``val_metric_name``, ``batches``, ``checkpoint``, ``best``)."""
+        epoch = int(self.epoch.numpy())
+        if epoch < 1 or int(self.step_in_epoch.numpy()):
+            raise ValueError(f"{self.run_dir}: recalibrate needs a checkpoint at the end of an "
+                             f"epoch (this one holds {epoch} epochs and "
+                             f"{int(self.step_in_epoch.numpy())} steps of the next): finish "
+                             f"training first")
+        self.lock.acquire()
+        try:
+            used = self._precise_bn(epoch, batches)
+            if not used:
+                raise ValueError(f"{self.run_dir}: nothing to recalibrate (no trainable batch "
+                                 f"norm in the backbone, cached grids, or --batches 0)")
+            record = self._validate(make_eval_step(self.model, self.tokenizer.pad_id))
+            metric = record["val_metric"]
+            improved = metric is not None and metric > float(self.best.numpy())
+            if improved:
+                self.best.assign(metric)
+            path = self.checkpoints.save_latest()
+            if improved:
+                self.checkpoints.save_best(checkpoint_number(path))
+        finally:
+            self.lock.release()
+        return {**record, "batches": used, "checkpoint": path, "best": improved}
 
     def _checkpoint_due(self, step: int) -> bool:
         """Every ``train.checkpoint_every`` steps, and ``train.checkpoint_minutes`` after
