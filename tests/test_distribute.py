@@ -299,12 +299,16 @@ def assert_same_training(a: Path, b: Path, rel: float, atol: float) -> None:
 
 
 @pytest.fixture
-def strategy_overrides(tiny_overrides, tiny_config, tmp_path) -> list[str]:
-    """The tiny shapes run (data generated once here), single device, as the reference."""
+def strategy_overrides(tiny_overrides, project_root, tmp_path) -> list[str]:
+    """The tiny shapes run (data generated once here), single device, as the reference;
+    batch-norm statistics recomputed before validation (precise BN) in every run."""
+    from captioner.config import load_config
     from captioner.train.trainer import train
 
-    train(tiny_config, tmp_path / "single", log=lambda _msg: None)
-    return tiny_overrides
+    overrides = [*tiny_overrides, "train.precise_bn_batches=2"]
+    cfg = load_config(project_root / "configs" / "shapes.yaml", overrides)
+    train(cfg, tmp_path / "single", log=lambda _msg: None)
+    return overrides
 
 
 def test_trainer_mirrored_on_two_cpus_equals_default_then_resumes_under_default(
