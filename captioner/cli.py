@@ -278,9 +278,12 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from captioner.train.trainer import Trainer
 
     record = Trainer(cfg, args.run).recalibrate(args.batches)
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     best = " (best)" if record["best"] else ""
     print(f"batch-norm statistics from {record['batches']} batches: val_loss "
-          f"{record['val_loss']:.4f} {record['val_metric_name']} {record['val_metric']:.4f}"
+          f"{fmt(record['val_loss'])} {record['val_metric_name']} {fmt(record['val_metric'])}"
           f"{best} -> {record['checkpoint']}")
     return 0
 

@@ -98,4 +98,6 @@ def test_recalibrate_a_run_trained_without_it(trained_run, tmp_path, capsys):
     assert "batch-norm statistics from 2 batches: val_loss" in out and "ckpt-3" in out
     recalibrated = _stats(Captioner.load(run, "latest").model)
     assert any(not np.allclose(a, b) for a, b in zip(recalibrated, moving))
+    best = _stats(Captioner.load(run, "best").model)  # best/ holds it when at least as good
+    assert all(np.array_equal(a, b) for a, b in zip(best, recalibrated)) == ("(best)" in out)
     assert main(["recalibrate", "--run", str(tmp_path / "nowhere")]) == 2

@@ -296,9 +296,10 @@ class Trainer:
         """Recompute the batch-norm statistics of a trained run's newest checkpoint from
         ``batches`` batches of its last epoch (what ``train.precise_bn_batches`` does
         before each validation, for runs trained without it), validate, and save the
-        result as a new checkpoint -- and as ``best/`` when its validation metric beats
-        the best so far. Returns the validation record (``val_loss``, ``val_metric``,
-        ``val_metric_name``, ``batches``, ``checkpoint``, ``best``)."""
+        result as a new checkpoint -- and as ``best/`` when its validation metric is at
+        least the best so far (or there is no validation metric). Returns the validation
+        record (``val_loss``, ``val_metric``, ``val_metric_name``, ``batches``,
+        ``checkpoint``, ``best``)."""
         epoch = int(self.epoch.numpy())
         if epoch < 1 or int(self.step_in_epoch.numpy()):
             raise ValueError(f"{self.run_dir}: recalibrate needs a checkpoint at the end of an "
@@ -313,8 +314,8 @@ class Trainer:
                                  f"norm in the backbone, cached grids, or --batches 0)")
             record = self._validate(make_eval_step(self.model, self.tokenizer.pad_id))
             metric = record["val_metric"]
-            improved = metric is not None and metric > float(self.best.numpy())
-            if improved:
+            improved = metric is None or metric >= float(self.best.numpy())
+            if metric is not None and improved:
                 self.best.assign(metric)
             path = self.checkpoints.save_latest()
             if improved:
