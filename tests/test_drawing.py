@@ -225,7 +225,7 @@ def test_example_seeds_and_fixed_splits():
     assert not np.array_equal(a, b)
 
 
-def test_train_on_drawn_molecules_with_selfies_tokens(tmp_path):
+def test_train_on_drawn_molecules_with_selfies_tokens(tmp_path, tiny_smiles_overrides):
     """The drawn source with the SELFIES tokenizer (test_evaluate_drawn's run uses SMILES):
     training, a run directory that says so, and a model whose outputs are molecules."""
     pytest.importorskip("selfies")
@@ -237,11 +237,8 @@ def test_train_on_drawn_molecules_with_selfies_tokens(tmp_path):
     data = tmp_path / "mols.csv"
     data.write_text("smiles\n" + "\n".join(MOLECULES * 5) + "\n")
     overrides = [f"data.path={data}", "data.drawing.workers=0", "data.val_fraction=0.25",
-                 "data.test_fraction=0.125", "model.image_size=32", "model.cnn_filters=[8, 8]",
-                 "model.units=16", "model.embedding_dim=8", "model.attention_units=8",
-                 "tokenizer.kind=selfies", "train.epochs=2", "train.batch_size=2",
-                 "train.max_steps_per_epoch=2", "train.progress=false",
-                 "train.tensorboard=false", "train.warmup_steps=0", "decode.max_length=12"]
+                 "data.test_fraction=0.125", *tiny_smiles_overrides, "tokenizer.kind=selfies",
+                 "train.epochs=2", "train.batch_size=2", "train.tensorboard=false"]
     cfg = load_config("smiles_qm9", overrides)
     logs: list[str] = []
     history = train(cfg, tmp_path / "run", log=logs.append)
