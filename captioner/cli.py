@@ -278,6 +278,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from captioner.train.trainer import Trainer
 
     record = Trainer(cfg, args.run).recalibrate(args.batches)
+
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
