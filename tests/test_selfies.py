@@ -105,13 +105,15 @@ def test_decode_stops_at_end_and_leaves_special_tokens_out(tok: SelfiesTokenizer
         tok.decode([c, tok.vocab_size])
 
 
-def test_num_truncated_and_encode_batch_count_selfies_symbols() -> None:
+def test_encode_counted_and_encode_batch_count_selfies_symbols() -> None:
     smiles = "OC(=O)C"  # 7 SMILES-regex tokens, 6 SELFIES symbols
     assert len(SmilesTokenizer().tokenize(smiles)) == 7
     tok = SelfiesTokenizer().fit([smiles])
     assert tok.tokenize(smiles) == ["[O]", "[C]", "[=Branch1]", "[C]", "[=O]", "[C]"]
-    assert tok.num_truncated([smiles], 8) == 0
-    assert tok.num_truncated([smiles, smiles, "CC"], 7) == 2
+    assert tok.encode_counted([smiles], 8).truncated == 0
+    counted = tok.encode_counted([smiles, smiles, "CC"], 7)
+    assert counted.truncated == 2
+    assert (counted.ids == tok.encode_batch([smiles, smiles, "CC"], 7)).all()
     full = tok.encode_batch([smiles, "CC"], 10)
     assert full.shape == (2, 10) and full.dtype == np.int32
     assert full[0].tolist() == tok.encode(smiles) + [tok.pad_id] * 2

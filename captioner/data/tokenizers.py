@@ -18,6 +18,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -39,6 +40,15 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name!r} must be >= {minimum}, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Texts encoded by :meth:`Tokenizer.encode_counted`: ``ids`` (N, max_length) int32
+    and how many texts were ``truncated`` to fit."""
+
+    ids: np.ndarray
+    truncated: int
 
 
 class Tokenizer(ABC):
@@ -159,29 +169,33 @@ class Tokenizer(ABC):
         """Text for ``ids`` (see :meth:`ids_to_tokens`); ``unk_id`` renders as ``<unk>``."""
         return self.detokenize(self.ids_to_tokens(ids, strip_special=strip_special))
 
-    def num_truncated(self, texts: Iterable[str], max_length: int) -> int:
-        """How many of ``texts`` :meth:`encode_batch` cuts to ``max_length`` ids
-        (``<start>`` and ``<end>`` included).
-
-        Example:
-            >>> WordTokenizer().fit(["a b c"]).num_truncated(["a b c", "a"], 4)
-            1
-        """
-        return sum(len(self.tokenize(t)) + 2 > max_length for t in texts)
-
     def encode_batch(self, texts: Iterable[str], max_length: int) -> np.ndarray:
         """``int32`` array ``(N, max_length)`` of ``[start .. end]`` rows, padded with pad_id.
 
-        Longer sequences are truncated so that the last kept position is ``end_id``.
+        Longer sequences are truncated so that the last kept position is ``end_id``
+        (:meth:`encode_counted` also says how many were).
+        """
+        return self.encode_counted(texts, max_length).ids
+
+    def encode_counted(self, texts: Iterable[str], max_length: int) -> Encoded:
+        """:meth:`encode_batch` and the number of ``texts`` it cut to ``max_length`` ids
+        (``<start>`` and ``<end>`` included), in one pass over the texts.
+
+        Example:
+            >>> enc = WordTokenizer().fit(["a b c"]).encode_counted(["a b c", "a"], 4)
+            >>> enc.ids.shape, enc.truncated
+            ((2, 4), 1)
         """
         _check_int("max_length", max_length, 2)
         rows = [self.encode(text) for text in texts]
         out = np.full((len(rows), max_length), self.pad_id, dtype=np.int32)
+        truncated = 0
         for i, row in enumerate(rows):
             if len(row) > max_length:
                 row = row[: max_length - 1] + [self.end_id]
+                truncated += 1
             out[i, : len(row)] = row
-        return out
+        return Encoded(out, truncated)
 
     # -------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

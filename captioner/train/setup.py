@@ -419,13 +419,12 @@ def prepare_data(cfg: Config, run_dir: Path, records: dict[str, list[Record]],
     if report.count:
         log(f"skipped {report.count} unusable images (listed in {skipped})")
     L = cfg.data.max_length
-    report.texts = len(splits["train"].pair_text)
-    report.truncated = tokenizer.num_truncated(splits["train"].pair_text, L)
+    train = tokenizer.encode_counted(splits["train"].pair_text, L)  # ids (N_pairs, L)
+    report.texts, report.truncated = len(train.ids), train.truncated
     if report.truncated:  # cut, never silently
         log(f"truncated {report.truncated} of {report.texts} training texts to "
             f"data.max_length={L}")
-    return PreparedData(splits["train"], splits["val"], splits["test"],
-                        tokenizer.encode_batch(splits["train"].pair_text, L),
+    return PreparedData(splits["train"], splits["val"], splits["test"], train.ids,
                         tokenizer.encode_batch(splits["val"].pair_text, L), report, cache)
 
 
@@ -444,7 +443,8 @@ def prepare_drawn_data(cfg: Config, records: dict[str, list[Record]], tokenizer:
     dr, size, L = cfg.data.drawing, cfg.model.image_size, cfg.data.max_length
     train = [r.text for r in records["train"]]
     val = [r.text for r in records["val"]][: cfg.train.val_limit or None]
-    report = LoadReport(texts=len(train), truncated=tokenizer.num_truncated(train, L))
+    encoded = tokenizer.encode_counted(train, L)  # ids (N_train, L)
+    report = LoadReport(texts=len(train), truncated=encoded.truncated)
     if report.truncated:
         log(f"truncated {report.truncated} of {report.texts} training SMILES to "
             f"data.max_length={L}")
@@ -453,10 +453,9 @@ def prepare_drawn_data(cfg: Config, records: dict[str, list[Record]], tokenizer:
     log(f"{len(train)} training molecules drawn while training ({', '.join(dr.toolkits)}; "
         f"{dr.workers} drawing processes); {len(val)} validation molecules drawn in "
         f"{dr.val_style} style in {time.perf_counter() - started:.1f} s")
-    tokens = tokenizer.encode_batch(train, L)  # (N_train, L)
-    drawn = DrawnExamples(train, tokens, size, dr, cfg.train.seed)
+    drawn = DrawnExamples(train, encoded.ids, size, dr, cfg.train.seed)
     return PreparedData(_molecules_split(train, None), _molecules_split(val, val_images),
-                        _molecules_split([r.text for r in records["test"]], None), tokens,
+                        _molecules_split([r.text for r in records["test"]], None), encoded.ids,
                         tokenizer.encode_batch(val, L), report, drawn=drawn)
 
 
