@@ -48,13 +48,16 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.choices import Choices
-from captioner.config import Config, ModelConfig
+from captioner.config import Config, ModelConfig, load_config
+from captioner.data.drawing import draw_batch, example_seed
 from captioner.data.features import FeatureCache, benchmark_input, extract_features
 from captioner.data.images import load_image
+from captioner.data.molecules import read_smiles_csv
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.captioner import DecodeOptions, make_generate_function
 from captioner.model.backbones import build_backbone
 from captioner.model.layers import CaptionModel
+from captioner.train.setup import build_model_and_optimizers
 from captioner.train.steps import make_optimizer, make_train_step
 
 try:  # Unix only; elsewhere peak_rss_mb() reports None
@@ -887,14 +890,89 @@ def end_to_end_stages(s: BenchShapes, precision: str, train_images_per_s: float,
             "backbone_grids": grids, "images": n, "pairs": len(pair_paths)}
 
 
+# ---- a config's whole train step, from pictures ------------------------------------------
+def config_bench(cfg: Config, steps: int = 20, vocab_size: int = 40, seed: int = 0,
+                 smiles: Sequence[str] = ()) -> dict[str, Any]:
+    """Images/s of ``cfg``'s whole train step and, with ``smiles``, of its drawing.
+
+    The model is ``cfg.model`` in ``train.precision`` with its backbone in the step, built
+    and compiled as the Trainer does (:func:`~captioner.train.setup.build_model_and_optimizers`,
+    :func:`~captioner.train.steps.make_train_step`), trained ``steps`` times on one random
+    batch of ``train.batch_size`` uint8 pictures at ``model.image_size`` with random targets
+    of ``data.max_length`` tokens (:func:`random_batch`) over ``vocab_size`` ids.
+    ``smiles`` (``data.format: smiles``): two batches of them drawn in ``data.drawing``
+    styles in this process (:func:`~captioner.data.drawing.draw_batch`), so
+    ``bound_by`` says whether drawing or the step limits training when they share a core.
+
+    Example:
+        >>> from captioner.config import load_config
+        >>> cfg = load_config("shapes", ["model.image_size=32", "model.cnn_filters=[8]",
+        ...                              "model.units=8", "model.embedding_dim=8",
+        ...                              "model.attention_units=8", "train.batch_size=4"])
+        >>> r = config_bench(cfg, steps=1)
+        >>> r["grid"], r["batch_size"], r["drawn_pictures_per_s"] is None
+        (256, 4, True)
+    """
+    t = cfg.train
+    b, size = t.batch_size, cfg.model.image_size
+    keras.utils.set_random_seed(seed)
+    objs = build_model_and_optimizers(tf.distribute.get_strategy(), cfg, vocab_size, 1000)
+    step = make_train_step(objs.model, objs.optimizer, Tokenizer.pad_id, t.attention_reg,
+                           backbone_optimizer=objs.backbone_optimizer)
+    prob, step_seed = tf.constant(0.0), tf.constant([seed, 0], tf.int32)
+    images = tf.constant(np.random.default_rng(seed).integers(
+        0, 256, (b, size, size, 3), dtype=np.uint8))  # (B, S, S, 3)
+    _, tokens = random_batch(BenchShapes(batch_size=b, grid=1, feature_dim=1,
+                                         vocab_size=vocab_size,
+                                         max_length=cfg.data.max_length), seed)
+
+    def train(inputs: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        return step(inputs, targets, prob, step_seed)["loss"]
+
+    timing = time_train(train, images, tf.constant(tokens), steps)
+    rates = {"train_step": b / timing.step_s}
+    if smiles:
+        rates["drawing"] = _drawing_rate(list(smiles), b, size, cfg, seed)
+    return {"image_size": size, "batch_size": b, "grid": objs.model.grid_size,
+            "precision": t.precision, "vocab_size": vocab_size,
+            "train_step_ms": 1e3 * timing.step_s, "train_images_per_s": rates["train_step"],
+            "drawn_pictures_per_s": rates.get("drawing"), "bound_by": _slowest(rates),
+            "compile_s": timing.compile_s, "steps": steps,
+            "first_loss": timing.first_loss, "last_loss": timing.last_loss,
+            "load_average": load_average()}
+
+
+def _drawing_rate(smiles: list[str], batch_size: int, size: int, cfg: Config, seed: int
+                  ) -> float:
+    """Pictures/s of :func:`~captioner.data.drawing.draw_batch` over two batches (after
+    one untimed batch: fonts and toolkits load on first use)."""
+    items = [(smiles[i % len(smiles)], example_seed(seed, i)) for i in range(3 * batch_size)]
+    draw_batch(items[:batch_size], size, cfg.data.drawing)
+    started = time.perf_counter()
+    draw_batch(items[batch_size:], size, cfg.data.drawing)
+    return 2 * batch_size / (time.perf_counter() - started)
+
+
 # ---- command-line glue (the CLI prints the returned dict as one JSON line) ----------------
 def bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run :func:`run_bench` with the flags of :func:`captioner.cli.add_bench_arguments`
-    (defined there, so ``captioner bench --help`` needs no TensorFlow)."""
+    (defined there, so ``captioner bench --help`` needs no TensorFlow), or
+    :func:`config_bench` with ``--config`` (and ``--set``): molecules to draw are the first
+    ones of the config's ``data.path`` when its ``data.format`` is ``smiles``."""
+    vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}  # else each default
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+        smiles: list[str] = []
+        if cfg.data.format == "smiles":
+            rows = read_smiles_csv(cfg.data.path, cfg.data.text_column,
+                                   limit=4 * cfg.train.batch_size)
+            smiles = [s for _, _, s in rows if s]
+        return {"config": str(args.config), "overrides": list(args.overrides),
+                **config_bench(cfg, args.steps, seed=args.seed, smiles=smiles, **vocab)}
     return run_bench(batch_size=args.batch_size, grid=args.grid, feature_dim=args.feature_dim,
                      embedding_dim=args.embedding_dim, units=args.units,
-                     vocab_size=args.vocab_size, max_length=args.max_length, steps=args.steps,
+                     max_length=args.max_length, steps=args.steps,
                      precision=args.precision, impl=args.impl, end_to_end=args.end_to_end,
                      attention_units=args.attention_units, seed=args.seed, attend=args.attend,
                      attention_kernel=args.attention_kernel,
-                     classic_decode_images=args.classic_decode_images)
+                     classic_decode_images=args.classic_decode_images, **vocab)

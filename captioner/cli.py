@@ -65,7 +65,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding-dim", type=int, default=256)
     p.add_argument("--units", type=int, default=512)
     p.add_argument("--attention-units", type=int, help="default: --units")
-    p.add_argument("--vocab-size", type=int, default=5000)
+    p.add_argument("--vocab-size", type=int, help="output vocabulary (default 5000; 40 with "
+                   "--config)")
     p.add_argument("--max-length", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="timed train steps")
     p.add_argument("--attend", choices=choices.attend, default=choices.attend[0])
@@ -77,6 +78,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classic-decode-images", type=int, default=2,
                    help="images decoded one by one for the classic greedy rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help=(
+        "instead: time this config's whole train step from pictures (its backbone in the "
+        "step; --steps, --seed, --vocab-size and --set apply) and, for data.format smiles, "
+        "drawing its data.path molecules"))
+    _add_overrides(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"{config_help} (default: shapes)")
     _add_overrides(p)
 
-    p = sub.add_parser("bench", help="train/decode throughput on random grids, one JSON line")
+    p = sub.add_parser("bench", help=("train/decode throughput on random grids, or a config's "
+                                      "train step from pictures (--config); one JSON line"))
     add_bench_arguments(p)
 
     p = sub.add_parser("export", help="write a TensorFlow SavedModel (TF Serving layout)")

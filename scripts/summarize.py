@@ -7,6 +7,7 @@
     python scripts/summarize.py curve qm9=runs/qm9
     python scripts/summarize.py captions greedy=runs/flickr8k/eval-greedy
     python scripts/summarize.py bench ours_float32=runs/bench/ours_float32.json ...
+    python scripts/summarize.py steps mirrored=runs/bench/qm9_reflect.json ...
 
 Each argument is ``LABEL=PATH``: a run or evaluation folder holding ``metrics.json``, or a
 ``bench`` JSON line. Standard library only; prints Markdown tables.
@@ -175,8 +176,17 @@ def bench(results: dict[str, dict[str, Any]]) -> str:
     return text
 
 
+def steps(results: dict[str, dict[str, Any]]) -> str:
+    """``bench --config`` lines: a config's train step from pictures, and its drawing."""
+    rows = [[label, num(r.get("train_step_ms"), 0), num(r.get("train_images_per_s"), 0),
+             num(r.get("drawn_pictures_per_s"), 0), str(r.get("bound_by")),
+             num(r.get("load_average"), 2)] for label, r in results.items()]
+    return table(["config", "train step (ms)", "step images/s", "drawn pictures/s",
+                  "bound by", "load average"], rows)
+
+
 KINDS = {"demo": demo, "smiles": smiles, "sizes": sizes, "errors": errors, "curve": curve,
-         "captions": captions, "bench": bench}
+         "captions": captions, "bench": bench, "steps": steps}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -247,3 +248,44 @@ def test_mixed_float16_step_is_loss_scaled_and_finite(impl):
     grids, tokens = (tf.constant(x) for x in random_batch(SHAPES))
     assert type(opt).__name__ == "LossScaleOptimizer"
     assert math.isfinite(float(train(grids, tokens)))
+
+
+# ---- a config's whole train step (bench --config) -------------------------------------------
+def _bench_cli(capsys, *args: str) -> tuple[int, dict | str]:
+    from captioner.cli import main
+
+    rc = main(["bench", "--steps", "2", *args])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out.strip().splitlines()[-1]) if rc == 0 else err)
+
+
+def test_config_bench_times_the_configs_step_with_its_overrides(capsys, tiny_smiles_overrides,
+                                                                tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("smiles\nCCO\nc1ccccc1O\nCC(=O)N\nC1CC1\n")
+    sets = [a for o in tiny_smiles_overrides for a in ("--set", o)]
+    rc, r = _bench_cli(capsys, "--config", "smiles_qm9", *sets, "--set",
+                       f"data.path={csv_path}", "--set", "train.batch_size=4")
+    assert rc == 0, r
+    assert (r["config"], r["image_size"], r["batch_size"], r["grid"]) == ("smiles_qm9", 32, 4, 64)
+    assert r["precision"] == "mixed_bfloat16" and r["vocab_size"] == 40 and r["steps"] == 2
+    assert r["train_step_ms"] > 0 and r["drawn_pictures_per_s"] > 0
+    assert math.isclose(r["train_images_per_s"], 4 / (r["train_step_ms"] / 1e3))
+    slower = min(("train_step", r["train_images_per_s"]), ("drawing", r["drawn_pictures_per_s"]),
+                 key=lambda kv: kv[1])[0]
+    assert r["bound_by"] == slower
+    assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
+
+
+def test_config_bench_without_drawing_and_with_a_missing_smiles_file(capsys, tiny_overrides,
+                                                                     tiny_smiles_overrides,
+                                                                     tmp_path):
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    rc, r = _bench_cli(capsys, "--config", "shapes", *sets, "--vocab-size", "12")
+    assert rc == 0, r
+    assert r["drawn_pictures_per_s"] is None and r["bound_by"] == "train_step"
+    assert (r["grid"], r["batch_size"], r["vocab_size"]) == (64, 16, 12)
+    missing = tmp_path / "absent.csv"
+    sets = [a for o in tiny_smiles_overrides for a in ("--set", o)]
+    rc, err = _bench_cli(capsys, "--config", "smiles_qm9", *sets, "--set", f"data.path={missing}")
+    assert rc == 2 and str(missing) in err

@@ -60,3 +60,22 @@ def test_smiles_sizes_errors_and_curve_tables(summarize, tmp_path, capsys):
     summarize.main(["curve", f"qm9={run}"])
     out = capsys.readouterr().out
     assert "qm9 (2.0 min of training):" in out and "| 2 | 0.500 | 0.400 | 0.300 | 60 | 82 |" in out
+
+
+def test_steps_table_of_bench_config_lines(summarize, tmp_path, capsys):
+    lines = {"mirrored": {"train_step_ms": 470.4, "train_images_per_s": 136.05,
+                          "drawn_pictures_per_s": 301.2, "bound_by": "train_step",
+                          "load_average": 1.5},
+             "shapes": {"train_step_ms": 12.0, "train_images_per_s": 1333.3,
+                        "drawn_pictures_per_s": None, "bound_by": "train_step",
+                        "load_average": None}}
+    args = []
+    for label, line in lines.items():
+        path = tmp_path / f"{label}.json"
+        path.write_text("noise\n" + json.dumps(line) + "\n")  # the last line counts
+        args.append(f"{label}={path}")
+    assert summarize.main(["steps", *args]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("| config | train step (ms) | step images/s | drawn pictures/s")
+    assert rows[2] == "| mirrored | 470 | 136 | 301 | train_step | 1.50 |"
+    assert rows[3] == "| shapes | 12 | 1333 | n/a | train_step | n/a |"
