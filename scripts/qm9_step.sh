@@ -2,7 +2,7 @@
 # README "SMILES from pictures of QM9 molecules" (what was measured on the way): the QM9
 # recipe's train step from pictures (`bench --config smiles_qm9`, batch 64 at 128 px,
 # mixed_bfloat16) with mirrored and zero padding and a thinner first stage, and the
-# drawing rate, REPEATS times alternating (default 2), then the table. Run it on an idle
+# drawing rate, REPEATS times alternating (default 3), then the table. Run it on an idle
 # machine (each line records load_average). JSON lines go to runs/bench/qm9_<name>_<i>.json.
 #
 # QM9_CSV: the SMILES file whose first molecules are drawn (default
@@ -15,10 +15,10 @@ OUT="$RUNS/bench"
 mkdir -p "$OUT"
 VARIANTS=("reflect=--set model.cnn_padding=reflect"
           "same=--set model.cnn_padding=same"
-          "thin_first_stage=--set model.cnn_filters=[16,64,128,192]")
-budget "about 40 s per run on 2 CPU cores, ${#VARIANTS[@]} x ${REPEATS:-2} runs"
+          "thin_first_stage=--set model.cnn_filters=[16,64,128,192]")  # zero padding
+budget "about 15 s per run on 2 CPU cores, ${#VARIANTS[@]} x ${REPEATS:-3} runs"
 files=()
-for ((i = 1; i <= ${REPEATS:-2}; i++)); do
+for ((i = 1; i <= ${REPEATS:-3}; i++)); do
   for spec in "${VARIANTS[@]}"; do
     name="${spec%%=*}"
     read -r -a flags <<< "${spec#*=}"
