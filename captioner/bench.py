@@ -967,6 +967,9 @@ def bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
             rows = read_smiles_csv(cfg.data.path, cfg.data.text_column,
                                    limit=4 * cfg.train.batch_size)
             smiles = [s for _, _, s in rows if s]
+            if not smiles:
+                raise ValueError(f"{cfg.data.path}: no SMILES to draw in column "
+                                 f"{cfg.data.text_column!r}")
         return {"config": str(args.config), "overrides": list(args.overrides),
                 **config_bench(cfg, args.steps, seed=args.seed, smiles=smiles, **vocab)}
     return run_bench(batch_size=args.batch_size, grid=args.grid, feature_dim=args.feature_dim,

@@ -289,3 +289,7 @@ def test_config_bench_without_drawing_and_with_a_missing_smiles_file(capsys, tin
     sets = [a for o in tiny_smiles_overrides for a in ("--set", o)]
     rc, err = _bench_cli(capsys, "--config", "smiles_qm9", *sets, "--set", f"data.path={missing}")
     assert rc == 2 and str(missing) in err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("smiles\n\n")
+    rc, err = _bench_cli(capsys, "--config", "smiles_qm9", *sets, "--set", f"data.path={empty}")
+    assert rc == 2 and f"{empty}: no SMILES to draw" in err

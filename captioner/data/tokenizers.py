@@ -45,7 +45,13 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 @dataclass(frozen=True)
 class Encoded:
     """Texts encoded by :meth:`Tokenizer.encode_counted`: ``ids`` (N, max_length) int32
-    and how many texts were ``truncated`` to fit."""
+    and how many texts were ``truncated`` to fit.
+
+    Example:
+        >>> enc = CharTokenizer().fit(["abc"]).encode_counted(["abc", "a"], 4)
+        >>> enc.ids.tolist(), enc.truncated
+        ([[1, 4, 5, 2], [1, 4, 2, 0]], 1)
+    """
 
     ids: np.ndarray
     truncated: int
