@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README "SMILES from pictures of QM9 molecules" (what was measured on the way): the QM9
 # recipe's train step from pictures (`bench --config smiles_qm9`, batch 64 at 128 px,
-# mixed_bfloat16) with mirrored and zero padding and a thinner first stage, and the
+# mixed_bfloat16) with mirrored and zero padding, 32 or 16 first-stage filters, and the
 # drawing rate, REPEATS times alternating (default 3), then the table. Run it on an idle
 # machine (each line records load_average). JSON lines go to runs/bench/qm9_<name>_<i>.json.
 #
@@ -13,9 +13,9 @@ QM9_CSV="${QM9_CSV:-$DATA/molecules/qm9.csv}"
 need_file "$QM9_CSV" "the QM9 SMILES (qm9.csv)" QM9_CSV
 OUT="$RUNS/bench"
 mkdir -p "$OUT"
-VARIANTS=("reflect=--set model.cnn_padding=reflect"
-          "same=--set model.cnn_padding=same"
-          "thin_first_stage=--set model.cnn_filters=[16,64,128,192]")  # zero padding
+VARIANTS=("mirrored_32=--set model.cnn_padding=reflect --set model.cnn_filters=[32,64,128,192]"
+          "zero_32=--set model.cnn_padding=same --set model.cnn_filters=[32,64,128,192]"
+          "zero_16=--set model.cnn_padding=same --set model.cnn_filters=[16,64,128,192]")
 budget "about 15 s per run on 2 CPU cores, ${#VARIANTS[@]} x ${REPEATS:-3} runs"
 files=()
 for ((i = 1; i <= ${REPEATS:-3}; i++)); do
