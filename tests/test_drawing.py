@@ -204,6 +204,8 @@ def test_drawn_batches_are_new_each_epoch_and_resume_exactly():
     resumed = _epoch(source, 1, skip=2)  # after 2 of 3 batches
     assert len(resumed) == 1
     assert np.array_equal(resumed[0][0], one[2][0]) and np.array_equal(resumed[0][1], one[2][1])
+    # no autotuner thread: its join made each epoch's last batch wait idle (README)
+    assert source.batches(4, 1).options().autotune.enabled is False
 
 
 def test_drawing_processes_draw_the_same_pictures():

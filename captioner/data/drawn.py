@@ -120,9 +120,13 @@ class DrawnExamples:
         size, length = self.image_size, self.tokens.shape[1]
         signature = (tf.TensorSpec((batch_size, size, size, 3), tf.uint8),
                      tf.TensorSpec((batch_size, length), tf.int32))
+        options = tf.data.Options()
+        # Nothing here for tf.data's autotuner to tune (one generator, a fixed prefetch),
+        # and its thread made each epoch's iterator wait idle up to ~45 s at the end.
+        options.autotune.enabled = False
         return tf.data.Dataset.from_generator(
             lambda: self._generate(epoch, order, skip), output_signature=signature
-        ).prefetch(2)
+        ).prefetch(2).with_options(options)
 
 
 def draw_split(smiles: Sequence[str], size: int, style: str, seed: int,
