@@ -30,9 +30,7 @@ budget "about 2 minutes per run on 2 CPU cores (classic longer: ~25 s to compile
 files=()
 for spec in "${todo[@]}"; do
   name="${spec%%=*}"
-  read -r -a flags <<< "${spec#*=}"
-  captioner bench "${flags[@]}" --steps 20 ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} \
-    > "$OUT/$name.json"
+  bench_spec "$spec" "$OUT/$name.json" --steps 20 ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"}
   files+=("$name=$OUT/$name.json")
 done
 summarize bench "${files[@]}"

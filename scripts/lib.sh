@@ -30,6 +30,15 @@ need_dir() { [[ -d "$1" ]] || die "$2 not found at $1 (set $3, or CAPTIONER_DATA
 # captioner ARGS...: the command line, echoed first
 captioner() { echo "+ captioner $*" >&2; "$PYTHON" -m captioner "$@"; }
 
+# bench_spec SPEC FILE [ARGS...]: `captioner bench` with the flags of SPEC ("name=flags",
+# as the bench scripts list their runs) and ARGS, its JSON line written to FILE
+bench_spec() {
+  local spec="$1" file="$2" flags
+  shift 2
+  read -r -a flags <<< "${spec#*=}"
+  captioner bench "${flags[@]}" "$@" > "$file"
+}
+
 budget() { echo "== $SCRIPT: $* =="; }
 elapsed() { printf '== %s: done in %dm%02ds ==\n' "$SCRIPT" $((SECONDS / 60)) $((SECONDS % 60)); }
 summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }
