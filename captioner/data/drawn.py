@@ -122,7 +122,7 @@ class DrawnExamples:
                      tf.TensorSpec((batch_size, length), tf.int32))
         options = tf.data.Options()
         # Nothing here for tf.data's autotuner to tune (one generator, a fixed prefetch),
-        # and its thread made each epoch's iterator wait idle up to ~45 s at the end.
+        # and joining its thread kept each epoch's iterator waiting, idle, at the end.
         options.autotune.enabled = False
         return tf.data.Dataset.from_generator(
             lambda: self._generate(epoch, order, skip), output_signature=signature
