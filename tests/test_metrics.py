@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from captioner.data.chem import canonical_smiles
+from captioner.data.tokenizers import SmilesTokenizer
 from captioner.evaluate.metrics import (
     MeteorUnavailable,
     caption_metrics,
@@ -68,6 +69,15 @@ def test_exact_match_uses_any_reference_and_tokens():
     refs = [["a green circle", "a red circle"], ["a blue square"], ["a dog"]]
     assert exact_match(preds, refs) == pytest.approx(2 / 3)
     assert exact_match([], []) == 0.0
+
+
+def test_exact_match_counts_an_unsplittable_prediction_as_a_miss():
+    """An undertrained model's SMILES with <unk> once stopped training at validation."""
+    split = SmilesTokenizer().tokenize
+    with pytest.raises(ValueError):
+        split("CC<unk>O")
+    assert exact_match(["CC<unk>O", "CCO", "OCC"], [["CCO"], ["CCO"], ["CCO"]],
+                       split) == pytest.approx(1 / 3)
 
 
 def test_bleu_hand_computed():

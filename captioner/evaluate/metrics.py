@@ -42,6 +42,8 @@ NGram = tuple[str, ...]
 def exact_match(predictions: list[str], references: list[list[str]],
                 split: Splitter = str.split) -> float:
     """Share of predictions equal (as token lists) to at least one of their references.
+    A prediction ``split`` rejects with ``ValueError`` (a model's SMILES holding
+    ``<unk>``, which the SMILES regex cannot split) matches none.
 
     Example:
         >>> exact_match(["a b", "c"], [["a  b"], ["d", "e"]])
@@ -50,7 +52,13 @@ def exact_match(predictions: list[str], references: list[list[str]],
     _check(predictions, references)
     if not predictions:
         return 0.0
-    hits = sum(split(p) in [split(r) for r in refs] for p, refs in zip(predictions, references))
+    hits = 0
+    for prediction, refs in zip(predictions, references):
+        try:
+            tokens = split(prediction)
+        except ValueError:  # not a text of the references' kind: no reference equals it
+            continue
+        hits += tokens in [split(r) for r in refs]
     return hits / len(predictions)
 
 
