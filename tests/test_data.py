@@ -152,6 +152,8 @@ def test_pair_tensors_batches_gather_the_right_rows():
     got = [(im.numpy()[:, 0, 0, 0].tolist(), tok.numpy()[:, 0].tolist())
            for im, tok in pairs.batches(np.array([[5, 2], [0, 3]]))]
     assert got == [([3, 1], [5, 2]), ([0, 2], [0, 3])]
+    # no autotuner thread: its join made each epoch's last batch wait idle (README)
+    assert pairs.batches(np.array([[5, 2]])).options().autotune.enabled is False
 
 
 def test_load_image_names_each_kind_of_bad_input(tmp_path):

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from captioner.config import DrawingConfig
 from captioner.data.drawing import draw_batch, draw_named, example_seed
-from captioner.data.splits import epoch_batches
+from captioner.data.splits import epoch_batches, no_autotune
 
 
 class DrawnExamples:
@@ -120,13 +120,9 @@ class DrawnExamples:
         size, length = self.image_size, self.tokens.shape[1]
         signature = (tf.TensorSpec((batch_size, size, size, 3), tf.uint8),
                      tf.TensorSpec((batch_size, length), tf.int32))
-        options = tf.data.Options()
-        # Nothing here for tf.data's autotuner to tune (one generator, a fixed prefetch),
-        # and joining its thread kept each epoch's iterator waiting, idle, at the end.
-        options.autotune.enabled = False
         return tf.data.Dataset.from_generator(
             lambda: self._generate(epoch, order, skip), output_signature=signature
-        ).prefetch(2).with_options(options)
+        ).prefetch(2).with_options(no_autotune())  # one generator: nothing to tune
 
 
 def draw_split(smiles: Sequence[str], size: int, style: str, seed: int,
