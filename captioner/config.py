@@ -243,6 +243,11 @@ class TrainConfig:
     of the epoch just trained (:mod:`captioner.train.batchnorm`; no effect without
     trainable batch norm or with a feature cache); 0 keeps the moving averages.
 
+    ``attention_supervision`` > 0 (``data.format: smiles`` with SMILES tokens): the loss
+    adds that weight times -log(attention on the grid cell of the atom being read), summed
+    over the atom tokens whose picture reports atom positions (RDKit's drawings that were
+    not distorted) and divided by the real-token count like the rest of the loss.
+
     Example:
         >>> TrainConfig(epochs=3).batch_size
         64
@@ -260,6 +265,7 @@ class TrainConfig:
     decay_rate: float = 0.5
     clip_norm: float = 5.0
     attention_reg: float = 1.0
+    attention_supervision: float = 0.0
     scheduled_sampling: ScheduledSamplingConfig = field(
         default_factory=ScheduledSamplingConfig
     )
@@ -564,6 +570,12 @@ def validate(cfg: Config) -> None:
     _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")
     _require(d.max_length >= 3, "data.max_length", "must be at least 3")
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")
+    _require(t.attention_supervision >= 0, "train.attention_supervision",
+             "must be 0 (off) or a positive weight")
+    _require(not t.attention_supervision or (d.format == "smiles"
+                                             and cfg.tokenizer.kind == "smiles"),
+             "train.attention_supervision", "needs data.format: smiles (pictures drawn while "
+             "training, which know where their atoms are) and tokenizer.kind: smiles")
     _require(t.precise_bn_batches >= 0, "train.precise_bn_batches",
              "must be 0 (off) or a number of batches")
     _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes",

@@ -33,6 +33,7 @@ TINY = ["model.image_size=32", "model.cnn_filters=[4, 8]", "model.embedding_dim=
         "model.units=8", "model.attention_units=8", "model.dropout=0.0",
         "train.learning_rate=0.01", "train.clip_norm=0.05"]  # clipping is active
 VOCAB, PAD, REG, BATCH = 12, 0, 1.0, 8
+GROUND = 0.5  # train.attention_supervision: the cells of global_batch weigh in the loss
 ATOL = 1e-5
 
 
@@ -40,17 +41,20 @@ def tiny_config(*extra: str) -> Config:
     return apply_overrides(Config(), [*TINY, *extra])
 
 
-def global_batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """8 images (8, 32, 32, 3) and tokens (8, 14): rows 0-3 (replica 0) have 10 words,
-    rows 4-7 (replica 1) 3, so the replicas hold different numbers of real tokens."""
+def global_batch(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8 images (8, 32, 32, 3), tokens (8, 14) and cells (8, 14) of the 8x8 grid for every
+    other word (-1 elsewhere): rows 0-3 (replica 0) have 10 words, rows 4-7 (replica 1)
+    3, so the replicas hold different numbers of real tokens and of cells."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (BATCH, 32, 32, 3)).astype("uint8")
     tokens = np.zeros((BATCH, 14), "int32")
+    cells = np.full((BATCH, 14), -1, "int32")
     for i in range(BATCH):
         n = 10 if i < BATCH // 2 else 3
         tokens[i, 0], tokens[i, n + 1] = 1, 2  # <start>, <end>
         tokens[i, 1:n + 1] = rng.integers(4, VOCAB, n)
-    return images, tokens
+        cells[i, 1:n + 1:2] = rng.integers(0, 64, len(range(1, n + 1, 2)))
+    return images, tokens, cells
 
 
 def local_values(strategy: tf.distribute.Strategy, variable) -> list[np.ndarray]:
@@ -99,24 +103,25 @@ def run_case(case: str, mirrored: tf.distribute.Strategy, steps: int, out: Path)
     """``steps`` single-device and mirrored steps on the same global batches."""
     single, multi = build_pair(case, mirrored)
     step_1 = make_train_step(single.model, single.optimizer, PAD, REG,
-                             backbone_optimizer=single.backbone_optimizer)
+                             backbone_optimizer=single.backbone_optimizer,
+                             attention_supervision=GROUND)
     step_n = make_train_step(multi.model, multi.optimizer, PAD, REG,
                              backbone_optimizer=multi.backbone_optimizer, strategy=mirrored,
-                             global_batch_size=BATCH)
+                             global_batch_size=BATCH, attention_supervision=GROUND)
     batches = [global_batch(seed) for seed in range(steps)]
     dataset = tf.data.Dataset.from_tensor_slices(tuple(np.stack(x) for x in zip(*batches)))
     args = (tf.constant(0.0), tf.constant([0, 0]))
     losses, rows = [], []
-    for (images, tokens), (dist_images, dist_tokens) in zip(
+    for (images, tokens, cells), (dist_images, dist_tokens, dist_cells) in zip(
             batches, distribute_batches(mirrored, dataset)):
         rows.append([t.numpy().tolist() for t in mirrored.experimental_local_results(dist_tokens)])
-        a = step_1(tf.constant(images), tf.constant(tokens), *args)
-        b = step_n(dist_images, dist_tokens, *args)
+        a = step_1(tf.constant(images), tf.constant(tokens), *args, tf.constant(cells))
+        b = step_n(dist_images, dist_tokens, *args, dist_cells)
         losses.append({k: [float(a[k]), float(b[k])] for k in a})
     opts = [o for o in (single.optimizer, single.backbone_optimizer) if o is not None]
     multi_opts = [o for o in (multi.optimizer, multi.backbone_optimizer) if o is not None]
     result = {"losses": losses, "rows": rows,
-              "expected_rows": [[h.tolist() for h in np.split(t, 2)] for _, t in batches],
+              "expected_rows": [[h.tolist() for h in np.split(t, 2)] for _, t, _ in batches],
               "weight_diff": max_diff(mirrored, single.model.get_weights(), multi.model.weights),
               "optimizer_diff": max_diff(mirrored, [v.numpy() for o in opts for v in o.variables],
                                          [v for o in multi_opts for v in o.variables])}
@@ -174,6 +179,7 @@ def test_mirrored_step_equals_single_device_step(mirrored_results):
         for logged in r["losses"]:
             for key, (single, mirrored) in logged.items():
                 assert single == pytest.approx(mirrored, rel=1e-5), (case, key)
+            assert logged["ground"][0] > 0, case  # the attention supervision took part
         assert r["weight_diff"] < ATOL, case  # every weight (incl. BN statistics), every replica
         assert r["optimizer_diff"] < ATOL, case  # Adam moments, iterations, loss scale
 
@@ -199,7 +205,7 @@ def test_explicit_default_strategy_on_distributed_batches_equals_plain_tensors()
     """The one-replica case: the step built for the named default strategy, fed through
     distribute_batches, makes the update of the step built with no strategy argument on
     plain tensors (what bench.py calls)."""
-    images, tokens = global_batch(0)
+    images, tokens, _ = global_batch(0)
     strategy = make_strategy("default")
     pair = [build_model_and_optimizers(strategy, tiny_config(), VOCAB, 100) for _ in "ab"]
     pair[1].model.set_weights(pair[0].model.get_weights())

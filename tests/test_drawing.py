@@ -22,6 +22,7 @@ from captioner.data.drawing import (  # noqa: E402
     damage,
     draw_canvas,
     draw_example,
+    draw_example_atoms,
     draw_named,
     sample_style,
     to_square,
@@ -162,6 +163,25 @@ def test_read_smiles_list_canonicalises_and_names_bad_lines(tmp_path):
         read_smiles_list(good, column="smi")
 
 
+def test_rdkit_pictures_say_where_their_atoms_are():
+    from rdkit import Chem
+
+    rdkit_only = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0)
+    for seed, smiles in enumerate(MOLECULES):
+        pixels, xy = draw_example_atoms(smiles, 128, rdkit_only, seed)
+        assert np.array_equal(pixels, draw_example(smiles, 128, rdkit_only, seed))
+        assert xy.shape == (Chem.MolFromSmiles(smiles).GetNumAtoms(), 2)
+        grey = pixels.mean(-1)  # (128, 128)
+        for x, y in xy:  # ink (bond ends meet, or a label) within 4 px of every atom
+            row, col = int(round(y)), int(round(x))
+            assert grey[max(0, row - 4):row + 5, max(0, col - 4):col + 5].min() < 220, smiles
+    indigo_only = DrawingConfig(toolkits=["indigo"], toolkit_weights=[1.0])
+    assert draw_example_atoms(MOLECULES[0], 64, indigo_only, 0)[1] is None
+    distorted = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=1.0,
+                              distort_prob=1.0)
+    assert draw_example_atoms(MOLECULES[0], 64, distorted, 0)[1] is None
+
+
 def test_drawing_config_is_checked():
     with pytest.raises(ConfigError, match=r"data.drawing.toolkits\[1\] must be one of"):
         load_config("smiles_qm9", ["data.drawing.toolkits=[rdkit, chemdraw]"])
@@ -171,6 +191,11 @@ def test_drawing_config_is_checked():
         load_config("smiles_qm9", ["data.drawing.blur_prob=1.5"])
     with pytest.raises(ConfigError, match="data.drawing.eval_style must be one of"):
         load_config("smiles_qm9", ["data.drawing.eval_style=crayon"])
+    for overrides in (["data.format=csv"], ["tokenizer.kind=selfies"]):  # no atom positions
+        with pytest.raises(ConfigError, match="train.attention_supervision: needs data.format"):
+            load_config("smiles_qm9", [*overrides, "train.attention_supervision=1.0"])
+    with pytest.raises(ConfigError, match="train.attention_supervision: must be 0"):
+        load_config("smiles_qm9", ["train.attention_supervision=-1"])
     cfg = load_config("smiles_qm9")
     assert cfg.data.format == "smiles" and cfg.data.drawing.toolkits == ["rdkit", "indigo"]
 
@@ -206,6 +231,37 @@ def test_drawn_batches_are_new_each_epoch_and_resume_exactly():
     assert np.array_equal(resumed[0][0], one[2][0]) and np.array_equal(resumed[0][1], one[2][1])
     # no autotuner thread: its join made each epoch's last batch wait idle (README)
     assert source.batches(4, 1).options().autotune.enabled is False
+
+
+def test_drawn_batches_carry_the_cells_of_their_atoms():
+    """With a grid, each batch has a third tensor: the cell of the atom each target token
+    names (-1 elsewhere), the same as atom_cells computed eagerly for that picture."""
+    from captioner.data.drawn import atom_cells
+    from captioner.data.molecules import is_atom_token
+    from captioner.data.tokenizers import SmilesTokenizer
+
+    tok = SmilesTokenizer().fit(MOLECULES)
+    tokens = tok.encode_batch(MOLECULES, 24)  # (8, 24)
+    rdkit_only = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0,
+                               workers=0)
+    source = DrawnExamples(MOLECULES, tokens, 64, rdkit_only, seed=3, grid_hw=(4, 4))
+    batches = list(source.batches(4, 1))
+    assert len(batches) == 2 and all(len(b) == 3 for b in batches)
+    for step, (_, targets, cells) in enumerate(batches):
+        assert cells.shape == (4, 24) and cells.dtype == tf.int32
+        for j, (row, row_cells) in enumerate(zip(targets.numpy(), cells.numpy(), strict=True)):
+            i = [k for k in range(8) if np.array_equal(tokens[k], row)][0]
+            words = tok.ids_to_tokens(row, strip_special=False)
+            atoms = [p for p, w in enumerate(words) if is_atom_token(w)]
+            assert np.flatnonzero(row_cells >= 0).tolist() == atoms  # every atom, no other
+            assert row_cells.max() < 16
+            _, xy = draw_example_atoms(MOLECULES[i], 64, rdkit_only,
+                                       example_seed(3, 1, step * 4 + j))
+            assert np.array_equal(atom_cells(MOLECULES[i], xy, (4, 4), 64, 24), row_cells)
+    mixed = DrawnExamples(MOLECULES, tokens, 64, DrawingConfig(toolkits=["indigo"],
+                          toolkit_weights=[1.0], workers=0), seed=3, grid_hw=(4, 4))
+    assert all((cells.numpy() == -1).all() for _, _, cells in mixed.batches(4, 1))
+    assert all(len(b) == 2 for b in _source(workers=0).batches(4, 1))  # no grid: no cells
 
 
 def test_drawing_processes_draw_the_same_pictures():
@@ -298,14 +354,14 @@ def test_undrawable_molecules_are_counted(monkeypatch):
     import captioner.data.drawing as drawing
     from captioner.data.molecules import RenderError
 
-    real = drawing.draw_example
+    real = drawing.draw_example_atoms
 
     def flaky(smiles, size, cfg, seed):
         if smiles == "C[NH3+]":
             raise RenderError("cannot draw")
         return real(smiles, size, cfg, seed)
 
-    monkeypatch.setattr(drawing, "draw_example", flaky)
+    monkeypatch.setattr(drawing, "draw_example_atoms", flaky)
     source = _source(workers=0, n=8)  # MOLECULES[6] is C[NH3+]
     batches = _epoch(source, 1)
     assert source.undrawn == {"C[NH3+]": 1}

@@ -15,9 +15,11 @@ from captioner.generate.captioner import Captioner
 from captioner.model.layers import CaptionModel
 from captioner.train.steps import (
     caption_loss,
+    grounding_loss,
     make_optimizer,
     make_train_step,
     sampling_probability,
+    training_loss,
 )
 from captioner.train.trainer import Trainer
 
@@ -49,6 +51,58 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
         last = float(step(images, tokens, *args)["nll"])
     assert last < 0.3 * first
     assert int(opt.iterations.numpy()) == 81
+
+
+def _fixed_batch(rng: np.random.Generator) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """8 random pictures, <start> 5 tokens <end> <pad> <pad>, and a cell for tokens 1-3."""
+    images = tf.constant(rng.integers(0, 255, (8, 32, 32, 3)), tf.uint8)
+    tokens = tf.constant(np.concatenate([np.ones((8, 1)), rng.integers(4, 12, (8, 5)),
+                                         np.full((8, 1), 2), np.zeros((8, 2))], 1), tf.int32)
+    cells = np.full((8, 9), -1, np.int32)
+    cells[:, 1:4] = rng.integers(0, 64, (8, 3))  # an 8x8 grid (tiny_config: 32 px, /4)
+    return images, tokens, tf.constant(cells)
+
+
+def test_grounding_term_of_the_training_loss(tiny_config):
+    keras.utils.set_random_seed(0)
+    model = CaptionModel.from_model_config(tiny_config.model, vocab_size=12).build_weights()
+    images, tokens, cells = _fixed_batch(np.random.default_rng(0))
+    terms = training_loss(model, images, tokens, 0, 0.5, cells=cells, attention_supervision=2.0)
+    _, alphas = model((images, tokens[:, :-1]), training=True, logits=False,
+                      target_mask=tf.not_equal(tokens[:, 1:], 0))  # (B, T, G)
+    assert alphas.shape[-1] == 64
+    picked = np.take_along_axis(alphas.numpy(), np.maximum(cells.numpy()[:, 1:, None], 0), -1)
+    by_hand = -np.log(picked[:, :3, 0] + 1e-6).sum()  # 24 supervised tokens
+    assert float(grounding_loss(alphas, cells[:, 1:])) == pytest.approx(by_hand, rel=1e-4)
+    np.testing.assert_allclose(terms["ground"], 2.0 * by_hand / 48, rtol=1e-4)  # 48 tokens
+    np.testing.assert_allclose(terms["loss"], terms["nll"] + terms["reg"] + terms["ground"],
+                               rtol=1e-6)
+    unsupervised = training_loss(model, images, tokens, 0, 0.5, cells=tf.fill(cells.shape, -1),
+                                 attention_supervision=2.0)
+    assert float(unsupervised["ground"]) == 0.0
+    assert float(unsupervised["loss"]) == pytest.approx(float(terms["loss"] - terms["ground"]),
+                                                        rel=1e-5)
+
+
+def test_attention_supervision_moves_the_attention_to_the_atoms(tiny_config):
+    """Trained with cells, the attention of the supervised steps peaks on their cells."""
+    keras.utils.set_random_seed(0)
+    model = CaptionModel.from_model_config(tiny_config.model, vocab_size=12).build_weights()
+    opt = make_optimizer(tiny_config, total_steps=1000)
+    step = make_train_step(model, opt, pad_id=0, attention_reg=0.0, attention_supervision=1.0)
+    images, tokens, cells = _fixed_batch(np.random.default_rng(1))
+    args = (tf.constant(0.0), tf.constant([0, 0]))
+    first = step(images, tokens, *args, cells)
+    assert float(first["ground"]) > 0
+    np.testing.assert_allclose(first["loss"], first["nll"] + first["reg"] + first["ground"],
+                               rtol=1e-5)
+    for _ in range(60):
+        last = step(images, tokens, *args, cells)
+    assert float(last["ground"]) < 0.2 * float(first["ground"])
+    _, alphas = model((images, tokens[:, :-1]), training=False, logits=False)  # (B, T, G)
+    peaks = np.argmax(alphas.numpy()[:, :3], -1)
+    assert (peaks == cells.numpy()[:, 1:4]).mean() > 0.5  # chance: 1/64
+    assert float(step(images, tokens, *args)["ground"]) == 0.0  # no cells: no term
 
 
 def test_scheduled_sampling_probability_schedule(tiny_config):

@@ -353,29 +353,70 @@ def damage(pixels: np.ndarray, which: Damage, seed: int) -> np.ndarray:
 def draw_example(smiles: str, size: int, cfg: DrawingConfig, seed: int) -> np.ndarray:
     """One training picture of ``smiles``: (size, size, 3) uint8 in a style sampled with
     ``seed`` from ``cfg``. Raises :class:`RenderError` when no toolkit can draw it."""
+    return draw_example_atoms(smiles, size, cfg, seed)[0]
+
+
+def draw_example_atoms(smiles: str, size: int, cfg: DrawingConfig, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`draw_example` and where its atoms are: the picture and each atom's (x, y)
+    pixel in it, (N_atoms, 2) float32 in the order the atoms are written in ``smiles``
+    -- or None when the drawer does not report positions (Indigo, Open Babel) or the
+    picture was distorted (the positions would be off).
+
+    Example:
+        >>> cfg = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0)
+        >>> pixels, xy = draw_example_atoms("CCO", 64, cfg, seed=0)
+        >>> pixels.shape, xy.shape, bool(((xy >= 0) & (xy <= 64)).all())
+        ((64, 64, 3), (3, 2), True)
+    """
     style = sample_style(cfg, np.random.default_rng(seed))
+    coords = None
     try:
-        canvas = draw_canvas(smiles, style)
+        if style.toolkit == "rdkit":
+            canvas, coords = _draw_rdkit(smiles, style)
+        else:
+            canvas = draw_canvas(smiles, style)
     except RenderError:
         if style.toolkit == "rdkit":
             raise
         canvas = draw_canvas(smiles, Style("rdkit", style.width, style.height))  # fall back
-    square, _ = to_square(canvas, size, style.margin)
-    return damage(np.asarray(square, dtype=np.uint8), style.damage, style.seed)
+    square, where = to_square(canvas, size, style.margin)
+    pixels = damage(np.asarray(square, dtype=np.uint8), style.damage, style.seed)
+    if coords is None or style.damage.distort:
+        return pixels, None
+    return pixels, np.asarray([where(x, y) for x, y in coords], np.float32)  # (N_atoms, 2)
 
 
-def draw_batch(items: list[tuple[str, int]], size: int, cfg: DrawingConfig
-               ) -> tuple[np.ndarray, list[str]]:
-    """Pictures of ``(smiles, seed)`` pairs: ((N, size, size, 3) uint8, the SMILES no
-    toolkit could draw -- their pictures are left white for the caller to count)."""
+@dataclass(frozen=True)
+class DrawnBatch:
+    """What :func:`draw_batch` drew: ``images`` (N, S, S, 3) uint8, the SMILES no toolkit
+    could draw (``failed``; their pictures are left white for the caller to count) and,
+    per picture, its atoms' pixels (``atoms[i]``: (N_atoms, 2) float32 or None, see
+    :func:`draw_example_atoms`)."""
+
+    images: np.ndarray
+    failed: list[str]
+    atoms: list[np.ndarray | None]
+
+
+def draw_batch(items: list[tuple[str, int]], size: int, cfg: DrawingConfig) -> DrawnBatch:
+    """Pictures of ``(smiles, seed)`` pairs (:func:`draw_example_atoms` each).
+
+    Example:
+        >>> batch = draw_batch([("CCO", 0), ("not a molecule", 1)], 32, DrawingConfig())
+        >>> batch.images.shape, batch.failed, int(batch.images[1].min())
+        ((2, 32, 32, 3), ['not a molecule'], 255)
+    """
     out = np.full((len(items), size, size, 3), 255, np.uint8)
-    failed = []
+    failed, atoms = [], []
     for i, (smiles, seed) in enumerate(items):
         try:
-            out[i] = draw_example(smiles, size, cfg, seed)
+            out[i], xy = draw_example_atoms(smiles, size, cfg, seed)
         except RenderError:
             failed.append(smiles)
-    return out, failed
+            xy = None
+        atoms.append(xy)
+    return DrawnBatch(out, failed, atoms)
 
 
 def named_style(name: str, rng: np.random.Generator, size: int) -> Style | None:
@@ -488,6 +529,6 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
                          out / "manifest.csv", params=params)
 
 
-__all__ = ["Damage", "Style", "damage", "draw_batch", "draw_canvas", "draw_example",
-           "draw_named", "example_seed", "named_style", "render_smiles", "sample_style",
-           "to_square"]
+__all__ = ["Damage", "DrawnBatch", "Style", "damage", "draw_batch", "draw_canvas",
+           "draw_example", "draw_example_atoms", "draw_named", "example_seed", "named_style",
+           "render_smiles", "sample_style", "to_square"]

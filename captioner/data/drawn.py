@@ -8,6 +8,10 @@ same pictures with any number of drawing processes. Drawing runs in
 ``data.drawing.workers`` processes (0: in the training process), a few batches ahead
 of training, and reaches TensorFlow through ``tf.data.Dataset.from_generator``.
 
+With ``grid_hw`` (the backbone's grid) each batch also carries, per target position,
+the grid cell of the atom that token names (:func:`atom_cells`), for training the
+attention to look at the atom it reads (``train.attention_supervision``).
+
 Example::
 
     source = DrawnExamples(["CCO", "c1ccccc1"], tokens, image_size=128,
@@ -29,24 +33,60 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.config import DrawingConfig
-from captioner.data.drawing import draw_batch, draw_named, example_seed
+from captioner.data.drawing import DrawnBatch, draw_batch, draw_named, example_seed
+from captioner.data.molecules import is_atom_token, smiles_tokens
 from captioner.data.splits import epoch_batches, no_autotune
 
 
-class DrawnExamples:
-    """Batches of (pictures (B, S, S, 3) uint8, targets (B, L) int32) drawn from SMILES.
+def atom_cells(smiles: str, xy: np.ndarray | None, grid_hw: tuple[int, int], size: int,
+               length: int) -> np.ndarray:
+    """(length,) int32: at each position of the target row ``<start> t_1 t_2 ...`` the
+    flat (row-major) cell of the ``grid_hw`` grid over a ``size``-px picture that holds
+    the atom token ``t_j`` names (``xy[k]`` for the k-th atom token, in the atom order of
+    ``smiles``), -1 at every other position and everywhere when ``xy`` is None or does
+    not have one position per atom token.
 
-    ``smiles[i]`` is drawn for training pair ``i`` whose targets are ``tokens[i]``.
+    Example:
+        >>> xy = np.array([[10.0, 10.0], [100.0, 10.0]])  # C at cell (0, 0), O at (0, 6)
+        >>> atom_cells("C=O", xy, (7, 7), 112, 6).tolist()
+        [-1, 0, -1, 6, -1, -1]
+    """
+    out = np.full(length, -1, np.int32)
+    if xy is None:
+        return out
+    try:
+        positions = [1 + j for j, tok in enumerate(smiles_tokens(smiles)) if is_atom_token(tok)]
+    except ValueError:
+        return out
+    if len(positions) != len(xy):
+        return out
+    gh, gw = grid_hw
+    rows = np.clip((xy[:, 1] * gh / size).astype(int), 0, gh - 1)
+    cols = np.clip((xy[:, 0] * gw / size).astype(int), 0, gw - 1)
+    for pos, row, col in zip(positions, rows, cols, strict=True):
+        if pos < length:
+            out[pos] = row * gw + col
+    return out
+
+
+class DrawnExamples:
+    """Batches of (pictures (B, S, S, 3) uint8, targets (B, L) int32) drawn from SMILES,
+    and with ``grid_hw`` the atoms' cells (B, L) int32 (:func:`atom_cells`) as a third.
+
+    ``smiles[i]`` is drawn for training pair ``i`` whose targets are ``tokens[i]`` (SMILES
+    tokens for ``grid_hw``: position j + 1 is the j-th token of ``smiles[i]``).
     The drawing processes start on first use and stop with :meth:`close` (or when the
     object is collected). A molecule no toolkit can draw is trained on a white picture,
     logged and counted in :attr:`undrawn`.
     """
 
     def __init__(self, smiles: Sequence[str], tokens: np.ndarray, image_size: int,
-                 cfg: DrawingConfig, seed: int, ahead: int = 4):
+                 cfg: DrawingConfig, seed: int, ahead: int = 4,
+                 grid_hw: tuple[int, int] | None = None):
         if len(smiles) != len(tokens):
             raise ValueError(f"{len(smiles)} SMILES but {len(tokens)} target rows")
         self.smiles, self.tokens = list(smiles), np.asarray(tokens, np.int32)
+        self.grid_hw = None if grid_hw is None else (int(grid_hw[0]), int(grid_hw[1]))
         self.image_size, self.cfg, self.seed = int(image_size), cfg, int(seed)
         self.ahead = max(1, ahead)
         self._pool: ProcessPoolExecutor | None = None
@@ -86,10 +126,16 @@ class DrawnExamples:
         return [(self.smiles[i], example_seed(self.seed, epoch, first * b + j))
                 for j, i in enumerate(rows)]
 
+    def _cells(self, rows: np.ndarray, drawn: DrawnBatch) -> np.ndarray:
+        """(B, L) int32 atom cells of one drawn batch (:func:`atom_cells`)."""
+        length = self.tokens.shape[1]
+        return np.stack([atom_cells(self.smiles[i], xy, self.grid_hw, self.image_size, length)
+                         for i, xy in zip(rows, drawn.atoms, strict=True)])
+
     def _generate(self, epoch: int, batches: np.ndarray, skip: int
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  ) -> Iterator[tuple[np.ndarray, ...]]:
         pool = self._executor()
-        window: deque[tuple[np.ndarray, Future | np.ndarray]] = deque()
+        window: deque[tuple[np.ndarray, Future | DrawnBatch]] = deque()
 
         def submit(k: int) -> None:
             items = self._items(epoch, batches[k], skip + k)
@@ -105,12 +151,15 @@ class DrawnExamples:
                 break
         while window:
             rows, work = window.popleft()
-            images, failed = work.result() if isinstance(work, Future) else work
-            self._count(failed)
+            drawn = work.result() if isinstance(work, Future) else work
+            self._count(drawn.failed)
             k = next(upcoming, None)
             if k is not None:
                 submit(k)
-            yield images, self.tokens[rows]
+            if self.grid_hw is None:
+                yield drawn.images, self.tokens[rows]
+            else:
+                yield drawn.images, self.tokens[rows], self._cells(rows, drawn)
 
     def batches(self, batch_size: int, epoch: int, skip: int = 0,
                 max_steps: int | None = None) -> tf.data.Dataset:
@@ -120,6 +169,8 @@ class DrawnExamples:
         size, length = self.image_size, self.tokens.shape[1]
         signature = (tf.TensorSpec((batch_size, size, size, 3), tf.uint8),
                      tf.TensorSpec((batch_size, length), tf.int32))
+        if self.grid_hw is not None:  # + the atoms' cells (B, L)
+            signature += (tf.TensorSpec((batch_size, length), tf.int32),)
         return tf.data.Dataset.from_generator(
             lambda: self._generate(epoch, order, skip), output_signature=signature
         ).prefetch(2).with_options(no_autotune())  # one generator: nothing to tune
@@ -131,11 +182,11 @@ def draw_split(smiles: Sequence[str], size: int, style: str, seed: int,
     drawn in ``style`` with seed (``seed``, 0, ``i``); the training mix for ``mix``."""
     if style == "mix":
         items = [(s, example_seed(seed, 0, i)) for i, s in enumerate(smiles)]
-        return draw_batch(items, size, cfg)[0]
+        return draw_batch(items, size, cfg).images
     out = np.empty((len(smiles), size, size, 3), np.uint8)
     for i, s in enumerate(smiles):
         out[i] = np.asarray(draw_named(s, style, size, example_seed(seed, 0, i))[0])
     return out
 
 
-__all__ = ["DrawnExamples", "draw_split"]
+__all__ = ["DrawnExamples", "atom_cells", "draw_split"]

@@ -371,7 +371,9 @@ class PreparedData:
     def batches(self, t: TrainConfig, epoch: int, skip: int = 0) -> tf.data.Dataset:
         """The (inputs (B, ...), tokens (B, L)) batches of 1-based ``epoch`` in its seeded
         order (``train.seed``), after the ``skip`` already trained: images gathered from
-        memory, or cached grids read from the shards through tf.data."""
+        memory, or cached grids read from the shards through tf.data; pictures drawn
+        while training, with the atoms' cells (B, L) as a third element when the source
+        was made with a grid (``train.attention_supervision``)."""
         train = self.train
         if self.drawn is not None:
             return self.drawn.batches(t.batch_size, epoch, skip, t.max_steps_per_epoch)
@@ -399,7 +401,9 @@ def prepare_data(cfg: Config, run_dir: Path, records: dict[str, list[Record]],
     With ``data.format: smiles`` nothing is loaded: see :func:`prepare_drawn_data`.
     """
     if cfg.data.format == "smiles":
-        return prepare_drawn_data(cfg, records, tokenizer, log)
+        grid_hw = (model.backbone.grid_hw(cfg.model.image_size)
+                   if cfg.train.attention_supervision else None)
+        return prepare_drawn_data(cfg, records, tokenizer, log, grid_hw)
     report, cache = LoadReport(), None
     size, workers = cfg.model.image_size, cfg.data.load_workers
     if not cfg.data.feature_cache:
@@ -435,9 +439,11 @@ def _molecules_split(texts: list[str], images: np.ndarray | None) -> SplitData:
 
 
 def prepare_drawn_data(cfg: Config, records: dict[str, list[Record]], tokenizer: Tokenizer,
-                       log: Callable[[str], None] = print) -> PreparedData:
+                       log: Callable[[str], None] = print,
+                       grid_hw: tuple[int, int] | None = None) -> PreparedData:
     """``data.format: smiles``: the training molecules are drawn while training
-    (:class:`~captioner.data.drawn.DrawnExamples`), the first ``train.val_limit``
+    (:class:`~captioner.data.drawn.DrawnExamples`; with ``grid_hw``, the backbone's grid,
+    its batches carry the atoms' cells too), the first ``train.val_limit``
     validation molecules once, in ``data.drawing.val_style`` (seeded by
     ``train.seed``). The test molecules keep no pictures (``evaluate`` draws them)."""
     dr, size, L = cfg.data.drawing, cfg.model.image_size, cfg.data.max_length
@@ -453,7 +459,7 @@ def prepare_drawn_data(cfg: Config, records: dict[str, list[Record]], tokenizer:
     log(f"{len(train)} training molecules drawn while training ({', '.join(dr.toolkits)}; "
         f"{dr.workers} drawing processes); {len(val)} validation molecules drawn in "
         f"{dr.val_style} style in {time.perf_counter() - started:.1f} s")
-    drawn = DrawnExamples(train, encoded.ids, size, dr, cfg.train.seed)
+    drawn = DrawnExamples(train, encoded.ids, size, dr, cfg.train.seed, grid_hw=grid_hw)
     return PreparedData(_molecules_split(train, None), _molecules_split(val, val_images),
                         _molecules_split([r.text for r in records["test"]], None), encoded.ids,
                         tokenizer.encode_batch(val, L), report, drawn=drawn)

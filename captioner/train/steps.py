@@ -63,6 +63,21 @@ def _combine(nll_sum: tf.Tensor, mask: tf.Tensor, alphas: tf.Tensor, attention_r
     return loss, nll_sum / n_tokens, attention_reg * reg_sum / n_tokens
 
 
+def grounding_loss(alphas: tf.Tensor, cells: tf.Tensor) -> tf.Tensor:
+    """Sum of -log(attention on the given cell) over the target positions that have one:
+    ``alphas`` (B, T, G), ``cells`` (B, T) int32 flat cell indices, -1 where none.
+
+    Example:
+        >>> alphas = tf.constant([[[0.5, 0.5], [0.9, 0.1]]])  # (1, 2, 2)
+        >>> round(float(grounding_loss(alphas, tf.constant([[1, -1]]))), 4)  # -log 0.5
+        0.6931
+    """
+    alphas = tf.cast(alphas, "float32")
+    picked = tf.reduce_sum(alphas * tf.one_hot(cells, tf.shape(alphas)[-1]), -1)  # (B, T)
+    has = tf.cast(cells >= 0, "float32")  # (B, T)
+    return -tf.reduce_sum(has * tf.math.log(picked + 1e-6))
+
+
 def _trim(tokens: tf.Tensor, pad_id: int) -> tf.Tensor:
     """Drop padding columns that no row of the batch uses: (B, L) -> (B, L')."""
     length = tf.reduce_max(tf.reduce_sum(tf.cast(tf.not_equal(tokens, pad_id), "int32"), 1))
@@ -71,18 +86,28 @@ def _trim(tokens: tf.Tensor, pad_id: int) -> tf.Tensor:
 
 def training_loss(model: CaptionModel, inputs: tf.Tensor, tokens: tf.Tensor, pad_id: int,
                   attention_reg: float, sampling_prob: tf.Tensor | None = None,
-                  seed: tf.Tensor | None = None, greedy_sampling: bool = False
-                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The training forward pass and loss of one batch, tokens (B, L) -> (loss, mean token
-    NLL, reg): teacher forcing (or scheduled sampling with ``sampling_prob``), the
-    recurrence skipping each row's padded steps (``target_mask``) and the output head on
-    the real target positions only (:func:`packed_caption_loss`)."""
+                  seed: tf.Tensor | None = None, greedy_sampling: bool = False,
+                  cells: tf.Tensor | None = None, attention_supervision: float = 0.0
+                  ) -> dict[str, tf.Tensor]:
+    """The training forward pass and loss of one batch, tokens (B, L) -> ``{"loss", "nll"
+    (mean token NLL), "reg", "ground"}``: teacher forcing (or scheduled sampling with
+    ``sampling_prob``), the recurrence skipping each row's padded steps (``target_mask``)
+    and the output head on the real target positions only (:func:`packed_caption_loss`).
+    With ``cells`` (B, L) -- the atom cell of each token position, -1 where none,
+    aligned with ``tokens`` -- ``ground`` is ``attention_supervision`` times
+    :func:`grounding_loss` over the real-token count, and ``loss = nll + reg + ground``."""
     inp, tgt = tokens[:, :-1], tokens[:, 1:]  # (B, T), (B, T)
     outs, alphas = model((inputs, inp), training=True, sampling_prob=sampling_prob, seed=seed,
                          greedy_sampling=greedy_sampling, logits=False,
-                         target_mask=tf.not_equal(tgt, pad_id))
-    return packed_caption_loss(lambda x: model.decoder.head(x, training=True), outs, tgt,
-                               alphas, pad_id, attention_reg, model.decoder.cross_entropy)
+                         target_mask=tf.not_equal(tgt, pad_id))  # alphas (B, T, G)
+    loss, nll, reg = packed_caption_loss(lambda x: model.decoder.head(x, training=True), outs,
+                                         tgt, alphas, pad_id, attention_reg,
+                                         model.decoder.cross_entropy)
+    ground = tf.zeros_like(loss)
+    if cells is not None and attention_supervision:
+        n_tokens = tf.maximum(tf.reduce_sum(tf.cast(tf.not_equal(tgt, pad_id), "float32")), 1.0)
+        ground = attention_supervision * grounding_loss(alphas, cells[:, 1:]) / n_tokens
+    return {"loss": loss + ground, "nll": nll, "reg": reg, "ground": ground}
 
 
 def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, pad_id: int,
@@ -90,7 +115,8 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
                     greedy_sampling: bool = False,
                     backbone_optimizer: keras.optimizers.Optimizer | None = None, *,
                     strategy: tf.distribute.Strategy | None = None,
-                    global_batch_size: int | None = None
+                    global_batch_size: int | None = None,
+                    attention_supervision: float = 0.0
                     ) -> Callable[..., dict[str, tf.Tensor]]:
     """Compile one training step (teacher forcing, or scheduled sampling when enabled) for
     ``strategy``, by default the current one (one device outside any ``strategy.scope()``).
@@ -99,10 +125,10 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     images (B, S, S, 3) or cached grids (B, G, C), ``tokens`` (B, L) int32 -- as plain
     tensors on one device or split by :func:`~captioner.train.distribute.distribute_batches`,
     the scheduled-sampling probability (float32 scalar) and a (2,) int32 seed, and returns
-    the global batch's ``{"loss", "nll", "reg"}`` (float32 scalars, :func:`caption_loss`)
-    and ``"nonfinite"`` (1.0 when the loss or a gradient was inf/NaN, else 0.0). On one
-    replica such an update is NOT applied -- weights, optimizer moments and
-    ``optimizer.iterations`` unchanged; with several replicas it is (their all-reduce
+    the global batch's ``{"loss", "nll", "reg", "ground"}`` (float32 scalars,
+    :func:`training_loss`) and ``"nonfinite"`` (1.0 when the loss or a gradient was
+    inf/NaN, else 0.0). On one replica such an update is NOT applied -- weights, optimizer
+    moments and ``optimizer.iterations`` unchanged; with several replicas it is (their all-reduce
     cannot run inside ``tf.cond``), so only the caller's stop keeps the weights out of
     the checkpoints; with ``mixed_float16`` the loss-scale optimizer does its own skipping
     and this is 0.0.
@@ -113,6 +139,10 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     model's BatchNorm layers switch to global-batch statistics. Dropout masks come from
     Keras seed generators that advance in lockstep on every replica, so row i of each
     replica's slice gets the same mask (still random from step to step).
+
+    ``step(inputs, tokens, sampling_prob, seed, cells)`` also takes the atoms' cells
+    (B, L) int32 (:func:`~captioner.data.drawn.atom_cells`), weighted by
+    ``attention_supervision`` in the loss.
 
     With ``backbone_optimizer`` the backbone's trainable variables get their own optimizer
     (and learning rate). ``global_batch_size`` (``train.batch_size``), when given, must give
@@ -131,7 +161,7 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
         >>> tokens = tf.constant([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])  # (B, L): <start>...<end>
         >>> out = step(images, tokens, tf.constant(0.0), tf.constant([0, 0]))
         >>> sorted(out), int(optimizer.iterations.numpy()), float(out["nonfinite"])
-        (['loss', 'nll', 'nonfinite', 'reg'], 1, 0.0)
+        (['ground', 'loss', 'nll', 'nonfinite', 'reg'], 1, 0.0)
         >>> bool(abs(out["loss"] - out["nll"] - out["reg"]) < 1e-5 and out["reg"] > 0)
         True
         >>> make_train_step(model, optimizer, 0, 1.0, global_batch_size=0)
@@ -149,15 +179,18 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
 
-    def replica_step(inputs, tokens, sampling_prob, seed):
+    def replica_step(inputs, tokens, sampling_prob, seed, cells=None):
         ctx = tf.distribute.get_replica_context()
         tokens = _trim(tokens, pad_id)  # (b, L') this replica's rows
+        if cells is not None:
+            cells = cells[:, :tf.shape(tokens)[1]]  # (b, L')
         share = token_share(tokens[:, 1:], pad_id, ctx)  # this replica's tokens / global tokens
         with tf.GradientTape() as tape:
-            loss, nll, reg = (share * x for x in training_loss(
+            terms = {k: share * v for k, v in training_loss(
                 model, inputs, tokens, pad_id, attention_reg,
                 sampling_prob if scheduled_sampling else None, replica_seed(seed, ctx),
-                greedy_sampling))
+                greedy_sampling, cells, attention_supervision).items()}
+            loss = terms["loss"]
             scaled = optimizer.scale_loss(loss) if loss_scaled else loss
         grads = tape.gradient(scaled, main_vars + backbone_vars)
         # 1.0 when this replica's loss or a gradient is inf/NaN, summed over replicas so
@@ -179,11 +212,12 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
             tf.cond(bad > 0, lambda: tf.constant(False), apply)
         share_bad = bad / tf.cast(ctx.num_replicas_in_sync, "float32")  # sums to 0 or 1
         # this replica's shares, () each
-        return {"loss": loss, "nll": nll, "reg": reg, "nonfinite": tf.minimum(share_bad, 1.0)}
+        return {**terms, "nonfinite": tf.minimum(share_bad, 1.0)}
 
     @tf.function(reduce_retracing=True)
-    def train_step(inputs, tokens, sampling_prob, seed):
-        per_replica = strategy.run(replica_step, args=(inputs, tokens, sampling_prob, seed))
+    def train_step(inputs, tokens, sampling_prob, seed, cells=None):
+        args = (inputs, tokens, sampling_prob, seed) + (() if cells is None else (cells,))
+        per_replica = strategy.run(replica_step, args=args)
         return {k: strategy.reduce(SUM, v, axis=None) for k, v in per_replica.items()}
 
     return train_step

@@ -216,7 +216,8 @@ class Trainer:
         train_step = make_train_step(self.model, self.optimizer, self.tokenizer.pad_id,
                                      t.attention_reg, ss.enabled, ss.greedy,
                                      self.backbone_optimizer, strategy=self.strategy,
-                                     global_batch_size=t.batch_size)
+                                     global_batch_size=t.batch_size,
+                                     attention_supervision=t.attention_supervision)
         eval_step = make_eval_step(self.model, self.tokenizer.pad_id)
         writer = (tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
                   if t.tensorboard else tf.summary.create_noop_writer())
@@ -243,9 +244,9 @@ class Trainer:
         started, n_steps = time.perf_counter(), 0
         bar = self._progress(epoch, skip)
         ckpts = self.checkpoints
-        for inputs, tokens in batches:  # each global batch split by replica
+        for inputs, tokens, *cells in batches:  # each global batch split by replica
             seed = tf.constant([t.seed, int(self.optimizer.iterations.numpy())], "int32")
-            out = train_step(inputs, tokens, tf.constant(prob, "float32"), seed)
+            out = train_step(inputs, tokens, tf.constant(prob, "float32"), seed, *cells)
             n_steps, self._unsaved = n_steps + 1, True
             if float(out["nonfinite"]) > 0:  # the update was not applied
                 where = (f"epoch {epoch}, step {int(self.step_in_epoch.numpy()) + 1} "
@@ -290,7 +291,7 @@ class Trainer:
         if not k or self.data.cache is not None or not trainable_batchnorm(self.model):
             return 0
         data = self.data.batches(self.cfg.train, epoch).take(k)
-        return recompute_batchnorm(self.model, (inputs for inputs, _ in data))
+        return recompute_batchnorm(self.model, (batch[0] for batch in data))  # the inputs
 
     def recalibrate(self, batches: int = 16) -> dict[str, Any]:
         """Recompute the batch-norm statistics of a trained run's newest checkpoint from
