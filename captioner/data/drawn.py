@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from captioner.config import DrawingConfig
 from captioner.data.drawing import DrawnBatch, draw_batch, draw_named, example_seed
-from captioner.data.molecules import is_atom_token, smiles_tokens
+from captioner.data.molecules import atom_tokens_positions, cell_of_point
 from captioner.data.splits import epoch_batches, no_autotune
 
 
@@ -55,17 +55,13 @@ def atom_cells(smiles: str, xy: np.ndarray | None, grid_hw: tuple[int, int], siz
     if xy is None:
         return out
     try:
-        positions = [1 + j for j, tok in enumerate(smiles_tokens(smiles)) if is_atom_token(tok)]
-    except ValueError:
+        pairs = atom_tokens_positions(smiles, list(xy))  # (index among smiles' tokens, xy)
+    except ValueError:  # not one position per atom token
         return out
-    if len(positions) != len(xy):
-        return out
-    gh, gw = grid_hw
-    rows = np.clip((xy[:, 1] * gh / size).astype(int), 0, gh - 1)
-    cols = np.clip((xy[:, 0] * gw / size).astype(int), 0, gw - 1)
-    for pos, row, col in zip(positions, rows, cols, strict=True):
-        if pos < length:
-            out[pos] = row * gw + col
+    for index, (x, y) in pairs:
+        if index + 1 < length:  # + 1: <start>
+            row, col = cell_of_point((float(x), float(y)), grid_hw, (size, size))
+            out[index + 1] = row * grid_hw[1] + col
     return out
 
 

@@ -389,10 +389,9 @@ def is_atom_token(token: str) -> bool:
                                               "I", "b", "c", "n", "o", "s", "p", "*"}
 
 
-def atom_tokens_positions(
-    canonical_smiles: str, atoms: Sequence[dict[str, Any]]
-) -> list[tuple[int, dict[str, Any]]]:
-    """Pair each atom token of ``canonical_smiles`` with its atom entry (k-th ↔ k-th).
+def atom_tokens_positions(canonical_smiles: str, atoms: Sequence[Any]) -> list[tuple[int, Any]]:
+    """Pair each atom token of ``canonical_smiles`` with its atom entry (k-th ↔ k-th; an
+    entry is anything, e.g. a ``render-molecules`` dict or an (x, y) pixel).
 
     Returns ``(token index, atom entry)`` for every atom token; raises ``ValueError``
     if the number of atom tokens differs from ``len(atoms)``.
@@ -408,6 +407,22 @@ def atom_tokens_positions(
             f"{canonical_smiles!r} has {len(indices)} atom tokens but {len(atoms)} atoms"
         )
     return list(zip(indices, atoms))
+
+
+def cell_of_point(point: tuple[float, float], grid_hw: tuple[int, int],
+                  image_hw: tuple[int, int]) -> tuple[int, int]:
+    """``(row, col)`` of the grid cell containing pixel ``(x, y)`` of an image.
+
+    Example:
+        >>> cell_of_point((100.0, 30.0), (7, 7), (224, 224))
+        (0, 3)
+    """
+    x, y = point
+    gh, gw = grid_hw
+    height, width = image_hw
+    row = min(gh - 1, max(0, int(y * gh / height)))
+    col = min(gw - 1, max(0, int(x * gw / width)))
+    return row, col
 
 
 # --------------------------------------------------------------------------- dataset
@@ -655,6 +670,7 @@ __all__ = [
     "RenderOptions",
     "RenderSummary",
     "atom_tokens_positions",
+    "cell_of_point",
     "canonical_order",
     "draw_molecule",
     "is_atom_token",

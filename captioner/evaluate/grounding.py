@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from captioner.data.molecules import atom_tokens_positions
+from captioner.data.molecules import atom_tokens_positions, cell_of_point
 from captioner.data.shapes import ShapesSpec
 
 
@@ -202,22 +202,6 @@ def peak_cell(attention_row: np.ndarray, grid_hw: tuple[int, int]) -> tuple[int,
     values = np.asarray(attention_row).reshape(-1)
     _check_grid(values.size, grid_hw)
     return divmod(int(np.argmax(values)), grid_hw[1])
-
-
-def cell_of_point(point: tuple[float, float], grid_hw: tuple[int, int],
-                  image_hw: tuple[int, int]) -> tuple[int, int]:
-    """``(row, col)`` of the grid cell containing pixel ``(x, y)`` of an image.
-
-    Example:
-        >>> cell_of_point((100.0, 30.0), (7, 7), (224, 224))
-        (0, 3)
-    """
-    x, y = point
-    gh, gw = grid_hw
-    height, width = image_hw
-    row = min(gh - 1, max(0, int(y * gh / height)))
-    col = min(gw - 1, max(0, int(x * gw / width)))
-    return row, col
 
 
 def molecule_grounding(pred_tokens: Sequence[Sequence[str]], attentions: Sequence[np.ndarray],
