@@ -175,6 +175,20 @@ def test_rdkit_pictures_say_where_their_atoms_are():
         for x, y in xy:  # ink (bond ends meet, or a label) within 4 px of every atom
             row, col = int(round(y)), int(round(x))
             assert grey[max(0, row - 4):row + 5, max(0, col - 4):col + 5].min() < 220, smiles
+    # in colour, the k-th position is the k-th atom of the SMILES: O labels red, N blue
+    colour = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0,
+                           colour_prob=1.0, font_scale_range=[1.0, 1.2])
+    smiles = "OC1CN=C(N)O1"  # atoms O C C N C N O
+    for seed in range(4):
+        pixels, xy = draw_example_atoms(smiles, 160, colour, seed)
+        for (x, y), symbol in zip(xy, "OCCNCNO", strict=True):
+            if symbol == "C":  # black, and may touch a red or blue half-bond
+                continue
+            row, col = int(round(y)), int(round(x))
+            near = pixels[max(0, row - 4):row + 5, max(0, col - 4):col + 5].reshape(-1, 3)
+            red = bool(((near[:, 0] > 150) & (near[:, 2] < 100)).any())
+            blue = bool(((near[:, 2] > 150) & (near[:, 0] < 100)).any())
+            assert (red, blue) == (symbol == "O", symbol == "N"), (seed, symbol)
     indigo_only = DrawingConfig(toolkits=["indigo"], toolkit_weights=[1.0])
     assert draw_example_atoms(MOLECULES[0], 64, indigo_only, 0)[1] is None
     distorted = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=1.0,
