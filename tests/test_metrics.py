@@ -80,6 +80,16 @@ def test_exact_match_counts_an_unsplittable_prediction_as_a_miss():
                        split) == pytest.approx(1 / 3)
 
 
+def test_bleu_counts_an_unsplittable_prediction_as_empty():
+    split = SmilesTokenizer().tokenize
+    refs = [["CCO"], ["CCN"]]
+    # unigrams: 3 matched of 3 + 1 (NLTK counts an empty hypothesis as one unmatched
+    # n-gram); brevity penalty: 3 hypothesis tokens against 6 reference tokens
+    b1 = corpus_bleu(["CCO", "CC<unk>N"], refs, n=1, split=split)
+    assert b1 == pytest.approx(3 / 4 * math.exp(1 - 6 / 3))
+    assert corpus_bleu(["CCO", "CCN"], refs, n=1, split=split) == pytest.approx(1.0)
+
+
 def test_bleu_hand_computed():
     # hypothesis of 4 words, 3 unigram matches, 1 bigram match out of 3; brevity penalty 1
     pred = ["the cat sat down"]

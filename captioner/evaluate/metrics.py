@@ -54,17 +54,25 @@ def exact_match(predictions: list[str], references: list[list[str]],
         return 0.0
     hits = 0
     for prediction, refs in zip(predictions, references):
-        try:
-            tokens = split(prediction)
-        except ValueError:  # not a text of the references' kind: no reference equals it
-            continue
-        hits += tokens in [split(r) for r in refs]
+        tokens = _split_prediction(prediction, split)
+        hits += tokens is not None and tokens in [split(r) for r in refs]
     return hits / len(predictions)
+
+
+def _split_prediction(prediction: str, split: Splitter) -> list[str] | None:
+    """``split(prediction)``, or None when ``split`` rejects it with ``ValueError`` (not a
+    text of the references' kind, e.g. a SMILES holding ``<unk>``)."""
+    try:
+        return split(prediction)
+    except ValueError:
+        return None
 
 
 def corpus_bleu(predictions: list[str], references: list[list[str]], n: int = 4,
                 split: Splitter = str.split) -> float:
     """Corpus BLEU-n (uniform weights, no smoothing) with NLTK, against all references.
+    A prediction ``split`` rejects counts as an empty hypothesis (no n-gram matches; the
+    brevity penalty sees its length as 0).
 
     Example:
         >>> round(corpus_bleu(["a red circle above a blue square"],
@@ -78,7 +86,7 @@ def corpus_bleu(predictions: list[str], references: list[list[str]], n: int = 4,
         return 0.0
     weights = tuple([1.0 / n] * n)
     refs = [[split(r) for r in rs] for rs in references]
-    hyps = [split(p) for p in predictions]
+    hyps = [_split_prediction(p, split) or [] for p in predictions]
     return float(nltk_corpus_bleu(refs, hyps, weights=weights))
 
 
