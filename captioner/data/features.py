@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from captioner.data.images import try_load_image as try_load_image
-from captioner.data.splits import epoch_batches, steps_per_epoch
+from captioner.data.splits import epoch_batches, no_autotune, steps_per_epoch
 
 EncodeFn = Callable[[np.ndarray], Any]  # (B, S, S, 3) uint8 -> (B, G, C) array or tensor
 
@@ -790,9 +790,9 @@ class FeatureCache:
             return (tf.cast(tf.gather(feats, tf.gather(rows_t, idx)), tf.float32),
                     tf.gather(toks, idx))
 
-        ds = tf.data.Dataset.from_tensor_slices(batches)
-        return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-                      ).prefetch(tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.from_tensor_slices(batches)  # one gather per batch, no autotuner:
+        # joining its thread left every other epoch idle for ~8 s after its last batch (README)
+        return ds.map(gather).prefetch(2).with_options(no_autotune())
 
     def _pairs_streamed(self, rows: np.ndarray, tokens: np.ndarray, batch_size: int,
                         seed: int, epoch: int, window: int, skip: int, steps: int
