@@ -258,7 +258,7 @@ def test_pair_dataset_gathers_rows_deterministically(cache, in_memory):
     assert len(set(toks[..., 0].ravel())) == 72  # no pair twice
     if in_memory:
         np.testing.assert_array_equal(toks[..., 0], epoch_batches(75, 8, 3, 1))
-        # no autotuner thread: its join left every other epoch idle for seconds (README)
+        # no autotuner thread: its join left about half the epochs idle for seconds (README)
         ds = cache.pair_dataset(pair_paths, tokens, 8, 3, 1, in_memory)
         assert ds.options().autotune.enabled is False
 

@@ -791,7 +791,7 @@ class FeatureCache:
                     tf.gather(toks, idx))
 
         ds = tf.data.Dataset.from_tensor_slices(batches)  # one gather per batch, no autotuner:
-        # joining its thread left every other epoch idle for ~8 s after its last batch (README)
+        # joining its thread left about half the epochs idle for ~8 s at their end (README)
         return ds.map(gather).prefetch(2).with_options(no_autotune())
 
     def _pairs_streamed(self, rows: np.ndarray, tokens: np.ndarray, batch_size: int,
