@@ -265,16 +265,23 @@ def _draw_openbabel(smiles: str, style: Style) -> Image.Image:
 
 def draw_canvas(smiles: str, style: Style) -> Image.Image:
     """The molecule drawn on ``style``'s canvas by its toolkit (rotation included)."""
+    return _canvas_and_atoms(smiles, style)[0]
+
+
+def _canvas_and_atoms(smiles: str, style: Style
+                      ) -> tuple[Image.Image, list[tuple[float, float]] | None]:
+    """:func:`draw_canvas` and each atom's pixel on the canvas, in the molecule's atom
+    order (RDKit), or None (the toolkits that do not report positions)."""
     Choices().check("toolkit", style.toolkit)
     if style.toolkit == "rdkit":
-        return _draw_rdkit(smiles, style)[0]
+        return _draw_rdkit(smiles, style)
     if style.toolkit == "indigo":
-        return _draw_indigo(smiles, style)
+        return _draw_indigo(smiles, style), None
     image = _draw_openbabel(smiles, style)
     if style.rotate:
         image = image.rotate(style.rotate, Image.Resampling.BICUBIC, expand=True,
                              fillcolor=(255, 255, 255))
-    return image
+    return image, None
 
 
 # ---- square, resize, damage ------------------------------------------------------------------
@@ -370,16 +377,12 @@ def draw_example_atoms(smiles: str, size: int, cfg: DrawingConfig, seed: int
         ((64, 64, 3), (3, 2), True)
     """
     style = sample_style(cfg, np.random.default_rng(seed))
-    coords = None
     try:
-        if style.toolkit == "rdkit":
-            canvas, coords = _draw_rdkit(smiles, style)
-        else:
-            canvas = draw_canvas(smiles, style)
-    except RenderError:
+        canvas, coords = _canvas_and_atoms(smiles, style)
+    except RenderError:  # Indigo / Open Babel failed: RDKit draws it (positions not used)
         if style.toolkit == "rdkit":
             raise
-        canvas = draw_canvas(smiles, Style("rdkit", style.width, style.height))  # fall back
+        canvas, coords = draw_canvas(smiles, Style("rdkit", style.width, style.height)), None
     square, where = to_square(canvas, size, style.margin)
     pixels = damage(np.asarray(square, dtype=np.uint8), style.damage, style.seed)
     if coords is None or style.damage.distort:
