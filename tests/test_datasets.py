@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from captioner.data.formats import (
@@ -331,6 +331,7 @@ def splits_by_key(records: list[Record], key=lambda r: r.image) -> dict[str, set
        fixed=st.lists(st.sampled_from([None, None, "train", "val", "test"]), min_size=31,
                       max_size=31),
        val=st.floats(0, 0.5), test=st.floats(0, 0.5), seed=st.integers(0, 3))
+@example(groups=[0, 1, 2], fixed=[None] * 31, val=0.5, test=0.5, seed=0)
 def test_group_splits_never_leaks_and_respects_fractions(groups: list[int], fixed: list,
                                                          val: float, test: float,
                                                          seed: int) -> None:
@@ -342,7 +343,9 @@ def test_group_splits_never_leaks_and_respects_fractions(groups: list[int], fixe
     free = sorted({g for g in groups if fixed[g] is None})
     chosen = [next(r.split for r, h in zip(out, groups) if h == g) for g in free]
     assert chosen.count("val") == round(len(free) * val)
-    assert chosen.count("test") == round(len(free) * test)
+    # val + test = 1 can round past the groups there are (3 groups at 0.5/0.5: 2 + 2):
+    # test gets what val leaves
+    assert chosen.count("test") == min(round(len(free) * test), len(free) - round(len(free) * val))
 
 
 def test_group_splits_group_without_split_joins_its_explicit_split() -> None:

@@ -659,8 +659,9 @@ def group_splits(records: list[Record], val_fraction: float, test_fraction: floa
     Groups with an explicit split keep it (their records without one join it; conflicting
     explicit splits raise ``DataError``). The other groups are sorted, shuffled with
     ``seed`` and ``round(n * val_fraction)`` go to val, ``round(n * test_fraction)`` to
-    test, the rest to train -- for records without explicit splits and the default key
-    the same as splitting by image.
+    test (at most the groups val leaves: fractions summing to 1 can round past ``n``), the
+    rest to train -- for records without explicit splits and the default key the same as
+    splitting by image.
 
     Example:
         >>> recs = [Record("a", "OCC"), Record("b", "CCO"), Record("c", "CCN"),
@@ -673,7 +674,8 @@ def group_splits(records: list[Record], val_fraction: float, test_fraction: floa
     keys, explicit = _group(records, key or (lambda r: r.image))
     free = sorted(k for k, s in explicit.items() if s is None)
     random.Random(seed).shuffle(free)
-    n_val, n_test = round(len(free) * val_fraction), round(len(free) * test_fraction)
+    n_val = round(len(free) * val_fraction)
+    n_test = min(round(len(free) * test_fraction), len(free) - n_val)
     chosen = {k: "val" for k in free[:n_val]}
     chosen.update({k: "test" for k in free[n_val:n_val + n_test]})
     return [r if r.split is not None else replace(r, split=explicit[k] or chosen.get(k, "train"))
