@@ -45,10 +45,10 @@ summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }
 
 # smiles_recipe NAME CSV: train configs/smiles_NAME.yaml on the molecules of CSV (drawn while
 # training) into $RUNS/NAME, then evaluate the held-out molecules drawn in several styles
-# (RDKit defaults greedy + beam 5, Indigo, Open Babel -- not in the training mix --, thin
-# rotated black-and-white lines, the training mix; OSRA beside ours where it is installed)
-# and print the tables, exact match by molecule size, the kinds of error and the training
-# curve.
+# (RDKit defaults greedy + beam 5 with its top 5, Indigo, Open Babel -- not in the training
+# mix --, thin rotated black-and-white lines, the training mix; OSRA beside ours where it
+# is installed) and print the tables, exact match by molecule size, the kinds of error and
+# the training curve.
 # EVAL_LIMIT bounds every evaluation, OSRA_LIMIT (default 500) the OSRA ones.
 smiles_recipe() {
   local name="$1" csv="$2" run="$RUNS/$1" osra_limit="${OSRA_LIMIT:-500}"
@@ -63,7 +63,8 @@ smiles_recipe() {
     captioner evaluate --run "$run" --out "$run/eval-$out" --style "$style" --size "$size" "$@"
   }
   _style rdkit_default rdkit_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
-  _style rdkit_default-beam5 rdkit_default 224 --beam-size 5 ${limit[@]+"${limit[@]}"}
+  _style rdkit_default-beam5 rdkit_default 224 --beam-size 5 --n-best 5 \
+    ${limit[@]+"${limit[@]}"}
   _style indigo_default indigo_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
   _style openbabel_default openbabel_default 224 --strategy greedy ${limit[@]+"${limit[@]}"}
   _style thin_rotated_bw thin_rotated_bw 256 --strategy greedy ${limit[@]+"${limit[@]}"}

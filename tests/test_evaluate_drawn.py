@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from captioner.choices import ChoiceError
+from captioner.data.chem import canonical_smiles
 from captioner.evaluate.osra import osra_environment, parse_osra_output
 from captioner.evaluate.runs import (
     Drawing,
@@ -73,6 +74,30 @@ def test_smiles_data_is_drawn_by_default_in_the_eval_style(drawn_run, tmp_path):
     rows = read_csv(out / "predictions.csv")  # the model read exactly those files
     assert sorted(Path(r["image"]).resolve() for r in rows) == [p.resolve() for p in pictures]
     assert [json.loads(r["references"]) for r in rows] == [[s] for s in test_smiles]
+
+
+def test_beam_n_best_adds_top_k_exact_match(drawn_run, tmp_path):
+    from captioner.generate.captioner import Captioner
+
+    logged: list[str] = []
+    metrics = evaluate(drawn_run, tmp_path / "beam", limit=4, strategy="beam", beam_size=3,
+                       n_best=3, log=logged.append)
+    assert metrics["top_k"] == 3
+    # the same candidates, generated again from the drawn files, scored by hand
+    cap = Captioner.load(drawn_run)
+    rows = read_csv(tmp_path / "beam" / "predictions.csv")
+    gen = cap.generate([r["image"] for r in rows], strategy="beam", beam_size=3, n_best=3)
+    assert [len(c) for c in gen.candidates] == [3] * 4
+    refs = [json.loads(r["references"])[0] for r in rows]
+    canon = [[canonical_smiles(c.text) for c in cands] for cands in gen.candidates]
+    expected = np.mean([canonical_smiles(r) in c for r, c in zip(refs, canon)])
+    assert metrics["exact_match_at_k"] == pytest.approx(expected)
+    assert metrics["exact_match"] <= metrics["exact_match_at_k"]
+    assert "Exact match in the 3 candidates kept (top-k)" in (
+        tmp_path / "beam" / "metrics.md").read_text()
+    assert "exact in top 3" in logged[-1]
+    greedy = evaluate(drawn_run, tmp_path / "greedy", limit=4, log=lambda _m: None)
+    assert "exact_match_at_k" not in greedy and "top_k" not in greedy
 
 
 def test_named_style_size_and_seed(drawn_run, tmp_path):

@@ -17,6 +17,7 @@ from captioner.evaluate.metrics import (
     compute_metrics,
     corpus_bleu,
     exact_match,
+    exact_match_at_k,
     heavy_atom_bin,
     levenshtein,
     meteor_scores,
@@ -78,6 +79,26 @@ def test_exact_match_counts_an_unsplittable_prediction_as_a_miss():
         split("CC<unk>O")
     assert exact_match(["CC<unk>O", "CCO", "OCC"], [["CCO"], ["CCO"], ["CCO"]],
                        split) == pytest.approx(1 / 3)
+
+
+def test_exact_match_at_k_is_a_hit_when_any_candidate_is_the_molecule():
+    candidates = [["C[C@H](N)O", "CC(N)O"],  # the second, without stereo, is the molecule
+                  ["C1CC", "CCO"],            # an unparsable first candidate, then a hit
+                  ["CCC", "CCCC"],            # no candidate is
+                  ["C1CC"]]                   # the reference does not parse: never a hit
+    refs = ["CC(N)O", ["OCC"], "CCN", "C1CC"]
+    assert exact_match_at_k(candidates, refs) == pytest.approx(2 / 4)
+    assert exact_match_at_k([c[:1] for c in candidates], refs) == 0.0  # the top ones alone
+    assert exact_match_at_k([], []) is None
+    with pytest.raises(ValueError, match="2 predictions but 1 reference"):
+        exact_match_at_k([["CCO"], ["CCO"]], ["CCO"])
+
+
+def test_metrics_markdown_shows_top_k_only_when_measured():
+    base = {"family": "smiles", "count": 2, "exact_match": 0.5}
+    assert "top-k" not in metrics_markdown(base)
+    table = metrics_markdown({**base, "top_k": 5, "exact_match_at_k": 0.75})
+    assert "| Exact match in the 5 candidates kept (top-k) | 0.7500 |" in table
 
 
 def test_bleu_counts_an_unsplittable_prediction_as_empty():

@@ -587,6 +587,31 @@ def per_example_smiles_metrics(predictions: list[str],
                 for p, r, h in zip(predictions, refs, counts)]
 
 
+def exact_match_at_k(candidates: Sequence[Sequence[str]],
+                     references: list[str] | list[list[str]]) -> float | None:
+    """Share of images one of whose candidate SMILES is the reference molecule (canonical
+    SMILES with stereo, as ``exact_match``): top-k exact match, k the candidates given per
+    image (e.g. a beam's ``n_best``). None for no images.
+
+    Example:
+        >>> exact_match_at_k([["CCC", "OCC"], ["CCN", "C1CC"]], ["CCO", "CCO"])
+        0.5
+    """
+    refs = _first_references(references)
+    _check(candidates, refs)
+    rd = chem()
+
+    def canonical(smiles: str) -> str | None:
+        mol = parse(smiles)
+        return rd.MolToSmiles(mol) if mol is not None else None
+
+    with quiet_rdkit():
+        hits = [(target := canonical(ref)) is not None
+                and any(canonical(c) == target for c in cands)
+                for cands, ref in zip(candidates, refs)]
+    return _mean([float(h) for h in hits])
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -719,6 +744,9 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
             if key == "meteor" and metrics[key] is None and metrics.get("meteor_unavailable"):
                 value += f" ({metrics['meteor_unavailable']})"
             rows.append([name, value])
+    if metrics.get("exact_match_at_k") is not None:
+        rows.append([f"Exact match in the {metrics['top_k']} candidates kept (top-k)",
+                     _fmt(metrics["exact_match_at_k"])])
     lines = _table(["Metric", "Value"], rows)
     errors = metrics.get("error_kinds")
     if errors:

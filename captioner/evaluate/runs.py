@@ -29,6 +29,7 @@ from captioner.data.splits import SplitData, build_split
 from captioner.evaluate.grounding import molecule_grounding, shapes_grounding
 from captioner.evaluate.metrics import (
     compute_metrics,
+    exact_match_at_k,
     metric_family,
     metrics_markdown,
     per_example_caption_metrics,
@@ -303,6 +304,11 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     gen = cap.generate(ev.split.images, **decode)
     seconds = time.perf_counter() - started
     result = compute_metrics(family, gen.texts, ev.split.references)
+    top_k = max(len(c) for c in gen.candidates) if gen.candidates else 1
+    if family == "smiles" and top_k > 1:
+        result["top_k"] = top_k
+        result["exact_match_at_k"] = exact_match_at_k(
+            [[c.text for c in cands] for cands in gen.candidates], ev.split.references)
     grounding = grounding_scores(cap, gen, ev.split)
     if grounding is not None:
         result["grounding"] = grounding.pop("grounding")
@@ -355,4 +361,6 @@ def headline(result: dict[str, Any]) -> str:
             ("rouge_l", "ROUGE-L"), ("meteor", "METEOR"), ("exact_match", "exact"),
             ("validity", "valid"), ("tanimoto", "Tanimoto"), ("grounding", "grounding"))
     parts = [f"{label} {result[k]:.4f}" for k, label in keys if isinstance(result.get(k), float)]
+    if isinstance(result.get("exact_match_at_k"), float):
+        parts.append(f"exact in top {result['top_k']} {result['exact_match_at_k']:.4f}")
     return f"{result['split']} ({result['images']} images): " + ", ".join(parts)
