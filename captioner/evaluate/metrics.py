@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from captioner.choices import Choices
-from captioner.data.chem import chem, parse, quiet_rdkit
+from captioner.data.chem import canonical_smiles, chem, parse, quiet_rdkit
 
 Splitter = Callable[[str], list[str]]
 NGram = tuple[str, ...]
@@ -599,16 +599,9 @@ def exact_match_at_k(candidates: Sequence[Sequence[str]],
     """
     refs = _first_references(references)
     _check(candidates, refs)
-    rd = chem()
-
-    def canonical(smiles: str) -> str | None:
-        mol = parse(smiles)
-        return rd.MolToSmiles(mol) if mol is not None else None
-
-    with quiet_rdkit():
-        hits = [(target := canonical(ref)) is not None
-                and any(canonical(c) == target for c in cands)
-                for cands, ref in zip(candidates, refs)]
+    hits = [(target := canonical_smiles(ref)) is not None
+            and any(canonical_smiles(c) == target for c in cands)
+            for cands, ref in zip(candidates, refs)]
     return _mean([float(h) for h in hits])
 
 
