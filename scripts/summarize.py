@@ -88,6 +88,10 @@ def smiles(results: dict[str, dict[str, Any]]) -> str:
             text += (f"\n{label}: atom grounding {num(m['grounding'])}, peak within one cell "
                      f"{num(d.get('within_one_cell'), 2)} ({d.get('molecules')} molecules, "
                      f"{m.get('images')} images)")
+    for label, m in results.items():
+        if m.get("exact_match_at_k") is not None:
+            text += (f"\n{label}: the molecule among the {m['top_k']} candidates "
+                     f"{num(m['exact_match_at_k'])} (exact match {num(m.get('exact_match'))})")
     return text
 
 

@@ -42,6 +42,14 @@ def test_smiles_sizes_errors_and_curve_tables(summarize, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| greedy | 4 | 0.250 | 0.750 |" in out
     assert "| greedy: OSRA | 4 | 1.000 | 1.000 |" in out
+    assert "candidates" not in out
+
+    metrics = json.loads((ev / "metrics.json").read_text())
+    (ev / "metrics.json").write_text(json.dumps({**metrics, "top_k": 5,
+                                                 "exact_match_at_k": 0.75}))
+    summarize.main(["smiles", f"beam={ev}"])
+    assert "beam: the molecule among the 5 candidates 0.750 (exact match 0.250)" in (
+        capsys.readouterr().out)
 
     summarize.main(["sizes", f"greedy={ev}"])
     assert "| greedy | 0.250 (4) |" in capsys.readouterr().out
