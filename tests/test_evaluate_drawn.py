@@ -100,6 +100,30 @@ def test_beam_n_best_adds_top_k_exact_match(drawn_run, tmp_path):
     assert "exact_match_at_k" not in greedy and "top_k" not in greedy
 
 
+def test_each_molecule_is_scored_once_and_the_files_agree(drawn_run, tmp_path, monkeypatch):
+    import captioner.evaluate.metrics as metrics_module
+
+    scored: list[str] = []
+    score_one = metrics_module._smiles_example
+
+    def counted(prediction, *args, **kwargs):
+        scored.append(prediction)
+        return score_one(prediction, *args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "_smiles_example", counted)
+    metrics = evaluate(drawn_run, tmp_path / "eval", log=lambda _m: None)
+    assert len(scored) == metrics["images"]  # one RDKit pass per molecule, not two
+    rows = read_csv(tmp_path / "eval" / "predictions.csv")
+    for key in ("exact_match", "validity", "tanimoto"):
+        column = "valid" if key == "validity" else key
+        values = [float(r[column] == "True") if r[column] in ("True", "False")
+                  else float(r[column]) for r in rows]
+        assert metrics[key] == pytest.approx(np.mean(values))
+    bins = [r["heavy_atom_bin"] for r in rows]
+    assert {b: m["count"] for b, m in metrics["by_heavy_atoms"].items() if m["count"]} == {
+        b: bins.count(b) for b in set(bins)}
+
+
 def test_named_style_size_and_seed(drawn_run, tmp_path):
     def draw(name: str, seed: int) -> list[bytes]:
         metrics = evaluate(drawn_run, tmp_path / name, style="thin_rotated_bw", size=96,

@@ -642,7 +642,18 @@ def smiles_metrics(predictions: list[str], references: list[str] | list[list[str
         >>> m["validity"], m["exact_match"], m["tanimoto"], m["by_heavy_atoms"]["1-10"]["count"]
         (0.5, 0.5, 0.5, 2)
     """
-    rows = per_example_smiles_metrics(predictions, references, heavy_atoms)
+    return smiles_summary(per_example_smiles_metrics(predictions, references, heavy_atoms))
+
+
+def smiles_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`smiles_metrics` of rows :func:`per_example_smiles_metrics` already computed
+    (so a caller that also writes the rows scores each molecule once).
+
+    Example:
+        >>> rows = per_example_smiles_metrics(["OCC", "C1CC"], ["CCO", "CCC"])
+        >>> smiles_summary(rows) == smiles_metrics(["OCC", "C1CC"], ["CCO", "CCC"])
+        True
+    """
     labels = list(heavy_atom_bins())
     if any(r["heavy_atom_bin"] == "unknown" for r in rows):
         labels.append("unknown")

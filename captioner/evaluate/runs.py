@@ -34,7 +34,7 @@ from captioner.evaluate.metrics import (
     metrics_markdown,
     per_example_caption_metrics,
     per_example_smiles_metrics,
-    smiles_metrics,
+    smiles_summary,
 )
 from captioner.evaluate.osra import OsraReadings, OsraUnavailable, read_images
 from captioner.generate.captioner import Captioner, Generation
@@ -182,10 +182,17 @@ def draw_eval_data(cap: Captioner, out_dir: str | Path, drawing: Drawing,
     return EvalData(loaded, where, report), len(summary.skipped)
 
 
-def _per_example(family: str, preds: list[str], split: SplitData) -> list[dict[str, Any]]:
+def _score(family: str, preds: list[str],
+           split: SplitData) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Corpus metrics and per-example rows of ``preds``. SMILES molecules are scored once
+    (the rows, with the manifest's heavy-atom counts) and the corpus figures summarise
+    those rows, so ``metrics.json`` and ``predictions.csv`` agree by construction; caption
+    metrics (BLEU, CIDEr-D, ...) are corpus statistics of their own."""
     if family == "smiles":
-        return per_example_smiles_metrics(preds, split.references, _heavy_atoms(split))
-    return per_example_caption_metrics(preds, split.references)
+        rows = per_example_smiles_metrics(preds, split.references, _heavy_atoms(split))
+        return smiles_summary(rows), rows
+    return (compute_metrics(family, preds, split.references),
+            per_example_caption_metrics(preds, split.references))
 
 
 #: per-example columns of another reader in ``predictions.csv`` (prefixed by its name)
@@ -204,10 +211,9 @@ def _read_with_osra(split: SplitData, log: Callable[[str], None]) -> OsraReading
         return None
 
 
-def _osra_columns(readings: OsraReadings, split: SplitData) -> dict[str, list[Any]]:
-    """``predictions.csv`` columns of OSRA: its prediction, per-example metrics, the
-    number of structures it found, its error and seconds."""
-    rows = per_example_smiles_metrics(readings.smiles, split.references, _heavy_atoms(split))
+def _osra_columns(readings: OsraReadings, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """``predictions.csv`` columns of OSRA: its prediction, per-example metrics (``rows``,
+    from :func:`_score`), the number of structures it found, its error and seconds."""
     columns: dict[str, list[Any]] = {"osra_prediction": readings.smiles}
     columns.update({f"osra_{k}": [row[k] for row in rows] for k in COMPARED_COLUMNS})
     columns["osra_structures"] = [len(r.structures) for r in readings.results]
@@ -303,7 +309,7 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     started = time.perf_counter()
     gen = cap.generate(ev.split.images, **decode)
     seconds = time.perf_counter() - started
-    result = compute_metrics(family, gen.texts, ev.split.references)
+    result, rows = _score(family, gen.texts, ev.split)
     top_k = max(len(c) for c in gen.candidates) if gen.candidates else 1
     if family == "smiles" and top_k > 1:
         result["top_k"] = top_k
@@ -322,17 +328,17 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     if drawing is not None:
         result.update({"draw_seed": drawing.seed, "undrawn_molecules": undrawn})
     osra = _read_with_osra(ev.split, log) if "osra" in compare else None
+    osra_columns = None
     if osra is not None:
-        result["compare"] = {"osra": {**smiles_metrics(osra.smiles, ev.split.references),
-                                      **osra.summary()}}
+        osra_metrics, osra_rows = _score("smiles", osra.smiles, ev.split)
+        result["compare"] = {"osra": {**osra_metrics, **osra.summary()}}
+        osra_columns = _osra_columns(osra, osra_rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "metrics.md").write_text(metrics_markdown(result))
     ev.report.write(out / "skipped_images.txt")
-    rows = _per_example(family, gen.texts, ev.split)
-    _write_predictions(out / "predictions.csv", gen, ev.split, rows,
-                       _osra_columns(osra, ev.split) if osra is not None else None)
+    _write_predictions(out / "predictions.csv", gen, ev.split, rows, osra_columns)
     if report:
         others = [{"OSRA": s} for s in osra.smiles] if osra is not None else None
         _write_report(cap, gen, ev.split, rows, out / "index.html", others)
