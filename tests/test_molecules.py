@@ -20,6 +20,7 @@ from captioner.data.molecules import (  # noqa: E402
     atom_tokens_positions,
     canonical_order,
     parse_smiles,
+    read_smiles_csv,
     render_molecules,
     render_one,
     smiles_tokens,
@@ -209,6 +210,22 @@ def test_missing_column_names_file_and_column(tmp_path):
     summary = render_molecules(src, tmp_path / "out", size=64, smiles_column="SMILES_str",
                                workers=1, progress=False)
     assert summary.rendered == 1
+
+
+def test_smiles_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    """Spreadsheet exports start with a UTF-8 byte-order mark; the first column's name
+    must not carry it (both readers of SMILES lists go through ``csv_rows``)."""
+    from captioner.data.formats import read_smiles_list
+
+    plain = tmp_path / "plain.csv"
+    plain.write_text("smiles,id\nOCC,1\nc1ccccc1,2\n", encoding="utf-8")
+    marked = tmp_path / "marked.csv"
+    marked.write_text("smiles,id\nOCC,1\nc1ccccc1,2\n", encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_smiles_csv(marked) == read_smiles_csv(plain) == [
+        (0, 2, "OCC"), (1, 3, "c1ccccc1")]
+    assert [(r.text, r.source.rsplit(":", 1)[1]) for r in read_smiles_list(marked)] == [
+        ("CCO", "2"), ("c1ccccc1", "3")]
 
 
 def test_limit_renders_first_rows_only(tmp_path):

@@ -24,8 +24,6 @@ smiles         a CSV of SMILES without pictures, drawn while training (:func:`re
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import operator
 import random
@@ -41,6 +39,7 @@ from captioner.data.chem import canonical_smiles, chem, parse, quiet_rdkit
 from captioner.data.manifests import (
     DataError,
     Record,
+    csv_rows,
     normalise_split,
     read_csv_manifest,
     read_text,
@@ -595,16 +594,11 @@ def read_smiles_list(path: PathLike, column: str = "smiles", split_column: str |
         [('CCO', True)]
     """
     path = Path(path)
-    text = read_text(path)
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or column not in reader.fieldnames:
-        raise DataError(f"{path}: no column {column!r} in the header (found "
-                        f"{list(reader.fieldnames or [])}); set data.text_column")
+    rows = [(line, (row[column] or "").strip(), row.get(split_column or ""))
+            for line, row in csv_rows(path, [column], "; set data.text_column")]
     records, bad = [], []
     rd = chem()
     with quiet_rdkit():
-        rows = [(reader.line_num, (row[column] or "").strip(), row.get(split_column or ""))
-                for row in reader]
         mols = [parse(smiles) if smiles else None for _, smiles, _ in rows]
         texts = [rd.MolToSmiles(m) if m is not None else None for m in mols]
     for (line, smiles, split_value), canonical in zip(rows, texts):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,33 @@ def _parse_meta(row: dict[str, str], used: set[str]) -> dict[str, Any]:
     return meta
 
 
+def csv_rows(path: str | Path, columns: Sequence[str], hint: str = ""
+             ) -> list[tuple[int, dict[str, str]]]:
+    """``(line, row)`` of every data row of a UTF-8 CSV (a byte-order mark is allowed; the
+    header is line 1, a quoted field spanning lines counts its lines). A header without
+    one of ``columns`` is a :class:`DataError` naming the file, the column, the columns
+    found and ``hint``.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "m.csv"
+        >>> _ = p.write_text("\\ufeffid,smiles\\n1,CCO\\n2,c1ccccc1\\n")
+        >>> csv_rows(p, ["smiles"])
+        [(2, {'id': '1', 'smiles': 'CCO'}), (3, {'id': '2', 'smiles': 'c1ccccc1'})]
+        >>> csv_rows(p, ["smi"], "; set data.text_column")
+        Traceback (most recent call last):
+        ...
+        captioner.data.manifests.DataError: ...: no column 'smi' (columns: id, smiles); set data...
+    """
+    with io.StringIO(read_text(path, "utf-8-sig"), newline="") as fh:
+        reader = csv.DictReader(fh)
+        found = reader.fieldnames or []
+        for col in columns:
+            if col not in found:
+                raise DataError(f"{path}: no column {col!r} (columns: {', '.join(found)}){hint}")
+        return [(reader.line_num, row) for row in reader]
+
+
 def read_csv_manifest(path: str | Path, image_column: str = "image", text_column: str = "caption",
                       split_column: str | None = "split", images_dir: str | None = None
                       ) -> list[Record]:
@@ -116,22 +144,17 @@ def read_csv_manifest(path: str | Path, image_column: str = "image", text_column
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
     base = Path(images_dir) if images_dir else path.parent
-    with io.StringIO(read_text(path, "utf-8-sig"), newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        for col in (image_column, text_column):
-            if col not in columns:
-                raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns)})")
-        has_split = bool(split_column) and split_column in columns
-        used = {image_column, text_column, split_column or ""}
-        records = []
-        for line, row in enumerate(reader, start=2):
-            image, text = row.get(image_column), row.get(text_column)
-            if not image or text is None or not text.strip():
-                raise DataError(f"{path}:{line}: empty {image_column!r} or {text_column!r}")
-            split = normalise_split(row.get(split_column), path, line) if has_split else None
-            records.append(Record(_resolve_image(image, base), text.strip(), split,
-                                  _parse_meta(row, used), source=f"{path}:{line}"))
+    rows = csv_rows(path, (image_column, text_column))
+    has_split = bool(split_column) and bool(rows) and split_column in rows[0][1]
+    used = {image_column, text_column, split_column or ""}
+    records = []
+    for line, row in rows:
+        image, text = row.get(image_column), row.get(text_column)
+        if not image or text is None or not text.strip():
+            raise DataError(f"{path}:{line}: empty {image_column!r} or {text_column!r}")
+        split = normalise_split(row.get(split_column), path, line) if has_split else None
+        records.append(Record(_resolve_image(image, base), text.strip(), split,
+                              _parse_meta(row, used), source=f"{path}:{line}"))
     if not records:
         raise DataError(f"{path}: no rows")
     return records

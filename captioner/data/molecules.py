@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from captioner.data.manifests import csv_rows
 from captioner.data.tokenizers import SmilesTokenizer
 
 if TYPE_CHECKING:
@@ -487,20 +488,8 @@ def read_smiles_csv(
         >>> read_smiles_csv(p)
         [(0, 2, 'CCO'), (1, 3, 'c1ccccc1')]
     """
-    path = Path(path)
-    rows = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise ValueError(
-                f"{path}: no column {column!r} in the CSV header "
-                f"(found {list(reader.fieldnames or [])}); pass smiles_column=..."
-            )
-        for row, record in enumerate(reader):
-            if limit is not None and row >= limit:
-                break
-            rows.append((row, reader.line_num, (record[column] or "").strip()))
-    return rows
+    rows = csv_rows(path, [column], "; name the SMILES column (--column, smiles_column=)")[:limit]
+    return [(i, line, (row[column] or "").strip()) for i, (line, row) in enumerate(rows)]
 
 
 def sample_rows(items: list[Any], sample: int | None, seed: int) -> list[Any]:
