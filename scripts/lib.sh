@@ -39,6 +39,24 @@ bench_spec() {
   captioner bench "${flags[@]}" "$@" > "$file"
 }
 
+# step_table PREFIX CONFIG CSV STEPS SPEC...: `captioner bench --config CONFIG` drawing the
+# molecules of CSV, STEPS steps, once per SPEC ("name=flags") and REPEATS times alternating
+# (default 3), JSON lines in $RUNS/bench/PREFIX_<name>_<i>.json, then the table of steps
+step_table() {
+  local prefix="$1" config="$2" csv="$3" steps="$4" files=() spec name file i
+  shift 4
+  mkdir -p "$RUNS/bench"
+  for ((i = 1; i <= ${REPEATS:-3}; i++)); do
+    for spec in "$@"; do
+      name="${spec%%=*}"
+      file="$RUNS/bench/${prefix}_${name}_$i.json"
+      bench_spec "$spec" "$file" --config "$config" --set "data.path=$csv" --steps "$steps"
+      files+=("$name ($i)=$file")
+    done
+  done
+  summarize steps "${files[@]}"
+}
+
 budget() { echo "== $SCRIPT: $* =="; }
 elapsed() { printf '== %s: done in %dm%02ds ==\n' "$SCRIPT" $((SECONDS / 60)) $((SECONDS % 60)); }
 summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }

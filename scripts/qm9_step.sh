@@ -12,8 +12,6 @@
 source "$(dirname "$0")/lib.sh"
 QM9_CSV="${QM9_CSV:-$DATA/molecules/qm9.csv}"
 need_file "$QM9_CSV" "the QM9 SMILES (qm9.csv)" QM9_CSV
-OUT="$RUNS/bench"
-mkdir -p "$OUT"
 F16="--set model.cnn_filters=[16,64,128,192]"
 VARIANTS=("mirrored_32=--set model.cnn_padding=reflect --set model.cnn_filters=[32,64,128,192] --set model.image_size=128"
           "zero_32=--set model.cnn_padding=same --set model.cnn_filters=[32,64,128,192] --set model.image_size=128"
@@ -24,14 +22,5 @@ VARIANTS=("mirrored_32=--set model.cnn_padding=reflect --set model.cnn_filters=[
           "zero_16_112px=--set model.cnn_padding=same $F16 --set model.image_size=112"
           "zero_16_32_112px=--set model.cnn_padding=same --set model.cnn_filters=[16,32,128,192] --set model.image_size=112")
 budget "about 15 s per run on 2 CPU cores, ${#VARIANTS[@]} x ${REPEATS:-3} runs"
-files=()
-for ((i = 1; i <= ${REPEATS:-3}; i++)); do
-  for spec in "${VARIANTS[@]}"; do
-    name="${spec%%=*}"
-    bench_spec "$spec" "$OUT/qm9_${name}_$i.json" --config smiles_qm9 \
-      --set "data.path=$QM9_CSV" --steps 15
-    files+=("$name ($i)=$OUT/qm9_${name}_$i.json")
-  done
-done
-summarize steps "${files[@]}"
+step_table qm9 smiles_qm9 "$QM9_CSV" 15 "${VARIANTS[@]}"
 elapsed
