@@ -38,6 +38,12 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per compiled call")
 
 
+def _add_crop(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--crop-margin", type=float,
+                   help="read each picture cropped to its ink plus this margin (a fraction "
+                        "of the ink's longer side, e.g. 0.15; for drawings on white)")
+
+
 def _decode_args(args: argparse.Namespace) -> dict:
     out = {k: getattr(args, k) for k in ("strategy", "beam_size", "n_best", "length_penalty",
                                          "temperature", "top_k", "max_length", "batch_size")
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.add_argument("--out", help="write results to a .jsonl or .csv file")
     p.add_argument("--checkpoint", choices=choices.checkpoint, default=choices.checkpoint[0])
+    _add_crop(p)
     _add_decode(p)
 
     p = sub.add_parser("attention", help="per-token attention figures and an HTML page")
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the drawn pictures in pixels (default: data.drawing.eval_size)")
     p.add_argument("--draw-seed", type=int, default=0,
                    help="seed of the drawing style's random choices")
+    _add_crop(p)
     _add_decode(p)
 
     p = sub.add_parser("extract-features",
@@ -303,6 +311,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioner.generate.captioner import Captioner, expand_images, write_results
 
     cap = Captioner.load(args.run, args.checkpoint)
+    cap.crop_margin = args.crop_margin
     paths = expand_images(args.images)
     gen = cap.generate(paths, on_error="skip", **_decode_args(args))
     for path, err in gen.failures:
@@ -328,7 +337,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.run, args.out, data=args.data, split=args.split, limit=args.limit,
              metrics=args.metrics, report=args.report, compare=args.compare,
-             style=args.style, size=args.size, draw_seed=args.draw_seed, **_decode_args(args))
+             style=args.style, size=args.size, draw_seed=args.draw_seed,
+             crop_margin=args.crop_margin, **_decode_args(args))
     print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md, predictions.csv")
     return 0
 

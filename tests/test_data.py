@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioner.data.images import ImageError, ImageLimits, load_image
+from captioner.data.images import ImageError, ImageLimits, crop_to_ink, load_image
 from captioner.data.manifests import DataError, LoadReport, Record, read_csv_manifest
 from captioner.data.splits import PairTensors, build_split, epoch_batches, gather_batch
 
@@ -181,3 +181,29 @@ def test_load_image_names_each_kind_of_bad_input(tmp_path):
     assert load_image(data, None, ImageLimits(max_pixels=1200)).shape == (30, 40, 3)
     with pytest.raises(ImageError, match="too_large"):
         load_image(data, None, ImageLimits(max_pixels=1199))
+
+
+def test_crop_to_ink_reads_a_drawing_at_the_scale_of_its_ink(tmp_path):
+    """A small drawing in a corner of a large canvas fills the read picture once cropped;
+    the whole-picture reading is unchanged, and so is a picture without ink."""
+    canvas = Image.new("RGB", (300, 200), "white")
+    canvas.paste((0, 0, 0), (250, 10, 290, 30))  # 40 x 20 px of ink near the right edge
+    path = tmp_path / "drawing.png"
+    canvas.save(path)
+    whole = load_image(path, 40)
+    assert (whole < 128).all(axis=-1).sum() < 40  # a few pixels of ink in the corner
+    cropped = load_image(path, 40, crop_margin=0.25)  # side 40 * 1.5 = 60 -> 40 px
+    ink = (cropped < 128).all(axis=-1)
+    ys, xs = np.nonzero(ink)
+    assert (xs.min(), xs.max() + 1) == (7, 33) and (ys.min(), ys.max() + 1) == (13, 27)
+    assert (cropped[0, 0] == 255).all() and (cropped[-1, -1] == 255).all()
+    assert crop_to_ink(canvas, 0.0).size == (40, 40)
+    assert (load_image(path, 40, crop_margin=0.0) < 128).all(axis=-1).mean() > 0.45
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (50, 30), "white").save(blank)
+    assert np.array_equal(load_image(blank, 16, crop_margin=0.2), load_image(blank, 16))
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        crop_to_ink(canvas, -0.1)
+    records = [Record(str(path), "a", "test")]
+    split = build_split(records, 40, crop_margin=0.25)
+    assert np.array_equal(split.images[0], cropped)

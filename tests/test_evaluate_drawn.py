@@ -124,6 +124,42 @@ def test_each_molecule_is_scored_once_and_the_files_agree(drawn_run, tmp_path, m
         b: bins.count(b) for b in set(bins)}
 
 
+def test_crop_margin_reads_each_drawing_cropped_to_its_ink(drawn_run, tmp_path, monkeypatch,
+                                                            capsys):
+    from captioner.cli import main
+    from captioner.data.images import load_image
+    from captioner.generate.captioner import Captioner
+
+    seen: list[np.ndarray] = []
+    generate = Captioner.generate
+
+    def spy(self, images, *args, **kwargs):
+        seen.append(np.asarray(images))
+        return generate(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "generate", spy)
+    metrics = evaluate(drawn_run, tmp_path / "crop", crop_margin=0.15, log=lambda _m: None)
+    assert metrics["crop_margin"] == 0.15 and "grounding" not in metrics
+    rows = read_csv(tmp_path / "crop" / "predictions.csv")
+    size = seen[0].shape[1]
+    cropped = np.stack([load_image(r["image"], size, crop_margin=0.15) for r in rows])
+    assert np.array_equal(seen[0], cropped)
+    assert not np.array_equal(cropped, np.stack([load_image(r["image"], size) for r in rows]))
+    whole = evaluate(drawn_run, tmp_path / "whole", log=lambda _m: None)
+    assert whole["crop_margin"] is None and "grounding" in whole
+    with pytest.raises(ValueError, match="crop_margin with report"):
+        evaluate(drawn_run, tmp_path / "r", crop_margin=0.15, report=True, log=lambda _m: None)
+    import captioner.generate.captioner as captioner_module
+
+    loaded: list[np.ndarray] = []
+    monkeypatch.setattr(captioner_module, "load_image",
+                        lambda *a, **k: loaded.append(load_image(*a, **k)) or loaded[-1])
+    assert main(["caption", "--run", str(drawn_run), "--crop-margin", "0.15", "--json",
+                 rows[0]["image"]]) == 0
+    assert len(loaded) == 1 and np.array_equal(loaded[0], cropped[0])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["image"] == rows[0]["image"]
+
+
 def test_named_style_size_and_seed(drawn_run, tmp_path):
     def draw(name: str, seed: int) -> list[bytes]:
         metrics = evaluate(drawn_run, tmp_path / name, style="thin_rotated_bw", size=96,

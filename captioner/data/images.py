@@ -79,11 +79,41 @@ def _check_whole(source: ImageSource, im: Image.Image) -> None:
 
 
 # ---- images ------------------------------------------------------------------------------
+def crop_to_ink(im: Image.Image, margin: float, threshold: int = 200) -> Image.Image:
+    """The square around ``im``'s ink (pixels whose grey level is below ``threshold``),
+    its side the ink's longer side times ``1 + 2 * margin``, centred on the ink, white where
+    it reaches past the picture: a drawing on white at the scale of its content, whatever
+    the canvas around it. A picture without ink comes back unchanged.
+
+    Example:
+        >>> im = Image.new("RGB", (200, 100), "white")
+        >>> im.paste((0, 0, 0), (150, 20, 170, 60))  # 20 x 40 px of ink
+        >>> out = crop_to_ink(im, 0.25)
+        >>> out.size, out.getpixel((0, 0)), out.getpixel((30, 30))
+        ((60, 60), (255, 255, 255), (0, 0, 0))
+    """
+    if margin < 0:
+        raise ValueError(f"crop margin must be >= 0, got {margin}")
+    grey = np.asarray(im.convert("L"))
+    ys, xs = np.nonzero(grey < threshold)
+    if ys.size == 0:
+        return im
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    side = int(round(max(bottom - top, right - left) * (1 + 2 * margin)))
+    x0, y0 = (left + right - side) // 2, (top + bottom - side) // 2
+    out = Image.new("RGB", (side, side), (255, 255, 255))
+    out.paste(im.convert("RGB").crop((max(x0, 0), max(y0, 0), min(x0 + side, im.width),
+                                      min(y0 + side, im.height))), (max(-x0, 0), max(-y0, 0)))
+    return out
+
+
 def load_image(source: ImageSource, size: int | None,
-               limits: ImageLimits | None = None) -> np.ndarray:
+               limits: ImageLimits | None = None, crop_margin: float | None = None
+               ) -> np.ndarray:
     """Decode any Pillow-readable image (a path, bytes or a binary file) to (size, size, 3)
     uint8 RGB (``size=None``: the image's own (H, W, 3), e.g. to draw attention over what
-    the user sees).
+    the user sees). ``crop_margin``: first :func:`crop_to_ink` with that margin (drawings
+    on white, e.g. molecules; None reads the whole picture).
 
     Handles grayscale, palette, RGBA/LA (composited on white), 16-bit, CMYK and EXIF
     orientation. Raises :class:`ImageError` (reason ``empty``, ``not_an_image``,
@@ -99,7 +129,7 @@ def load_image(source: ImageSource, size: int | None,
                 raise ImageError(name, "too_large", f"{width} x {height} pixels is more than "
                                  f"the limit of {limits.max_pixels:,}")
             _check_whole(source, im)
-            return _to_rgb(im, size)
+            return _to_rgb(im, size, crop_margin)
     except (ImageError, FileNotFoundError):
         raise
     except Image.DecompressionBombError as exc:
@@ -114,8 +144,9 @@ def load_image(source: ImageSource, size: int | None,
         raise ImageError(name, "unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
-def _to_rgb(im: Image.Image, size: int | None) -> np.ndarray:
-    """Decode an opened image: EXIF orientation, any mode -> RGB, optional square resize."""
+def _to_rgb(im: Image.Image, size: int | None, crop_margin: float | None = None) -> np.ndarray:
+    """Decode an opened image: EXIF orientation, any mode -> RGB, optional crop to the
+    ink, optional square resize."""
     if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation (exif_transpose copies always)
         im = ImageOps.exif_transpose(im)
     im.load()
@@ -127,29 +158,33 @@ def _to_rgb(im: Image.Image, size: int | None) -> np.ndarray:
         im = Image.new("RGB", rgba.size, (255, 255, 255))
         im.paste(rgba, mask=rgba.getchannel("A"))
     im = im.convert("RGB")
+    if crop_margin is not None:
+        im = crop_to_ink(im, crop_margin)
     if size is not None:
         im = im.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
 
-def try_load_image(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+def try_load_image(path: str, size: int, crop_margin: float | None = None
+                   ) -> tuple[np.ndarray | None, str | None]:
     """(pixels, None), or (None, the reason) for a missing or unusable file."""
     if not Path(path).is_file():
         return None, "missing file"
     try:
-        return load_image(path, size), None
+        return load_image(path, size, crop_margin=crop_margin), None
     except ImageError as exc:
         return None, f"unreadable: {exc.reason}: {exc.detail}"
 
 
-def load_images(paths: list[str], size: int, workers: int = 4
-                ) -> tuple[np.ndarray, np.ndarray, LoadReport]:
+def load_images(paths: list[str], size: int, workers: int = 4,
+                crop_margin: float | None = None) -> tuple[np.ndarray, np.ndarray, LoadReport]:
     """Load many images in parallel -> (images (N_ok, S, S, 3), ok mask (N,), report)."""
     report = LoadReport()
     out = np.zeros((len(paths), size, size, 3), np.uint8)
     ok = np.zeros(len(paths), bool)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, (arr, err) in enumerate(pool.map(lambda p: try_load_image(p, size), paths)):
+        loaded = pool.map(lambda p: try_load_image(p, size, crop_margin), paths)
+        for i, (arr, err) in enumerate(loaded):
             if err is None:
                 out[i], ok[i] = arr, True
             else:

@@ -44,8 +44,9 @@ class SplitData:
 
 def build_split(records: list[Record], size: int, workers: int = 4,
                 report: LoadReport | None = None, load: bool = True,
-                skip: set[str] | None = None) -> SplitData:
-    """Group records by image, load each image once, drop pairs of unreadable images.
+                skip: set[str] | None = None, crop_margin: float | None = None) -> SplitData:
+    """Group records by image, load each image once, drop pairs of unreadable images
+    (``crop_margin``: see :func:`~captioner.data.images.load_image`).
 
     With ``load=False`` no pixel is read (``images`` is None: the model's inputs come
     from a feature cache) and the images in ``skip`` are dropped instead.
@@ -55,7 +56,7 @@ def build_split(records: list[Record], size: int, workers: int = 4,
         by_image.setdefault(r.image, []).append(r)
     paths = list(by_image)
     if load:
-        images, ok, rep = load_images(paths, size, workers)
+        images, ok, rep = load_images(paths, size, workers, crop_margin)
         if report is not None:
             report.failures.extend(rep.failures)
     else:

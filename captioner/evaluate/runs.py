@@ -100,7 +100,8 @@ def load_eval_data(cap: Captioner, data: str | None = None, split: str = "test",
         keep = set(list(dict.fromkeys(r.image for r in chosen))[:limit])
         chosen = [r for r in chosen if r.image in keep]
     report = LoadReport()
-    return EvalData(build_split(chosen, cap.image_size, cap.config.data.load_workers, report),
+    return EvalData(build_split(chosen, cap.image_size, cap.config.data.load_workers, report,
+                                crop_margin=cap.crop_margin),
                     source, report)
 
 
@@ -177,7 +178,8 @@ def draw_eval_data(cap: Captioner, out_dir: str | Path, drawing: Drawing,
         raise ValueError(f"none of the {len(smiles)} '{split}' molecules of {source} "
                          f"could be drawn in style {drawing.style}")
     report = LoadReport()
-    loaded = build_split(records, cap.image_size, cap.config.data.load_workers, report)
+    loaded = build_split(records, cap.image_size, cap.config.data.load_workers, report,
+                         crop_margin=cap.crop_margin)
     where = f"{source}, drawn {drawing.style} at {drawing.size} px"
     return EvalData(loaded, where, report), len(summary.skipped)
 
@@ -268,7 +270,7 @@ def _write_predictions(path: Path, gen: Generation, split: SplitData,
 def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
              split: str = "test", limit: int | None = None, metrics: str | None = None,
              report: bool = False, compare: Sequence[str] = (), style: str | None = None,
-             size: int | None = None, draw_seed: int = 0,
+             size: int | None = None, draw_seed: int = 0, crop_margin: float | None = None,
              log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
     """Decode ``split`` of ``data`` (the run's own data by default) and score it.
 
@@ -291,10 +293,20 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     (``data.format: smiles``) is drawn by default in ``data.drawing.eval_style`` at
     ``eval_size`` px. ``metrics["style"]`` and ``metrics["image_px"]`` say how (None when
     the data's own image files were read).
+
+    ``crop_margin``: our reader sees each picture file cropped to its ink plus this margin
+    (:func:`~captioner.data.images.crop_to_ink`; for drawings on white such as molecules);
+    other readers get the files as they are. Not with ``report`` (its page draws the
+    attention grid over the whole picture), and without grounding (positions are the whole
+    picture's). ``metrics["crop_margin"]`` says which was used.
     """
     compare = tuple(dict.fromkeys(Choices().check("compare", c, key="compare")
                                   for c in compare))
+    if crop_margin is not None and report:
+        raise ValueError("crop_margin with report: the report page draws attention over the "
+                         "whole picture, not the crop the model read; evaluate without one")
     cap = Captioner.load(run_dir)
+    cap.crop_margin = crop_margin
     family = metrics or metric_family(cap.tokenizer.kind)
     if compare and family != "smiles":
         raise ValueError(f"compare {', '.join(compare)}: other readers give SMILES, so it "
@@ -315,7 +327,8 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
         result["top_k"] = top_k
         result["exact_match_at_k"] = exact_match_at_k(
             [[c.text for c in cands] for cands in gen.candidates], ev.split.references)
-    grounding = grounding_scores(cap, gen, ev.split)
+    # atom and object positions are in the whole picture's pixels, not the crop's
+    grounding = grounding_scores(cap, gen, ev.split) if cap.crop_margin is None else None
     if grounding is not None:
         result["grounding"] = grounding.pop("grounding")
         result["grounding_detail"] = grounding
@@ -324,7 +337,8 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
                        k: v for k, v in decode.items() if k != "max_length"}).__dict__,
                    "images_per_s": ev.split.num_images / max(seconds, 1e-9),
                    "style": drawing.style if drawing else None,
-                   "image_px": drawing.size if drawing else None})
+                   "image_px": drawing.size if drawing else None,
+                   "crop_margin": cap.crop_margin})
     if drawing is not None:
         result.update({"draw_seed": drawing.seed, "undrawn_molecules": undrawn})
     osra = _read_with_osra(ev.split, log) if "osra" in compare else None

@@ -204,12 +204,16 @@ class Captioner:
         >>> out.texts[0], out.attention.shape                      # doctest: +SKIP
         ('a red circle above a blue square', (1, 8, 49))
         >>> cap.generate(images, strategy="beam", beam_size=5, n_best=3)  # doctest: +SKIP
+        >>> cap.crop_margin = 0.15  # read molecule drawings cropped to their ink  # doctest: +SKIP
     """
 
     def __init__(self, config: Config, tokenizer: Tokenizer, model: CaptionModel):
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
+        # picture files are cropped to their ink plus this margin before they are read
+        # (data.images.crop_to_ink; None: whole pictures, as the model was trained)
+        self.crop_margin: float | None = None
         self._compiled: dict[tuple[DecodeOptions, bool], Callable[..., dict[str, tf.Tensor]]] = {}
 
     @classmethod
@@ -297,7 +301,7 @@ class Captioner:
 
     def _load_one(self, path: str | Path) -> np.ndarray:
         try:
-            return load_image(path, self.image_size)
+            return load_image(path, self.image_size, crop_margin=self.crop_margin)
         except FileNotFoundError:
             raise ImageError(str(path), "missing", "no such file") from None
 
