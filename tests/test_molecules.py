@@ -228,6 +228,20 @@ def test_smiles_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
         ("CCO", "2"), ("c1ccccc1", "3")]
 
 
+def test_smiles_csv_limit_reads_no_further_and_bad_bytes_name_their_line(tmp_path):
+    from captioner.data.formats import read_smiles_list
+    from captioner.data.manifests import DataError
+
+    src = tmp_path / "m.csv"
+    # 20,000 good rows (far past the reader's buffer), then a line that is not UTF-8
+    src.write_bytes(b"smiles\nOCC\nCCN\n" + b"CCO\n" * 20_000 + b"C\xe9C\n")
+    assert read_smiles_csv(src, limit=2) == [(0, 2, "OCC"), (1, 3, "CCN")]
+    with pytest.raises(DataError, match=r"m\.csv:20004: not UTF-8 text \(byte 0xe9"):
+        read_smiles_csv(src)
+    with pytest.raises(DataError, match=r"m\.csv:20004: not UTF-8 text"):
+        read_smiles_list(src)
+
+
 def test_limit_renders_first_rows_only(tmp_path):
     src = write_csv(tmp_path / "in.csv", SIX)
     summary = render_molecules(src, tmp_path / "out", size=64, limit=2, workers=1,

@@ -4,7 +4,7 @@ report of images that could not be used."""
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,12 +102,13 @@ def _parse_meta(row: dict[str, str], used: set[str]) -> dict[str, Any]:
     return meta
 
 
-def csv_rows(path: str | Path, columns: Sequence[str], hint: str = ""
-             ) -> list[tuple[int, dict[str, str]]]:
-    """``(line, row)`` of every data row of a UTF-8 CSV (a byte-order mark is allowed; the
-    header is line 1, a quoted field spanning lines counts its lines). A header without
-    one of ``columns`` is a :class:`DataError` naming the file, the column, the columns
-    found and ``hint``.
+def csv_rows(path: str | Path, columns: Sequence[str], hint: str = "",
+             limit: int | None = None) -> list[tuple[int, dict[str, str]]]:
+    """``(line, row)`` of the data rows of a UTF-8 CSV, the first ``limit`` only when given
+    (the file is read no further; a byte-order mark is allowed; the header is line 1, a
+    quoted field spanning lines counts its lines). A header without one of ``columns`` is
+    a :class:`DataError` naming the file, the column, the columns found and ``hint``;
+    bytes that are not UTF-8 one naming the line (:func:`read_text`).
 
     Example:
         >>> import tempfile
@@ -120,13 +121,18 @@ def csv_rows(path: str | Path, columns: Sequence[str], hint: str = ""
         ...
         captioner.data.manifests.DataError: ...: no column 'smi' (columns: id, smiles); set data...
     """
-    with io.StringIO(read_text(path, "utf-8-sig"), newline="") as fh:
-        reader = csv.DictReader(fh)
-        found = reader.fieldnames or []
-        for col in columns:
-            if col not in found:
-                raise DataError(f"{path}: no column {col!r} (columns: {', '.join(found)}){hint}")
-        return [(reader.line_num, row) for row in reader]
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            found = reader.fieldnames or []
+            for col in columns:
+                if col not in found:
+                    raise DataError(f"{path}: no column {col!r} (columns: "
+                                    f"{', '.join(found)}){hint}")
+            return [(reader.line_num, row) for row in itertools.islice(reader, limit)]
+    except UnicodeDecodeError:
+        read_text(path, "utf-8-sig")  # raises the DataError naming the line and the byte
+        raise
 
 
 def read_csv_manifest(path: str | Path, image_column: str = "image", text_column: str = "caption",

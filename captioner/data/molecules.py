@@ -488,7 +488,7 @@ def read_smiles_csv(
         >>> read_smiles_csv(p)
         [(0, 2, 'CCO'), (1, 3, 'c1ccccc1')]
     """
-    rows = csv_rows(path, [column], "; name the SMILES column (--column, smiles_column=)")[:limit]
+    rows = csv_rows(path, [column], "; name the SMILES column (--column, smiles_column=)", limit)
     return [(i, line, (row[column] or "").strip()) for i, (line, row) in enumerate(rows)]
 
 
