@@ -12,9 +12,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from captioner import __version__
 from captioner.choices import Choices
+
+if TYPE_CHECKING:  # annotations only: the commands import what they run
+    from captioner.generate.captioner import Captioner
 
 
 def _quiet_tensorflow() -> None:
@@ -38,10 +42,28 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per compiled call")
 
 
+def _crop_margin(text: str) -> float | str | None:
+    """``--crop-margin`` value: a margin >= 0, ``none`` (whole pictures) or ``run`` (the
+    run's ``decode.crop_margin``, the default)."""
+    if text.lower() in ("none", "run"):
+        return None if text.lower() == "none" else "run"
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 or 'none', got {text}")
+    return value
+
+
 def _add_crop(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--crop-margin", type=float,
-                   help="read each picture cropped to its ink plus this margin (a fraction "
-                        "of the ink's longer side, e.g. 0.15; for drawings on white)")
+    p.add_argument("--crop-margin", type=_crop_margin, default="run",
+                   help="read each picture cut to its ink plus this margin (a fraction of "
+                        "the ink's longer side, e.g. 0.15; for drawings on white), or 'none' "
+                        "for whole pictures (default: the run's decode.crop_margin)")
+
+
+def _apply_crop(cap: Captioner, args: argparse.Namespace) -> None:
+    """``--crop-margin`` onto a Captioner (the run's own unless given)."""
+    if args.crop_margin != "run":
+        cap.crop_margin = args.crop_margin
 
 
 def _decode_args(args: argparse.Namespace) -> dict:
@@ -126,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, help="output folder (PNGs and index.html)")
+    _add_crop(p)
     _add_decode(p)
 
     p = sub.add_parser("evaluate", help="decode a split and write metrics and predictions")
@@ -201,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="largest image (width x height), checked before decoding")
     p.add_argument("--access-log", action="store_true", help="log one line per request")
+    _add_crop(p)
     _add_decode(p)
 
     p = sub.add_parser("bench-serve",
@@ -247,7 +271,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     decode = _decode_args(args)
     if args.export and decode:
         raise ValueError("decoding flags apply to --run; an export decodes as it was exported")
-    backend = ExportBackend(args.export) if args.export else RunBackend(args.run, **decode)
+    backend = (ExportBackend(args.export, args.crop_margin) if args.export
+               else RunBackend(args.run, crop_margin=args.crop_margin, **decode))
     options = ServeOptions(max_body_bytes=int(args.max_body_mb * 1_000_000),
                            image_limits=ImageLimits(max_pixels=args.max_pixels),
                            batching=BatchingOptions(args.max_batch, args.window_ms))
@@ -311,7 +336,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from captioner.generate.captioner import Captioner, expand_images, write_results
 
     cap = Captioner.load(args.run, args.checkpoint)
-    cap.crop_margin = args.crop_margin
+    _apply_crop(cap, args)
     paths = expand_images(args.images)
     gen = cap.generate(paths, on_error="skip", **_decode_args(args))
     for path, err in gen.failures:
@@ -347,7 +372,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from captioner.generate.captioner import expand_images
     from captioner.viz.attention import write_attention
 
-    write_attention(args.run, expand_images(args.images), args.out, **_decode_args(args))
+    write_attention(args.run, expand_images(args.images), args.out,
+                    crop_margin=args.crop_margin, **_decode_args(args))
     return 0
 
 

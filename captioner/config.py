@@ -52,7 +52,10 @@ class DrawingConfig:
     picked. Canvas: the longer side in ``canvas_range`` pixels, the aspect ratio in
     ``aspect_range``; the drawing is padded to a square (never stretched) with an extra
     white margin in ``margin_range`` (fraction of the side), then resized to
-    ``model.image_size``. ``*_prob`` are per-picture probabilities. ``degrade_prob``: the
+    ``model.image_size``. ``crop_to_ink``: instead of padding, cut each picture to the
+    square around its ink with a margin in ``margin_range`` (fraction of the ink's longer
+    side), the way ``evaluate --crop-margin`` reads a picture: the molecule fills the
+    picture whatever its canvas. ``*_prob`` are per-picture probabilities. ``degrade_prob``: the
     chance of scan-like damage, then each of blur, noise, JPEG, binarisation and a small
     elastic/perspective distortion with its own probability. ``val_style`` /
     ``eval_style`` at ``eval_size`` px draw the validation and evaluation molecules
@@ -69,6 +72,7 @@ class DrawingConfig:
     canvas_range: list[int] = field(default_factory=lambda: [128, 256])
     aspect_range: list[float] = field(default_factory=lambda: [0.75, 1.33])
     margin_range: list[float] = field(default_factory=lambda: [0.0, 0.15])
+    crop_to_ink: bool = False
     bond_width_range: list[float] = field(default_factory=lambda: [1.0, 3.0])
     font_scale_range: list[float] = field(default_factory=lambda: [0.6, 1.4])
     rotate_prob: float = 0.5
@@ -291,6 +295,11 @@ class DecodeConfig:
     returns ``n_best`` with a GNMT ``length_penalty`` (0 = raw log-prob sums); sampling
     uses ``temperature`` and ``top_k`` (0 = all tokens). For SMILES,
     ``rerank_valid_smiles`` puts the best candidate RDKit can parse first.
+    ``crop_margin``: every picture is cut to the square around its ink plus this margin
+    (a fraction of the ink's longer side) before it is read -- by ``caption``,
+    ``evaluate``, ``attention`` and ``serve``, whose attention then lies over that square
+    (:func:`~captioner.data.images.load_view`); for drawings on white such as molecules,
+    e.g. a run trained with ``data.drawing.crop_to_ink``. None reads whole pictures.
 
     Example:
         >>> DecodeConfig().max_length
@@ -306,6 +315,7 @@ class DecodeConfig:
     temperature: float = 1.0
     top_k: int = 0
     rerank_valid_smiles: bool = True
+    crop_margin: float | None = None
 
 
 @dataclass
@@ -567,6 +577,11 @@ def validate(cfg: Config) -> None:
     _require(t.logical_cpus >= 0, "train.logical_cpus", "must be 0 (no split) or more")
     _require(1 <= dc.n_best <= dc.beam_size, "decode.n_best", "must be in 1..decode.beam_size")
     _require(dc.temperature > 0, "decode.temperature", "must be positive")
+    _require(dc.crop_margin is None or dc.crop_margin >= 0, "decode.crop_margin",
+             "must be null (whole pictures) or a margin >= 0")
+    _require(not (d.format == "smiles" and d.drawing.crop_to_ink) or dc.crop_margin is not None,
+             "decode.crop_margin", "must be set (e.g. 0.15) when data.drawing.crop_to_ink trains "
+             "on pictures cut to their ink, so that the run reads pictures the same way")
     _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")
     _require(d.max_length >= 3, "data.max_length", "must be at least 3")
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")

@@ -67,15 +67,20 @@ summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }
 # mix --, thin rotated black-and-white lines, the training mix; OSRA beside ours where it
 # is installed) and print the tables, exact match by molecule size, the kinds of error and
 # the training curve.
-# EVAL_LIMIT bounds every evaluation, OSRA_LIMIT (default 500) the OSRA ones.
+# EVAL_LIMIT bounds every evaluation, OSRA_LIMIT (default 500) the OSRA ones; RUN (default
+# $RUNS/NAME) is the run directory; EVAL_ONLY=1 evaluates RUN as it is, without training.
 smiles_recipe() {
-  local name="$1" csv="$2" run="$RUNS/$1" osra_limit="${OSRA_LIMIT:-500}"
+  local name="$1" csv="$2" run="${RUN:-$RUNS/$1}" osra_limit="${OSRA_LIMIT:-500}"
   local limit=()
   [[ -n "${EVAL_LIMIT:-}" ]] && limit=(--limit "$EVAL_LIMIT")
   "$PYTHON" -c "import rdkit, indigo, albumentations" 2>/dev/null \
     || die "drawing molecules needs rdkit, epam-indigo and albumentations: pip install -r requirements.txt"
-  captioner train --config "smiles_$name" --run-dir "$run" --set "data.path=$csv" \
-    ${EXTRA[@]+"${EXTRA[@]}"}
+  if [[ "${EVAL_ONLY:-0}" == 1 ]]; then
+    need_dir "$run" "the trained run to evaluate" RUN
+  else
+    captioner train --config "smiles_$name" --run-dir "$run" --set "data.path=$csv" \
+      ${EXTRA[@]+"${EXTRA[@]}"}
+  fi
   _style() {  # _style OUT STYLE SIZE [flags]: the held-out molecules drawn in STYLE
     local out="$1" style="$2" size="$3"; shift 3
     captioner evaluate --run "$run" --out "$run/eval-$out" --style "$style" --size "$size" "$@"

@@ -6,6 +6,7 @@
 #
 # QM9_CSV: the SMILES file (default $CAPTIONER_DATA/molecules/qm9.csv, i.e.
 # ../shared/data/molecules/qm9.csv); EVAL_LIMIT / OSRA_LIMIT bound the evaluations.
+# RUN (default runs/qm9): the run directory; EVAL_ONLY=1 evaluates it without training.
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 QM9_CSV="${QM9_CSV:-$DATA/molecules/qm9.csv}"

@@ -2,9 +2,9 @@
 # README "SMILES from pictures of QM9 molecules", reading cropped to the ink: a trained QM9
 # run (RUN, default $RUNS/qm9, as scripts/qm9.sh leaves it) reads the held-out molecules
 # drawn by RDKit, Indigo and Open Babel defaults and in thin rotated lines, greedy, once
-# as whole pictures and once per crop margin (MARGINS, default "0.1 0.15 0.2";
-# `evaluate --crop-margin`), and RDKit defaults with beam 5 cropped at BEAM_MARGIN, then
-# the table. Nothing is trained.
+# as whole pictures (`--crop-margin none`, whatever the run's decode.crop_margin) and once
+# per crop margin (MARGINS, default "0.1 0.15 0.2"; `evaluate --crop-margin`), and RDKit
+# defaults with beam 5 cropped at BEAM_MARGIN, then the table. Nothing is trained.
 #
 # The run's own data is read (its config's data.path, as it was trained).
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -18,7 +18,7 @@ rows=()
 for entry in "${STYLES[@]}"; do
   read -r style size <<< "$entry"
   captioner evaluate --run "$RUN" --out "$RUN/eval-crop-$style-whole" --style "$style" \
-    --size "$size" --strategy greedy
+    --size "$size" --strategy greedy --crop-margin none
   rows+=("$style $size px, whole picture=$RUN/eval-crop-$style-whole")
   for m in "${margins[@]}"; do
     captioner evaluate --run "$RUN" --out "$RUN/eval-crop-$style-$m" --style "$style" \

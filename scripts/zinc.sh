@@ -5,6 +5,7 @@
 #
 # ZINC_CSV: the SMILES file (default $CAPTIONER_DATA/molecules/zinc.csv); EVAL_LIMIT /
 # OSRA_LIMIT bound the evaluations; EXTRA_ARGS="--set train.epochs=N" changes the budget.
+# RUN (default runs/zinc): the run directory; EVAL_ONLY=1 evaluates it without training.
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 ZINC_CSV="${ZINC_CSV:-$DATA/molecules/zinc.csv}"

@@ -57,6 +57,8 @@ def test_unknown_key_names_full_path(tmp_path):
     ("train.precision=float8", "train.precision"),
     ("train.strategy=ring", "train.strategy"),
     ("train.logical_cpus=-1", "train.logical_cpus"),
+    ("decode.crop_margin=-0.1", "decode.crop_margin"),
+    ("decode.crop_margin=wide", "decode.crop_margin"),
 ])
 def test_wrong_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -10,7 +10,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from captioner.data.images import ImageError, ImageLimits, crop_to_ink, load_image
+from captioner.data.images import (
+    ImageError,
+    ImageLimits,
+    crop_to_ink,
+    load_image,
+    load_view,
+)
 from captioner.data.manifests import DataError, LoadReport, Record, read_csv_manifest
 from captioner.data.splits import PairTensors, build_split, epoch_batches, gather_batch
 
@@ -207,3 +213,13 @@ def test_crop_to_ink_reads_a_drawing_at_the_scale_of_its_ink(tmp_path):
     records = [Record(str(path), "a", "test")]
     split = build_split(records, 40, crop_margin=0.25)
     assert np.array_equal(split.images[0], cropped)
+    view = load_view(path, 0.25)  # what the model read, before resizing
+    assert view.box == (240, -10, 60) and view.pixels.shape == (60, 60, 3)
+    assert np.array_equal(view.resized(40), cropped)
+    assert view.to_view(250.0, 10.0) == (10.0, 20.0)
+    assert np.array_equal(view.pixels[20:40, 10:50], np.zeros((20, 40, 3), np.uint8))
+    assert (view.pixels[:20] == 255).all()  # above the picture's top edge: white
+    whole_view = load_view(path, None)
+    assert whole_view.box is None and np.array_equal(whole_view.resized(40), whole)
+    assert whole_view.to_view(250.0, 10.0) == (250.0, 10.0)
+    assert load_view(blank, 0.2).box is None

@@ -196,7 +196,42 @@ def test_rdkit_pictures_say_where_their_atoms_are():
     assert draw_example_atoms(MOLECULES[0], 64, distorted, 0)[1] is None
 
 
+def test_crop_to_ink_draws_the_molecule_filling_its_picture_with_its_atoms_moved():
+    """With ``crop_to_ink`` the drawing is cut to its ink (margin from ``margin_range``),
+    as ``evaluate --crop-margin`` reads a picture, and the atoms' pixels follow the cut."""
+    rdkit_only = dict(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0,
+                      canvas_range=[256, 256], aspect_range=[1.0, 1.0])
+    cropped = DrawingConfig(crop_to_ink=True, margin_range=[0.1, 0.1], **rdkit_only)
+    smiles = "CCO"
+    for seed in range(3):
+        pixels, xy = draw_example_atoms(smiles, 120, cropped, seed)
+        ink = np.nonzero(pixels.mean(-1) < 200)
+        # margin 0.1: the ink's longer side is 120 / 1.2 = 100 px (+- a pixel of resizing)
+        extent = max(np.ptp(ink[0]), np.ptp(ink[1])) + 1
+        assert 97 <= extent <= 103, (seed, extent)
+        grey = pixels.mean(-1)
+        for x, y in xy:  # every atom still on ink after the cut
+            row, col = int(round(y)), int(round(x))
+            assert grey[max(0, row - 4):row + 5, max(0, col - 4):col + 5].min() < 220, seed
+    # the picture evaluate --crop-margin 0.1 reads from the same drawing saved whole
+    import io
+
+    from captioner.data.drawing import draw_canvas, sample_style
+    from captioner.data.images import load_image
+
+    png = io.BytesIO()
+    draw_canvas(smiles, sample_style(cropped, np.random.default_rng(0))).save(png, "PNG")
+    read = load_image(png.getvalue(), 120, crop_margin=0.1).astype(float)
+    drawn = draw_example(smiles, 120, cropped, 0).astype(float)
+    assert np.abs(drawn - read).mean() < 0.5  # the same crop and size
+    assert np.abs(drawn - np.roll(read, 1, axis=1)).mean() > 1.0  # 1 px off is not
+
+
 def test_drawing_config_is_checked():
+    with pytest.raises(ConfigError, match="decode.crop_margin: must be set"):
+        load_config("smiles_qm9", ["data.drawing.crop_to_ink=true", "decode.crop_margin=null"])
+    assert load_config("smiles_qm9", ["data.drawing.crop_to_ink=true",
+                                      "decode.crop_margin=0.15"]).decode.crop_margin == 0.15
     with pytest.raises(ConfigError, match=r"data.drawing.toolkits\[1\] must be one of"):
         load_config("smiles_qm9", ["data.drawing.toolkits=[rdkit, chemdraw]"])
     with pytest.raises(ConfigError, match="data.drawing.toolkit_weights"):

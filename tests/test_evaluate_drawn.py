@@ -139,16 +139,14 @@ def test_crop_margin_reads_each_drawing_cropped_to_its_ink(drawn_run, tmp_path, 
 
     monkeypatch.setattr(Captioner, "generate", spy)
     metrics = evaluate(drawn_run, tmp_path / "crop", crop_margin=0.15, log=lambda _m: None)
-    assert metrics["crop_margin"] == 0.15 and "grounding" not in metrics
+    assert metrics["crop_margin"] == 0.15
     rows = read_csv(tmp_path / "crop" / "predictions.csv")
     size = seen[0].shape[1]
     cropped = np.stack([load_image(r["image"], size, crop_margin=0.15) for r in rows])
     assert np.array_equal(seen[0], cropped)
     assert not np.array_equal(cropped, np.stack([load_image(r["image"], size) for r in rows]))
-    whole = evaluate(drawn_run, tmp_path / "whole", log=lambda _m: None)
-    assert whole["crop_margin"] is None and "grounding" in whole
-    with pytest.raises(ValueError, match="crop_margin with report"):
-        evaluate(drawn_run, tmp_path / "r", crop_margin=0.15, report=True, log=lambda _m: None)
+    whole = evaluate(drawn_run, tmp_path / "whole", crop_margin=None, log=lambda _m: None)
+    assert whole["crop_margin"] is None
     import captioner.generate.captioner as captioner_module
 
     loaded: list[np.ndarray] = []
@@ -158,6 +156,61 @@ def test_crop_margin_reads_each_drawing_cropped_to_its_ink(drawn_run, tmp_path, 
                  rows[0]["image"]]) == 0
     assert len(loaded) == 1 and np.array_equal(loaded[0], cropped[0])
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["image"] == rows[0]["image"]
+
+
+def test_a_run_that_reads_cut_pictures_does_so_everywhere(drawn_run, tmp_path, monkeypatch):
+    """``decode.crop_margin`` in the run's config (the QM9 recipe's 0.15): ``evaluate``
+    cuts each picture to its ink unless told ``none``; grounding moves the atoms'
+    positions into the cut; the report and ``attention`` draw the attention over the cut
+    the model read."""
+    import captioner.evaluate.runs as runs_module
+    import captioner.viz.report as report_module
+    from captioner.cli import main
+    from captioner.data.images import load_view
+    from captioner.generate.captioner import Captioner
+
+    run = drawn_run
+    assert json.loads((run / "config.json").read_text())["decode"]["crop_margin"] == 0.15
+    assert Captioner.load(run).crop_margin == 0.15
+
+    grounded: list[tuple] = []
+    measure = runs_module.molecule_grounding
+    monkeypatch.setattr(runs_module, "molecule_grounding",
+                        lambda *a: grounded.append(a) or measure(*a))
+    shown: list[tuple] = []
+    view = report_module.load_view
+    monkeypatch.setattr(report_module, "load_view",
+                        lambda path, margin: shown.append((path, margin)) or view(path, margin))
+    metrics = evaluate(run, tmp_path / "cut", report=True, log=lambda _m: None)
+    assert metrics["crop_margin"] == 0.15 and "grounding" in metrics
+    rows = read_csv(tmp_path / "cut" / "predictions.csv")
+    manifest = {r["image"]: json.loads(r["atoms"])
+                for r in read_csv(tmp_path / "cut" / "manifest.csv")}
+    _words, _att, _refs, atoms, hws, _grid = grounded[-1]
+    for row, mol, hw in zip(rows, atoms, hws, strict=True):
+        cut = load_view(row["image"], 0.15)
+        assert hw == cut.pixels.shape[:2] and cut.box is not None
+        original = manifest[str(Path(row["image"]).relative_to(tmp_path / "cut"))]
+        assert [(a["x"], a["y"]) for a in mol] == [
+            (a["x"] - cut.box[0], a["y"] - cut.box[1]) for a in original]
+    assert (tmp_path / "cut" / "index.html").is_file()
+    assert sorted(shown) == sorted((r["image"], 0.15) for r in rows)
+    whole = evaluate(run, tmp_path / "whole", crop_margin=None, log=lambda _m: None)
+    assert whole["crop_margin"] is None
+    _words, _att, _refs, atoms, hws, _grid = grounded[-1]
+    assert hws[0] == load_view(rows[0]["image"], None).pixels.shape[:2]
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "cli"),
+                 "--crop-margin", "none", "--limit", "2"]) == 0
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["crop_margin"] is None
+
+    viewed: list[str] = []
+    cut_view = Captioner.view
+    monkeypatch.setattr(Captioner, "view",
+                        lambda self, path: viewed.append((path, self.crop_margin))
+                        or cut_view(self, path))
+    assert main(["attention", "--run", str(run), "--out", str(tmp_path / "att"),
+                 rows[0]["image"]]) == 0
+    assert viewed == [(rows[0]["image"], 0.15)]
 
 
 def test_named_style_size_and_seed(drawn_run, tmp_path):

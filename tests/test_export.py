@@ -159,3 +159,59 @@ def test_export_command_writes_the_next_version(trained_run, tmp_path):
     assert str(out / "5") in r.stdout and (out / "5" / "saved_model.pb").is_file()
     meta = {k: int(v) for k, v in tf.saved_model.load(str(out / "5")).metadata().items()}
     assert meta["beam_size"] == 2 and meta["max_length"] == 5 and meta["grid_height"] == 8
+
+
+def test_cut_to_ink_in_the_graph_is_pillows_cut():
+    """``cut_to_ink`` (TensorFlow ops) gives the very pixels of
+    ``data.images.crop_to_ink`` (Pillow): drawings, ink at the edges, colour, no ink."""
+    from captioner.data.images import crop_to_ink
+    from captioner.generate.export import cut_to_ink
+
+    rng = np.random.default_rng(0)
+    pictures = []
+    for i in range(12):
+        height, width = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        im = np.full((height, width, 3), 255, np.uint8)
+        y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+        y1, x1 = int(rng.integers(y0, height)) + 1, int(rng.integers(x0, width)) + 1
+        im[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3)) if i % 2 else 0
+        pictures.append(im)
+    pictures.append(np.full((10, 30, 3), 255, np.uint8))  # no ink: unchanged
+    grey = np.full((16, 16, 3), 255, np.uint8)
+    grey[5, 5] = (200, 200, 190)  # Pillow's grey level 199: ink
+    grey[9, 9] = (200, 200, 200)  # 200: not ink
+    pictures.append(grey)
+    for im in pictures:
+        for margin in (0.0, 0.15, 0.3):
+            expected = np.asarray(crop_to_ink(Image.fromarray(im), margin))
+            got = cut_to_ink(tf.constant(im), margin).numpy()
+            assert got.shape == expected.shape and np.array_equal(got, expected), margin
+    assert cut_to_ink(tf.constant(grey), 0.0).shape == (1, 1, 3)
+
+
+def test_a_run_that_reads_cut_pictures_is_exported_so(trained_run, tmp_path):
+    """A Captioner with ``crop_margin`` exports byte signatures that cut in the graph (the
+    same texts as ``caption``) and says so in its metadata; the server reads it back."""
+    from captioner.generate.export import export_captioner
+    from captioner.serve.backends import ExportBackend
+
+    cap = Captioner.load(trained_run)
+    cap.crop_margin = 0.1
+    paths = []
+    for i, (x, y) in enumerate([(5, 5), (60, 10), (20, 70)]):  # small shapes, off centre
+        im = Image.new("RGB", (100, 90), "white")
+        im.paste((200, 30, 30), (x, y, x + 14, y + 12))
+        im.paste((30, 30, 200), (x + 8, y + 14, x + 20, y + 20))
+        im.save(tmp_path / f"off{i}.png")
+        paths.append(tmp_path / f"off{i}.png")
+    exported = export_captioner(cap, tmp_path / "export", ExportOptions(beam_size=2))
+    m = tf.saved_model.load(str(exported))
+    meta = {k: int(v) for k, v in m.metadata().items()}
+    assert meta["crop_margin_permille"] == 100
+    data = tf.constant([p.read_bytes() for p in paths])
+    texts = [t.decode() for t in m.signatures["serving_default"](images=data)["text"].numpy()]
+    assert texts == cap.generate(paths).texts
+    pixels, _ = decode_images(data, cap.image_size, 0.1)
+    assert not np.array_equal(pixels.numpy(), decode_images(data, cap.image_size)[0].numpy())
+    assert ExportBackend(exported).crop_margin == 0.1
+    assert ExportBackend(exported, None).crop_margin is None

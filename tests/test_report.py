@@ -275,8 +275,8 @@ def test_report_items_hand_other_readers_to_the_page(tmp_path):
     gen = SimpleNamespace(images=["a.png", "b.png"], tokens=ids, texts=texts,
                           scores=np.array([-1.0, -2.0]), attention=np.full((2, 3, 4), 0.25))
     others = [{"OSRA": "CCO"}, {"OSRA": "C1CC"}]
-    items = report_items(SimpleNamespace(tokenizer=tokenizer), gen, [["CCO"], ["OCC"]],
-                         others=others)
+    cap = SimpleNamespace(tokenizer=tokenizer, crop_margin=None)
+    items = report_items(cap, gen, [["CCO"], ["OCC"]], others=others)
     assert [item.others for item in items] == others
     for item in items:
         item.image = _image(32, 32, 0)
@@ -381,3 +381,24 @@ def test_browser_screenshot(tmp_path):
         assert img.size == (1200, 900)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50
+
+
+def test_an_item_read_cut_to_its_ink_shows_the_cut(tmp_path):
+    """A picture the model read cut to its ink is shown cut (the attention lies over the
+    cut), with EXIF orientation applied as the model read it; otherwise whole."""
+    from PIL import Image
+
+    from captioner.viz.report import _load_rgb
+
+    im = Image.new("RGB", (200, 100), "white")
+    im.paste((0, 0, 0), (150, 20, 170, 60))
+    im.save(tmp_path / "m.png")
+    att = np.full((1, 4), 0.25)
+    cut = _load_rgb(ReportItem(str(tmp_path / "m.png"), ["C"], att, "C", crop_margin=0.25))
+    assert cut.shape == (60, 60, 3) and (cut[10:50, 20:40] == 0).all()
+    whole = _load_rgb(ReportItem(str(tmp_path / "m.png"), ["C"], att, "C"))
+    assert whole.shape == (100, 200, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the model reads it upright, 100 x 200
+    im.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    assert _load_rgb(ReportItem(str(tmp_path / "r.jpg"), ["C"], att, "C")).shape == (200, 100, 3)

@@ -6,6 +6,7 @@ as one fixed text (no TensorFlow model), so the tests cost no training."""
 
 from __future__ import annotations
 
+import base64
 import io
 import tempfile
 import threading
@@ -31,11 +32,13 @@ class FixedBackend:
     image_size = 32
     grid_hw = (2, 2)
 
-    def __init__(self, text: str, text_kind: str | None):
-        self.text, self.text_kind = text, text_kind
+    def __init__(self, text: str, text_kind: str | None, crop_margin: float | None = None):
+        self.text, self.text_kind, self.crop_margin = text, text_kind, crop_margin
         self.name = f"fixed {text_kind}"
+        self.seen: list[np.ndarray] = []
 
     def caption(self, pixels: np.ndarray) -> list[dict]:
+        self.seen.extend(pixels)
         tokens = list(self.text) if self.text_kind == "smiles" else self.text.split()
         n = len(tokens)
         return [{"text": self.text, "tokens": tokens, "token_ids": list(range(n)),
@@ -43,10 +46,40 @@ class FixedBackend:
                  "attention": np.full((n, 4), 0.25, np.float32)} for _ in pixels]
 
 
-def png() -> bytes:
+def png(ink: bool = False) -> bytes:
+    """A white 32 x 32 picture; ``ink``: a 200 x 100 one with 20 x 40 px of black ink."""
     buf = io.BytesIO()
-    Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(buf, "PNG")
+    if ink:
+        im = Image.new("RGB", (200, 100), "white")
+        im.paste((0, 0, 0), (150, 20, 170, 60))
+        im.save(buf, "PNG")
+    else:
+        Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_backend_that_cuts_to_the_ink_reads_the_cut_and_returns_it():
+    """With ``crop_margin`` the model gets the picture cut to its ink (as ``caption`` and
+    ``evaluate`` read it) and each result carries that cut as ``view``, for the page to
+    draw the attention over; without it, the whole picture and no ``view``."""
+    from captioner.data.images import load_view
+
+    cutting = FixedBackend("CCO", "smiles", crop_margin=0.25)
+    with TestClient(create_app(cutting)) as client:
+        r = client.post("/v1/caption", files=[("image", ("m.png", png(ink=True), "image/png"))])
+    assert r.status_code == 200, r.text
+    view = load_view(png(ink=True), 0.25)
+    assert view.box == (130, 10, 60)
+    url = r.json()["results"][0]["view"]
+    assert url.startswith("data:image/png;base64,")
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    assert np.array_equal(shown, view.pixels) and shown.shape == (60, 60, 3)
+    assert np.array_equal(cutting.seen[0], view.resized(32))
+    whole = FixedBackend("CCO", "smiles")
+    with TestClient(create_app(whole)) as client:
+        r = client.post("/v1/caption", files=[("image", ("m.png", png(ink=True), "image/png"))])
+    assert "view" not in r.json()["results"][0]
+    assert not np.array_equal(whole.seen[0], cutting.seen[0])
 
 
 def caption(text: str, kind: str | None) -> tuple[dict, dict]:
@@ -134,9 +167,11 @@ def test_draw_refuses_bad_requests_with_a_json_error(client, kwargs, status, cod
 
 @pytest.fixture(scope="module")
 def smiles_server():
-    """The application over FixedBackend("CCO", "smiles") on a loopback port."""
+    """The application over FixedBackend("CCO", "smiles", crop_margin=0.25) on a loopback
+    port."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(FixedBackend("CCO", "smiles")),
+    backend = FixedBackend("CCO", "smiles", crop_margin=0.25)  # pictures cut to their ink
+    server = uvicorn.Server(uvicorn.Config(create_app(backend),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -156,6 +191,8 @@ def test_page_draws_the_molecule_and_compares_with_a_typed_reference(smiles_serv
 
     picture = tmp_path / "<img src=x onerror=alert(1)>.png"
     picture.write_bytes(png())
+    inked = tmp_path / "inked.png"
+    inked.write_bytes(png(ink=True))
     d = _driver(tempfile.mkdtemp())
     try:
         d.get(f"{smiles_server}/")
@@ -164,6 +201,19 @@ def test_page_draws_the_molecule_and_compares_with_a_typed_reference(smiles_serv
             lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done")
         card = d.find_element(By.CSS_SELECTOR, "#cards .item")
         assert "mols" in card.get_attribute("class").split()
+        # the picture under the attention is the cut the model read (blank: all of it)
+        shown = card.find_element(By.CSS_SELECTOR, ".stage img")
+        assert shown.get_attribute("src").startswith("data:image/png;base64,")
+        d.find_element(By.ID, "file").send_keys(str(inked))
+        WebDriverWait(d, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR,
+                                                                 "#cards .item")) == 2)
+        first = d.find_element(By.CSS_SELECTOR, "#cards .item")  # the newest card
+        img = first.find_element(By.CSS_SELECTOR, ".stage img")
+        WebDriverWait(d, 10).until(lambda d: d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth;", img))
+        size = d.execute_script("return [arguments[0].naturalWidth, "
+                                "arguments[0].naturalHeight];", img)
+        assert size == [60, 60]  # the 60 px square around the ink, not the 200 x 100 file
 
         def figures():
             return [f.get_attribute("class") for f in

@@ -45,6 +45,7 @@ from PIL import Image
 
 from captioner.choices import Choices
 from captioner.config import DrawingConfig
+from captioner.data.images import cut_square, ink_square
 from captioner.data.molecules import (
     DrawStyle,
     RenderError,
@@ -356,6 +357,18 @@ def damage(pixels: np.ndarray, which: Damage, seed: int) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 
+def _crop_canvas(canvas: Image.Image, coords: list[tuple[float, float]] | None,
+                 margin: float) -> tuple[Image.Image, list[tuple[float, float]] | None]:
+    """``canvas`` cut to its ink with ``margin`` (:func:`~captioner.data.images.crop_to_ink`,
+    as ``evaluate --crop-margin`` reads a picture) and the atoms' pixels moved with it."""
+    box = ink_square(canvas, margin)
+    if box is None:
+        return canvas, coords
+    x0, y0, _ = box
+    moved = None if coords is None else [(x - x0, y - y0) for x, y in coords]
+    return cut_square(canvas, box), moved
+
+
 # ---- what callers use -----------------------------------------------------------------------
 def draw_example(smiles: str, size: int, cfg: DrawingConfig, seed: int) -> np.ndarray:
     """One training picture of ``smiles``: (size, size, 3) uint8 in a style sampled with
@@ -383,7 +396,11 @@ def draw_example_atoms(smiles: str, size: int, cfg: DrawingConfig, seed: int
         if style.toolkit == "rdkit":
             raise
         canvas, coords = draw_canvas(smiles, Style("rdkit", style.width, style.height)), None
-    square, where = to_square(canvas, size, style.margin)
+    if cfg.crop_to_ink:
+        canvas, coords = _crop_canvas(canvas, coords, style.margin)
+        square, where = to_square(canvas, size)
+    else:
+        square, where = to_square(canvas, size, style.margin)
     pixels = damage(np.asarray(square, dtype=np.uint8), style.damage, style.seed)
     if coords is None or style.damage.distort:
         return pixels, None

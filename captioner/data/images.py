@@ -3,6 +3,7 @@ reported with a reason, never silently dropped."""
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -79,11 +80,50 @@ def _check_whole(source: ImageSource, im: Image.Image) -> None:
 
 
 # ---- images ------------------------------------------------------------------------------
+def ink_square(im: Image.Image, margin: float, threshold: int = 200
+               ) -> tuple[int, int, int] | None:
+    """The square around ``im``'s ink (pixels whose grey level is below ``threshold``) as
+    (left, top, side) in ``im``'s pixels: side the ink's longer side times
+    ``1 + 2 * margin``, centred on the ink (it may reach past the picture); None when
+    ``im`` has no ink.
+
+    Example:
+        >>> im = Image.new("RGB", (200, 100), "white")
+        >>> im.paste((0, 0, 0), (150, 20, 170, 60))  # 20 x 40 px of ink
+        >>> ink_square(im, 0.25)
+        (130, 10, 60)
+    """
+    if margin < 0:
+        raise ValueError(f"crop margin must be >= 0, got {margin}")
+    ink = im.convert("L").point([255 if v < threshold else 0 for v in range(256)])
+    bbox = ink.getbbox()  # (left, top, right, bottom) of the non-zero pixels
+    if bbox is None:
+        return None
+    left, top, right, bottom = bbox
+    side = int(round(max(bottom - top, right - left) * (1 + 2 * margin)))
+    return (left + right - side) // 2, (top + bottom - side) // 2, side
+
+
+def cut_square(im: Image.Image, box: tuple[int, int, int]) -> Image.Image:
+    """The (left, top, side) square ``box`` of ``im`` (e.g. :func:`ink_square`), RGB,
+    white where it reaches past the picture.
+
+    Example:
+        >>> cut_square(Image.new("RGB", (10, 10), "black"), (5, 5, 8)).getpixel((7, 7))
+        (255, 255, 255)
+    """
+    x0, y0, side = box
+    out = Image.new("RGB", (side, side), (255, 255, 255))
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    out.paste(rgb.crop((max(x0, 0), max(y0, 0), min(x0 + side, im.width),
+                        min(y0 + side, im.height))), (max(-x0, 0), max(-y0, 0)))
+    return out
+
+
 def crop_to_ink(im: Image.Image, margin: float, threshold: int = 200) -> Image.Image:
-    """The square around ``im``'s ink (pixels whose grey level is below ``threshold``),
-    its side the ink's longer side times ``1 + 2 * margin``, centred on the ink, white where
-    it reaches past the picture: a drawing on white at the scale of its content, whatever
-    the canvas around it. A picture without ink comes back unchanged.
+    """``im`` cut to its :func:`ink_square`, white where the square reaches past the
+    picture: a drawing on white at the scale of its content, whatever the canvas around
+    it. A picture without ink comes back unchanged.
 
     Example:
         >>> im = Image.new("RGB", (200, 100), "white")
@@ -92,19 +132,8 @@ def crop_to_ink(im: Image.Image, margin: float, threshold: int = 200) -> Image.I
         >>> out.size, out.getpixel((0, 0)), out.getpixel((30, 30))
         ((60, 60), (255, 255, 255), (0, 0, 0))
     """
-    if margin < 0:
-        raise ValueError(f"crop margin must be >= 0, got {margin}")
-    grey = np.asarray(im.convert("L"))
-    ys, xs = np.nonzero(grey < threshold)
-    if ys.size == 0:
-        return im
-    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = int(round(max(bottom - top, right - left) * (1 + 2 * margin)))
-    x0, y0 = (left + right - side) // 2, (top + bottom - side) // 2
-    out = Image.new("RGB", (side, side), (255, 255, 255))
-    out.paste(im.convert("RGB").crop((max(x0, 0), max(y0, 0), min(x0 + side, im.width),
-                                      min(y0 + side, im.height))), (max(-x0, 0), max(-y0, 0)))
-    return out
+    box = ink_square(im, margin, threshold)
+    return im if box is None else cut_square(im, box)
 
 
 def load_image(source: ImageSource, size: int | None,
@@ -144,6 +173,52 @@ def load_image(source: ImageSource, size: int | None,
         raise ImageError(name, "unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class View:
+    """What a reader sees of a picture before resizing it: ``pixels`` (H, W, 3) uint8 and,
+    when it was cut to its ink, the square ``box`` (left, top, side) in the picture's
+    pixels (None: the whole picture).
+
+    Example:
+        >>> im = Image.new("RGB", (200, 100), "white")
+        >>> im.paste((0, 0, 0), (150, 20, 170, 60))
+        >>> buf = io.BytesIO(); im.save(buf, "PNG")
+        >>> view = load_view(buf.getvalue(), 0.25)
+        >>> view.pixels.shape, view.box, view.to_view(150.0, 20.0)
+        ((60, 60, 3), (130, 10, 60), (20.0, 10.0))
+    """
+
+    pixels: np.ndarray
+    box: tuple[int, int, int] | None = None
+
+    def to_view(self, x: float, y: float) -> tuple[float, float]:
+        """(x, y) pixels of the picture -> of the view."""
+        return (x, y) if self.box is None else (x - self.box[0], y - self.box[1])
+
+    def resized(self, size: int) -> np.ndarray:
+        """(size, size, 3) uint8: the model's input, as :func:`load_image` gives it."""
+        return np.asarray(_resize_square(Image.fromarray(self.pixels), size), dtype=np.uint8)
+
+    def png_data_url(self) -> str:
+        """The view as a ``data:image/png;base64,...`` URL (e.g. for a page to show)."""
+        buf = io.BytesIO()
+        Image.fromarray(self.pixels).save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def load_view(source: ImageSource, crop_margin: float | None,
+              limits: ImageLimits | None = None) -> View:
+    """The :class:`View` of a picture that :func:`load_image` with ``crop_margin`` resizes
+    to the model's input (the whole picture for None): what to draw attention over.
+    Raises as :func:`load_image`."""
+    whole = load_image(source, None, limits)
+    if crop_margin is None:
+        return View(whole)
+    im = Image.fromarray(whole)
+    box = ink_square(im, crop_margin)
+    return View(whole) if box is None else View(np.asarray(cut_square(im, box)), box)
+
+
 def _to_rgb(im: Image.Image, size: int | None, crop_margin: float | None = None) -> np.ndarray:
     """Decode an opened image: EXIF orientation, any mode -> RGB, optional crop to the
     ink, optional square resize."""
@@ -161,8 +236,12 @@ def _to_rgb(im: Image.Image, size: int | None, crop_margin: float | None = None)
     if crop_margin is not None:
         im = crop_to_ink(im, crop_margin)
     if size is not None:
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
+        im = _resize_square(im, size)
     return np.asarray(im, dtype=np.uint8)
+
+
+def _resize_square(im: Image.Image, size: int) -> Image.Image:
+    return im.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def try_load_image(path: str, size: int, crop_margin: float | None = None

@@ -233,18 +233,26 @@ def image_hw(path: str) -> tuple[int, int]:
 
 def grounding_scores(cap: Captioner, gen: Generation, split: SplitData) -> dict[str, Any] | None:
     """Attention grounding where the data says where things are: shapes (object boxes,
-    colour and shape words) or rendered molecules (atom positions, atom tokens)."""
+    colour and shape words; whole pictures only) or rendered molecules (atom positions,
+    atom tokens; moved into the cut picture when ``cap.crop_margin`` cuts it)."""
     metas = split.meta
     words = [cap.tokenizer.ids_to_tokens(t) for t in gen.tokens]
     attention = [gen.attention[i, :len(w)] for i, w in enumerate(words)]
     if metas and all(isinstance(m.get("objects"), list) for m in metas):
+        if cap.crop_margin is not None:  # boxes of the whole picture
+            return None
         hw = image_hw(split.paths[0])  # the shapes images all have one size
         out = shapes_grounding(words, attention, [m["objects"] for m in metas], hw, cap.grid_hw)
         return {**out, "kind": "shapes: colour and shape words, peak cell centre in the box"}
     if metas and all(isinstance(m.get("atoms"), list) for m in metas):
         refs = [r[0] for r in split.references]
-        out = molecule_grounding(words, attention, refs, [m["atoms"] for m in metas],
-                                 [image_hw(p) for p in split.paths], cap.grid_hw)
+        atoms, hws = [m["atoms"] for m in metas], [image_hw(p) for p in split.paths]
+        if cap.crop_margin is not None:  # positions in the cut picture the model read
+            views = [cap.view(p) for p in split.paths]
+            atoms = [[{**a, **dict(zip("xy", view.to_view(float(a["x"]), float(a["y"]))))}
+                      for a in mol] for mol, view in zip(atoms, views, strict=True)]
+            hws = [view.pixels.shape[:2] for view in views]
+        out = molecule_grounding(words, attention, refs, atoms, hws, cap.grid_hw)
         return {**out, "kind": "molecules: atom tokens of exact predictions, peak cell = atom's"}
     return None
 
@@ -270,8 +278,9 @@ def _write_predictions(path: Path, gen: Generation, split: SplitData,
 def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
              split: str = "test", limit: int | None = None, metrics: str | None = None,
              report: bool = False, compare: Sequence[str] = (), style: str | None = None,
-             size: int | None = None, draw_seed: int = 0, crop_margin: float | None = None,
-             log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
+             size: int | None = None, draw_seed: int = 0,
+             crop_margin: float | str | None = "run", log: Callable[[str], None] = print,
+             **decode: Any) -> dict[str, Any]:
     """Decode ``split`` of ``data`` (the run's own data by default) and score it.
 
     ``decode`` takes the :meth:`Captioner.generate` options (``strategy``, ``beam_size``,
@@ -294,19 +303,18 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     ``eval_size`` px. ``metrics["style"]`` and ``metrics["image_px"]`` say how (None when
     the data's own image files were read).
 
-    ``crop_margin``: our reader sees each picture file cropped to its ink plus this margin
-    (:func:`~captioner.data.images.crop_to_ink`; for drawings on white such as molecules);
-    other readers get the files as they are. Not with ``report`` (its page draws the
-    attention grid over the whole picture), and without grounding (positions are the whole
-    picture's). ``metrics["crop_margin"]`` says which was used.
+    ``crop_margin``: our reader sees each picture file cut to its ink plus this margin
+    (:func:`~captioner.data.images.load_view`; for drawings on white such as molecules),
+    None the whole picture, ``"run"`` (the default) as the run's ``decode.crop_margin``
+    says; other readers get the files as they are. The report draws the attention over
+    the cut picture, and grounding moves the atoms' positions with the cut.
+    ``metrics["crop_margin"]`` says which was used.
     """
     compare = tuple(dict.fromkeys(Choices().check("compare", c, key="compare")
                                   for c in compare))
-    if crop_margin is not None and report:
-        raise ValueError("crop_margin with report: the report page draws attention over the "
-                         "whole picture, not the crop the model read; evaluate without one")
     cap = Captioner.load(run_dir)
-    cap.crop_margin = crop_margin
+    if crop_margin != "run":
+        cap.crop_margin = crop_margin
     family = metrics or metric_family(cap.tokenizer.kind)
     if compare and family != "smiles":
         raise ValueError(f"compare {', '.join(compare)}: other readers give SMILES, so it "
@@ -327,8 +335,7 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
         result["top_k"] = top_k
         result["exact_match_at_k"] = exact_match_at_k(
             [[c.text for c in cands] for cands in gen.candidates], ev.split.references)
-    # atom and object positions are in the whole picture's pixels, not the crop's
-    grounding = grounding_scores(cap, gen, ev.split) if cap.crop_margin is None else None
+    grounding = grounding_scores(cap, gen, ev.split)
     if grounding is not None:
         result["grounding"] = grounding.pop("grounding")
         result["grounding_detail"] = grounding

@@ -21,7 +21,7 @@ import tensorflow as tf
 from captioner.choices import Choices
 from captioner.config import Config, DecodeConfig, config_from_dict
 from captioner.data.chem import canonical_smiles
-from captioner.data.images import ImageError, image_batches, load_image
+from captioner.data.images import ImageError, View, image_batches, load_image, load_view
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
 from captioner.model.layers import CaptionModel
@@ -204,16 +204,18 @@ class Captioner:
         >>> out.texts[0], out.attention.shape                      # doctest: +SKIP
         ('a red circle above a blue square', (1, 8, 49))
         >>> cap.generate(images, strategy="beam", beam_size=5, n_best=3)  # doctest: +SKIP
-        >>> cap.crop_margin = 0.15  # read molecule drawings cropped to their ink  # doctest: +SKIP
+        >>> cap.crop_margin = 0.15  # read drawings cut to their ink  # doctest: +SKIP
+        >>> cap.view("mol.png").pixels.shape  # what the model read  # doctest: +SKIP
+        (180, 180, 3)
     """
 
     def __init__(self, config: Config, tokenizer: Tokenizer, model: CaptionModel):
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
-        # picture files are cropped to their ink plus this margin before they are read
-        # (data.images.crop_to_ink; None: whole pictures, as the model was trained)
-        self.crop_margin: float | None = None
+        # picture files are cut to their ink plus this margin before they are read
+        # (data.images.load_view; None: whole pictures); the run's decode.crop_margin
+        self.crop_margin: float | None = config.decode.crop_margin
         self._compiled: dict[tuple[DecodeOptions, bool], Callable[..., dict[str, tf.Tensor]]] = {}
 
     @classmethod
@@ -298,6 +300,11 @@ class Captioner:
         size = self.image_size
         pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
         return pixels, names, failures
+
+    def view(self, path: str | Path) -> View:
+        """The picture at ``path`` as the model reads it before resizing (cut to its ink
+        with :attr:`crop_margin`, else whole): what its attention grid covers."""
+        return load_view(path, self.crop_margin)
 
     def _load_one(self, path: str | Path) -> np.ndarray:
         try:

@@ -8,6 +8,11 @@
 * ``serving_beam``: the same input -> beam search with the exported ``beam_size``;
 * ``serving_pixels``: ``pixels`` uint8 (B, H, W, 3) of any H, W -> greedy decoding.
 
+A run that reads pictures cut to their ink (``decode.crop_margin``) is exported so: the
+two byte signatures cut each picture in the graph (:func:`cut_to_ink`); ``serving_pixels``
+takes pictures already cut (as ``captioner serve`` does, from the metadata's
+``crop_margin_permille``: the margin x 1000, -1 for whole pictures).
+
 Each returns ``text`` tf.string (B,), ``token_text`` tf.string (B, T) (each token's
 string; empty for ``<end>`` and after it), ``tokens`` int32 (B, T) (``<end>`` included,
 ``<pad>`` = 0 after it), ``length`` int32 (B,), ``score`` float32 (B,) (sum of token
@@ -116,14 +121,52 @@ def resize_to(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(tf.cond(same, lambda: image, resize), (size, size, 3))
 
 
-def decode_images(data: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+def cut_to_ink(image: tf.Tensor, margin: float, threshold: int = 200) -> tf.Tensor:
+    """uint8 (H, W, 3) -> the square around its ink plus ``margin``, white past the
+    picture: :func:`captioner.data.images.crop_to_ink` in TensorFlow ops (the same grey
+    levels as Pillow's, the same square). A picture without ink comes back unchanged.
+
+    Example:
+        >>> im = tf.fill((100, 200, 3), tf.constant(255, tf.uint8))
+        >>> im = tf.tensor_scatter_nd_update(im, [[30, 160]], [[0, 0, 0]])
+        >>> cut_to_ink(im, 1.0).shape.as_list()  # 1 px of ink -> 3 px with margin 1
+        [3, 3, 3]
+    """
+    rgb = tf.cast(image, tf.int32)  # Pillow's "L": (R*19595 + G*38470 + B*7471 + 2**15) >> 16
+    grey = tf.bitwise.right_shift(rgb[..., 0] * 19595 + rgb[..., 1] * 38470
+                                  + rgb[..., 2] * 7471 + 32768, 16)  # (H, W)
+    ink = grey < threshold
+    rows = tf.where(tf.reduce_any(ink, axis=1))[:, 0]  # rows holding ink
+    cols = tf.where(tf.reduce_any(ink, axis=0))[:, 0]
+
+    def cut() -> tf.Tensor:
+        top, bottom = tf.cast(rows[0], tf.int32), tf.cast(rows[-1], tf.int32) + 1
+        left, right = tf.cast(cols[0], tf.int32), tf.cast(cols[-1], tf.int32) + 1
+        longer = tf.cast(tf.maximum(bottom - top, right - left), tf.float64)
+        side = tf.cast(tf.round(longer * (1 + 2 * margin)), tf.int32)  # half to even, as round()
+        x0, y0 = (left + right - side) // 2, (top + bottom - side) // 2
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        pads = [[tf.maximum(-y0, 0), tf.maximum(y0 + side - height, 0)],
+                [tf.maximum(-x0, 0), tf.maximum(x0 + side - width, 0)], [0, 0]]
+        padded = tf.pad(image, pads, constant_values=255)
+        y, x = tf.maximum(y0, 0), tf.maximum(x0, 0)
+        return padded[y:y + side, x:x + side]
+
+    return tf.cond(tf.size(rows) > 0, cut, lambda: image)
+
+
+def decode_images(data: tf.Tensor, size: int, crop_margin: float | None = None
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
     """tf.string (B,) encoded images -> uint8 (B, size, size, 3) and valid (B,) bool; an
-    element without an image signature becomes zeros with valid False."""
+    element without an image signature becomes zeros with valid False. ``crop_margin``:
+    each picture is first cut to its ink (:func:`cut_to_ink`)."""
 
     def one(item: tf.Tensor) -> tf.Tensor:
         def decode() -> tf.Tensor:
-            image = tf.io.decode_image(item, expand_animations=False, dtype=tf.uint8)
-            return resize_to(to_rgb(image), size)
+            image = to_rgb(tf.io.decode_image(item, expand_animations=False, dtype=tf.uint8))
+            if crop_margin is not None:
+                image = cut_to_ink(image, crop_margin)
+            return resize_to(image, size)
 
         return tf.cond(image_signature_ok(item), decode,
                        lambda: tf.zeros((size, size, 3), tf.uint8))
@@ -142,10 +185,12 @@ class ExportModule(tf.Module):
         >>> module.caption_bytes(tf.constant([png]))["text"]                        # doctest: +SKIP
     """
 
-    def __init__(self, model: CaptionModel, tokenizer: Tokenizer, options: ExportOptions):
+    def __init__(self, model: CaptionModel, tokenizer: Tokenizer, options: ExportOptions,
+                 crop_margin: float | None = None):
         super().__init__(name="captioner_export")
         self.model = model
         self.size = int(model.args["image_size"])
+        self.crop_margin = crop_margin
         self.options = options
         self.ids = (tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id)
         self.joiner = tokenizer.joiner
@@ -167,7 +212,8 @@ class ExportModule(tf.Module):
                                           input_signature=[pixel_spec])
         gh, gw = model.grid_hw
         meta = {"grid_height": gh, "grid_width": gw, "image_size": self.size,
-                "max_length": options.max_length, "beam_size": options.beam_size}
+                "max_length": options.max_length, "beam_size": options.beam_size,
+                "crop_margin_permille": -1 if crop_margin is None else round(1000 * crop_margin)}
         self.metadata = tf.function(lambda: {k: tf.constant(v, tf.int32)
                                              for k, v in meta.items()}, input_signature=[])
 
@@ -178,7 +224,7 @@ class ExportModule(tf.Module):
                 "serving_pixels": self.caption_pixels.get_concrete_function()}
 
     def _from_bytes(self, images: tf.Tensor, options: DecodeOptions) -> dict[str, tf.Tensor]:
-        pixels, valid = decode_images(images, self.size)  # (B, S, S, 3), (B,)
+        pixels, valid = decode_images(images, self.size, self.crop_margin)  # (B, S, S, 3), (B,)
         return self._decode(pixels, valid, options)
 
     def _from_pixels(self, pixels: tf.Tensor, options: DecodeOptions) -> dict[str, tf.Tensor]:
@@ -246,7 +292,7 @@ def export_captioner(cap: Captioner, export_dir: str | Path, options: ExportOpti
     max_length = options.max_length or cap.config.decode.max_length
     module = ExportModule(cap.model, cap.tokenizer,
                           ExportOptions(max_length, options.beam_size, options.length_penalty,
-                                        options.checkpoint))
+                                        options.checkpoint), cap.crop_margin)
     # Inference only: the recurrence's hand-written gradient is not saved.
     tf.saved_model.save(module, str(target), signatures=module.signatures(),
                         options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))

@@ -9,14 +9,16 @@ concurrent requests.
 
 Responses are JSON. Success (200): ``{"model", "grid": [gh, gw], "results": [...]}`` with
 per image ``image`` (its file name or ``images[i]``), ``text``, ``tokens``, ``token_ids``,
-``score``, ``token_scores`` (T,) and ``attention`` (T, gh*gw). In a request with several
-images, an unusable one gets ``{"image", "error": {"code", "message"}}`` in its place and
-the others their results. When no image of the request is usable, or the request itself is
-wrong, the status is 4xx with ``{"error": {"code", "message"}}``: 400 (no ``image``
-field, bad JSON or base64, empty, truncated or unreadable image, too many images), 413
-(body over ``max_body_bytes``, or an image over ``max_pixels``: decompression bombs are
-refused from the header), 415 (not an image, or an unsupported content type). The server
-keeps serving after any of them.
+``score``, ``token_scores`` (T,) and ``attention`` (T, gh*gw), and, when the model reads
+pictures cut to their ink (``decode.crop_margin``, ``serve --crop-margin``), ``view``: the
+cut picture it read, as a PNG data URL (the attention lies over it, not the upload). In a
+request with several images, an unusable one gets ``{"image", "error": {"code",
+"message"}}`` in its place and the others their results. When no image of the request is
+usable, or the request itself is wrong, the status is 4xx with ``{"error": {"code",
+"message"}}``: 400 (no ``image`` field, bad JSON or base64, empty, truncated or unreadable
+image, too many images), 413 (body over ``max_body_bytes``, or an image over
+``max_pixels``: decompression bombs are refused from the header), 415 (not an image, or an
+unsupported content type). The server keeps serving after any of them.
 
 Molecules: when the model reads SMILES (a run whose tokenizer is ``smiles`` or ``char``;
 for an export, which does not record its tokenizer, any text that looks like SMILES),
@@ -52,7 +54,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
-from captioner.data.images import ImageError, ImageLimits, load_image
+from captioner.data.images import ImageError, ImageLimits, View, load_image, load_view
 from captioner.serve.backends import CaptionBackend
 from captioner.serve.batching import BatchingOptions, MicroBatcher
 from captioner.viz.molecules import looks_like_smiles, molecule_diff_svg, rdkit_available
@@ -223,6 +225,8 @@ class CaptionService:
         self.backend = backend
         self.options = options
         self.batcher = MicroBatcher(backend.caption, options.batching)
+        # pictures cut to their ink plus this margin before they are read (None: whole)
+        self.crop_margin: float | None = getattr(backend, "crop_margin", None)
         self.rdkit = rdkit_available()
         kind = getattr(backend, "text_kind", "caption")
         # True: every text is SMILES; None: draw the texts that look like SMILES
@@ -256,20 +260,25 @@ class CaptionService:
                            "molecule (RDKit cannot parse it)")
         return JSONResponse(diff.to_json())
 
-    def _pixels(self, name: str, data: bytes) -> np.ndarray:
+    def _pixels(self, name: str, data: bytes) -> tuple[np.ndarray, View | None]:
+        """The model's input (S, S, 3) and, when the backend cuts pictures to their ink,
+        the cut picture it read (for the page to show under the attention)."""
         try:
-            return load_image(data, self.backend.image_size, self.options.image_limits)
+            if self.crop_margin is None:
+                return load_image(data, self.backend.image_size, self.options.image_limits), None
+            view = load_view(data, self.crop_margin, self.options.image_limits)
+            return view.resized(self.backend.image_size), view
         except ImageError as exc:
             raise ImageError(name, exc.reason, exc.detail) from None
 
     async def caption(self, images: list[tuple[str, bytes]]) -> Response:
-        checked: list[np.ndarray | ImageError] = []
+        checked: list[tuple[np.ndarray, View | None] | ImageError] = []
         for name, data in images:
             try:
                 checked.append(await asyncio.to_thread(self._pixels, name, data))
             except ImageError as exc:
                 checked.append(exc)
-        good = [c for c in checked if isinstance(c, np.ndarray)]
+        good = [c[0] for c in checked if not isinstance(c, ImageError)]
         if not good:
             return self._all_bad([c for c in checked if isinstance(c, ImageError)])
         decoded = iter(await self.batcher.submit(good))
@@ -279,7 +288,10 @@ class CaptionService:
                 results.append({"image": name, "error": {"code": item.reason,
                                                          "message": str(item)}})
             else:
-                results.append({"image": name, **next(decoded)})
+                result = {"image": name, **next(decoded)}
+                if item[1] is not None:  # the cut picture the attention lies over
+                    result["view"] = item[1].png_data_url()
+                results.append(result)
         if self.molecules is not False:
             await asyncio.to_thread(self._draw_results, results)
         body = {"model": self.backend.name, "grid": list(self.backend.grid_hw),

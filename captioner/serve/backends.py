@@ -30,6 +30,7 @@ class CaptionBackend(Protocol):
     image_size: int
     grid_hw: tuple[int, int]
     text_kind: str | None  # "smiles", "caption" or None (not known: an export)
+    crop_margin: float | None  # pictures cut to their ink plus this margin (None: whole)
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         """uint8 (B, S, S, 3) -> per image: text, tokens (strings), token_ids, score,
@@ -43,10 +44,15 @@ def _rounded(values: np.ndarray, digits: int = 5) -> np.ndarray:
 
 class RunBackend:
     """A run directory through :class:`~captioner.generate.captioner.Captioner`
-    (``decode`` overrides the run's decoding settings, e.g. ``strategy="beam"``)."""
+    (``decode`` overrides the run's decoding settings, e.g. ``strategy="beam"``;
+    ``crop_margin`` the run's ``decode.crop_margin`` unless ``"run"``)."""
 
-    def __init__(self, run_dir: str | Path, checkpoint: str = "best", **decode: Any):
+    def __init__(self, run_dir: str | Path, checkpoint: str = "best",
+                 crop_margin: float | str | None = "run", **decode: Any):
         self.cap = Captioner.load(run_dir, checkpoint)
+        if crop_margin != "run":
+            self.cap.crop_margin = crop_margin
+        self.crop_margin = self.cap.crop_margin
         self.decode = decode
         self.name = f"run {Path(run_dir).resolve()}"
         self.image_size = self.cap.image_size
@@ -86,9 +92,10 @@ def saved_model_dir(export_dir: str | Path) -> Path:
 class ExportBackend:
     """A SavedModel written by ``captioner export``, through its ``serving_pixels``
     signature (greedy decoding, as exported). The export does not record its tokenizer,
-    so ``text_kind`` is None."""
+    so ``text_kind`` is None. ``crop_margin``: as the export's metadata says unless
+    given (``"run"``: the metadata's)."""
 
-    def __init__(self, export_dir: str | Path):
+    def __init__(self, export_dir: str | Path, crop_margin: float | str | None = "run"):
         path = saved_model_dir(export_dir)
         self.model = tf.saved_model.load(str(path))
         self.fn = self.model.signatures["serving_pixels"]
@@ -97,6 +104,9 @@ class ExportBackend:
         self.image_size = meta["image_size"]
         self.grid_hw = (meta["grid_height"], meta["grid_width"])
         self.text_kind = None
+        permille = meta.get("crop_margin_permille", -1)  # exports before it: whole pictures
+        self.crop_margin = (crop_margin if crop_margin != "run" else
+                            None if permille < 0 else permille / 1000)
 
     def caption(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         r = {k: v.numpy() for k, v in self.fn(pixels=tf.constant(pixels, tf.uint8)).items()}

@@ -3,7 +3,9 @@
 For every image, ``OUTDIR/<name>.png`` is a Show, Attend and Tell style grid (the image,
 then one panel per generated token with its attention upsampled over the whole image,
 whatever its aspect ratio: the model saw the image resized to a square, so its grid
-covers the full picture), and ``OUTDIR/index.html`` shows them all interactively.
+covers the full picture -- or, with ``decode.crop_margin``, the square cut around the
+ink that it read, which the panels then show), and ``OUTDIR/index.html`` shows them all
+interactively.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from captioner.data.images import load_image
 from captioner.generate.captioner import Captioner, Generation
 from captioner.viz.figures import attention_figure
 from captioner.viz.report import ReportItem, write_report
@@ -41,7 +42,7 @@ def write_figures(cap: Captioner, gen: Generation, out_dir: Path,
     paths = []
     for i, image_path in enumerate(gen.images):
         tokens = cap.tokenizer.ids_to_tokens(gen.tokens[i])
-        image = load_image(image_path, None)  # (H, W, 3) as the user sees it
+        image = cap.view(image_path).pixels  # (H, W, 3): the picture, or the cut the model read
         title = titles[i] if titles else gen.texts[i]
         out = out_dir / figure_name(image_path, i, taken)
         paths.append(attention_figure(image, tokens, gen.attention[i], cap.grid_hw, out,
@@ -65,14 +66,19 @@ def report_items(cap: Captioner, gen: Generation, references: Sequence[list[str]
                                 references=list(references[i]) if references else None,
                                 score=float(gen.scores[i]),
                                 metrics=dict(metrics[i]) if metrics else {},
-                                others=dict(others[i]) if others else {}))
+                                others=dict(others[i]) if others else {},
+                                crop_margin=cap.crop_margin))
     return items
 
 
 def write_attention(run_dir: str | Path, images: Sequence[str], out_dir: str | Path,
-                    log: Callable[[str], None] = print, **decode: Any) -> dict[str, Any]:
-    """Caption ``images`` with a run and write the figures and ``index.html``."""
+                    log: Callable[[str], None] = print, crop_margin: float | str | None = "run",
+                    **decode: Any) -> dict[str, Any]:
+    """Caption ``images`` with a run and write the figures and ``index.html``
+    (``crop_margin``: as :func:`captioner.evaluate.runs.evaluate`'s)."""
     cap = Captioner.load(run_dir)
+    if crop_margin != "run":
+        cap.crop_margin = crop_margin
     gen = cap.generate(list(images), **decode)
     out = Path(out_dir)
     figures = write_figures(cap, gen, out)

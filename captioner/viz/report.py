@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from captioner.data.images import load_view
 from captioner.viz.figures import _as_rgb_uint8, _check_hw, jet_colormap
 from captioner.viz.molecules import (
     MoleculeDiff,
@@ -104,7 +105,9 @@ class ReportItem:
     """One example of the report.
 
     ``attention`` is (len(tokens), G) with G = gh * gw (row-major grid cells).
-    ``image`` (uint8 (H, W, 3)) is shown when given, else ``image_path`` is loaded.
+    ``image`` (uint8 (H, W, 3)) is shown when given, else ``image_path`` is loaded, cut
+    to its ink with ``crop_margin`` when the model read it so
+    (:func:`~captioner.data.images.load_view`): the attention lies over what it read.
     ``others`` maps another reader's name to what it read from the same image (e.g.
     ``{"OSRA": "CCO"}``); SMILES cards draw each beside the model's prediction.
 
@@ -123,6 +126,7 @@ class ReportItem:
     metrics: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None
     others: dict[str, str] = field(default_factory=dict)
+    crop_margin: float | None = None
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -235,7 +239,8 @@ def _attention_json(att: np.ndarray) -> str:
 
 
 def _load_rgb(item: ReportItem) -> np.ndarray:
-    """The item's pixels as (H, W, 3) uint8 (``item.image`` or the file at ``image_path``).
+    """The item's pixels as (H, W, 3) uint8 (``item.image``, or the file at ``image_path``
+    as the model read it).
 
     Example:
         >>> import numpy as np
@@ -245,8 +250,7 @@ def _load_rgb(item: ReportItem) -> np.ndarray:
     """
     if item.image is not None:
         return _as_rgb_uint8(item.image)
-    with Image.open(item.image_path) as img:
-        return np.asarray(img.convert("RGB"))
+    return load_view(item.image_path, item.crop_margin).pixels
 
 
 def _resize(rgb: np.ndarray, image_size: int | tuple[int, int] | None) -> np.ndarray:

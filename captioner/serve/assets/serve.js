@@ -185,7 +185,10 @@
           document.body.dataset.state = "error";
           return;
         }
-        var urls = files.map(function (f) { return URL.createObjectURL(f); });
+        var urls = files.map(function (f, i) {  // the cut picture the model read, if any
+          var view = results[i] && results[i].view;
+          return view || URL.createObjectURL(f);
+        });
         return Promise.all(urls.map(loadImage)).then(function (sizes) {
           results.forEach(function (r, i) {
             deck.prepend(card(r, urls[i], sizes[i], ++shown));
