@@ -67,6 +67,7 @@ def test_a_backend_that_cuts_to_the_ink_reads_the_cut_and_returns_it():
     cutting = FixedBackend("CCO", "smiles", crop_margin=0.25)
     with TestClient(create_app(cutting)) as client:
         r = client.post("/v1/caption", files=[("image", ("m.png", png(ink=True), "image/png"))])
+        assert client.get("/health").json()["crop_margin"] == 0.25
     assert r.status_code == 200, r.text
     view = load_view(png(ink=True), 0.25)
     assert view.box == (130, 10, 60)

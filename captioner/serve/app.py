@@ -217,6 +217,16 @@ async def draw_request(request: Request, options: ServeOptions) -> tuple[str, st
     return smiles, _smiles_field(payload, "reference", options.max_smiles_chars)
 
 
+@dataclass(frozen=True)
+class Checked:
+    """An image of a request, checked and decoded: the model's input ``pixels`` (S, S, 3)
+    and, when the backend cuts pictures to their ink, the cut ``view`` it read (for the
+    page to show under the attention)."""
+
+    pixels: np.ndarray
+    view: View | None = None
+
+
 class CaptionService:
     """Checks images and hands them to the batcher, and draws molecules; one per
     server."""
@@ -260,25 +270,24 @@ class CaptionService:
                            "molecule (RDKit cannot parse it)")
         return JSONResponse(diff.to_json())
 
-    def _pixels(self, name: str, data: bytes) -> tuple[np.ndarray, View | None]:
-        """The model's input (S, S, 3) and, when the backend cuts pictures to their ink,
-        the cut picture it read (for the page to show under the attention)."""
+    def _pixels(self, name: str, data: bytes) -> Checked:
         try:
             if self.crop_margin is None:
-                return load_image(data, self.backend.image_size, self.options.image_limits), None
+                return Checked(load_image(data, self.backend.image_size,
+                                          self.options.image_limits))
             view = load_view(data, self.crop_margin, self.options.image_limits)
-            return view.resized(self.backend.image_size), view
+            return Checked(view.resized(self.backend.image_size), view)
         except ImageError as exc:
             raise ImageError(name, exc.reason, exc.detail) from None
 
     async def caption(self, images: list[tuple[str, bytes]]) -> Response:
-        checked: list[tuple[np.ndarray, View | None] | ImageError] = []
+        checked: list[Checked | ImageError] = []
         for name, data in images:
             try:
                 checked.append(await asyncio.to_thread(self._pixels, name, data))
             except ImageError as exc:
                 checked.append(exc)
-        good = [c[0] for c in checked if not isinstance(c, ImageError)]
+        good = [c.pixels for c in checked if isinstance(c, Checked)]
         if not good:
             return self._all_bad([c for c in checked if isinstance(c, ImageError)])
         decoded = iter(await self.batcher.submit(good))
@@ -289,8 +298,8 @@ class CaptionService:
                                                          "message": str(item)}})
             else:
                 result = {"image": name, **next(decoded)}
-                if item[1] is not None:  # the cut picture the attention lies over
-                    result["view"] = item[1].png_data_url()
+                if item.view is not None:  # the cut picture the attention lies over
+                    result["view"] = item.view.png_data_url()
                 results.append(result)
         if self.molecules is not False:
             await asyncio.to_thread(self._draw_results, results)
@@ -338,7 +347,7 @@ def create_app(backend: CaptionBackend, options: ServeOptions | None = None) -> 
     async def health() -> dict[str, Any]:
         b = options.batching
         return {"status": "ok", "model": backend.name, "grid": list(backend.grid_hw),
-                "image_size": backend.image_size,
+                "image_size": backend.image_size, "crop_margin": service.crop_margin,
                 "batching": {"max_batch": b.max_batch, "window_ms": b.window_ms},
                 "batches": {str(k): v for k, v in sorted(service.batcher.batch_sizes.items())},
                 "molecules": {True: "every result", None: "results that look like SMILES",
