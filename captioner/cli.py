@@ -12,13 +12,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from captioner import __version__
 from captioner.choices import Choices
-
-if TYPE_CHECKING:  # annotations only: the commands import what they run
-    from captioner.generate.captioner import Captioner
 
 
 def _quiet_tensorflow() -> None:
@@ -58,12 +54,6 @@ def _add_crop(p: argparse.ArgumentParser) -> None:
                    help="read each picture cut to its ink plus this margin (a fraction of "
                         "the ink's longer side, e.g. 0.15; for drawings on white), or 'none' "
                         "for whole pictures (default: the run's decode.crop_margin)")
-
-
-def _apply_crop(cap: Captioner, args: argparse.Namespace) -> None:
-    """``--crop-margin`` onto a Captioner (the run's own unless given)."""
-    if args.crop_margin != "run":
-        cap.crop_margin = args.crop_margin
 
 
 def _decode_args(args: argparse.Namespace) -> dict:
@@ -335,8 +325,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     Exit status 0 when at least one image was captioned, 1 when none could be."""
     from captioner.generate.captioner import Captioner, expand_images, write_results
 
-    cap = Captioner.load(args.run, args.checkpoint)
-    _apply_crop(cap, args)
+    cap = Captioner.load(args.run, args.checkpoint, crop_margin=args.crop_margin)
     paths = expand_images(args.images)
     gen = cap.generate(paths, on_error="skip", **_decode_args(args))
     for path, err in gen.failures:

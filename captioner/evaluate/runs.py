@@ -246,8 +246,10 @@ def grounding_scores(cap: Captioner, gen: Generation, split: SplitData) -> dict[
         return {**out, "kind": "shapes: colour and shape words, peak cell centre in the box"}
     if metas and all(isinstance(m.get("atoms"), list) for m in metas):
         refs = [r[0] for r in split.references]
-        atoms, hws = [m["atoms"] for m in metas], [image_hw(p) for p in split.paths]
-        if cap.crop_margin is not None:  # positions in the cut picture the model read
+        atoms = [m["atoms"] for m in metas]
+        if cap.crop_margin is None:
+            hws = [image_hw(p) for p in split.paths]
+        else:  # positions in the cut picture the model read
             views = [cap.view(p) for p in split.paths]
             atoms = [[{**a, **dict(zip("xy", view.to_view(float(a["x"]), float(a["y"]))))}
                       for a in mol] for mol, view in zip(atoms, views, strict=True)]
@@ -312,9 +314,7 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     """
     compare = tuple(dict.fromkeys(Choices().check("compare", c, key="compare")
                                   for c in compare))
-    cap = Captioner.load(run_dir)
-    if crop_margin != "run":
-        cap.crop_margin = crop_margin
+    cap = Captioner.load(run_dir, crop_margin=crop_margin)
     family = metrics or metric_family(cap.tokenizer.kind)
     if compare and family != "smiles":
         raise ValueError(f"compare {', '.join(compare)}: other readers give SMILES, so it "

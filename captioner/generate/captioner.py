@@ -220,10 +220,13 @@ class Captioner:
 
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str = "best",
-             attention_kernel: str | None = None) -> Captioner:
+             attention_kernel: str | None = None,
+             crop_margin: float | str | None = "run") -> Captioner:
         """Rebuild from ``run_dir`` alone: config.json, tokenizer.json, model.json and
         the ``best`` (or ``latest``) checkpoint; ``attention_kernel`` overrides the
-        run's ``model.attention_kernel`` (e.g. ``tensorflow`` for an export)."""
+        run's ``model.attention_kernel`` (e.g. ``tensorflow`` for an export) and
+        ``crop_margin`` its ``decode.crop_margin`` (a margin, or None for whole pictures;
+        ``"run"``: the run's own)."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run directory {run_dir} does not exist (or is not a "
@@ -244,7 +247,10 @@ class Captioner:
                              f"{vocab}: the tokenizer is not this run's")
         model = model_from_run(run_dir, config, attention_kernel)
         restore_weights(model, run_dir, checkpoint)
-        return cls(config, tokenizer, model)
+        cap = cls(config, tokenizer, model)
+        if crop_margin != "run":
+            cap.crop_margin = crop_margin
+        return cap
 
     @property
     def image_size(self) -> int:

@@ -49,9 +49,7 @@ class RunBackend:
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "best",
                  crop_margin: float | str | None = "run", **decode: Any):
-        self.cap = Captioner.load(run_dir, checkpoint)
-        if crop_margin != "run":
-            self.cap.crop_margin = crop_margin
+        self.cap = Captioner.load(run_dir, checkpoint, crop_margin=crop_margin)
         self.crop_margin = self.cap.crop_margin
         self.decode = decode
         self.name = f"run {Path(run_dir).resolve()}"

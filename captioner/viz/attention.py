@@ -76,9 +76,7 @@ def write_attention(run_dir: str | Path, images: Sequence[str], out_dir: str | P
                     **decode: Any) -> dict[str, Any]:
     """Caption ``images`` with a run and write the figures and ``index.html``
     (``crop_margin``: as :func:`captioner.evaluate.runs.evaluate`'s)."""
-    cap = Captioner.load(run_dir)
-    if crop_margin != "run":
-        cap.crop_margin = crop_margin
+    cap = Captioner.load(run_dir, crop_margin=crop_margin)
     gen = cap.generate(list(images), **decode)
     out = Path(out_dir)
     figures = write_figures(cap, gen, out)
