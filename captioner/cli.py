@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha of beam search")
     p.add_argument("--max-length", type=int, help="maximum tokens (default: the run's)")
     p.add_argument("--checkpoint", choices=choices.checkpoint, default=choices.checkpoint[0])
+    _add_crop(p)
 
     p = sub.add_parser("serve", help="HTTP endpoint with batching and a page to try a model")
     _add_serve_source(p)
@@ -246,7 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = ExportOptions(max_length=args.max_length or 0, beam_size=args.beam_size,
                             length_penalty=args.length_penalty, checkpoint=args.checkpoint)
-    path = export_run(args.run, args.out, options, args.version)
+    path = export_run(args.run, args.out, options, args.version, args.crop_margin)
     print(f"SavedModel written to {path} (signatures serving_default, serving_beam, "
           "serving_pixels)")
     return 0

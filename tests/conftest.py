@@ -77,3 +77,13 @@ def trained_run(tmp_path_factory, project_root, shapes_dir) -> Path:
                       [*TINY, f"data.path={shapes_dir}", "train.epochs=2"])
     train(cfg, run_dir, log=lambda _msg: None)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run, tmp_path_factory) -> Path:
+    """``trained_run`` exported once for the session (beam 3, whole pictures): version 1
+    of its own export folder, which no test writes into."""
+    from captioner.generate.export import ExportOptions, export_run
+
+    return export_run(trained_run, tmp_path_factory.mktemp("export") / "tiny",
+                      ExportOptions(beam_size=3))

@@ -1,13 +1,20 @@
-"""The command line, end to end on a tiny config in a temporary directory."""
+"""The command line, end to end on a tiny config in a temporary directory: training and a
+first caption through ``python -m captioner``, the other commands through ``cli.main`` in
+this process (the same parser and commands, without a TensorFlow import per call)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+
+from captioner.cli import main
 
 # Builds the whole parser, every subcommand's help and parses each command's --help (which
 # exits), then reports what got imported: the parser must not need TensorFlow.
@@ -40,6 +47,22 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+def call_cli(*args, cwd) -> SimpleNamespace:
+    """``captioner ARGS`` run by ``cli.main`` in this process from ``cwd``: returncode,
+    stdout and stderr as ``run_cli`` gives them (argparse's exit included)."""
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, project_root):
     from tests.conftest import TINY
@@ -69,7 +92,7 @@ def test_caption_prints_text_and_json(cli_run):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith(str(images[0]))
 
-    proc = run_cli("caption", "--run", str(work / "run"), "--json", "--max-length", "6",
+    proc = call_cli("caption", "--run", str(work / "run"), "--json", "--max-length", "6",
                    *map(str, images), cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in proc.stdout.strip().splitlines()]
@@ -85,7 +108,7 @@ def test_caption_prints_text_and_json(cli_run):
 
 def test_resume_a_finished_run_from_its_directory(cli_run):
     work, _ = cli_run
-    proc = run_cli("train", "--run-dir", str(work / "run"), "--set", "train.epochs=2", cwd=work)
+    proc = call_cli("train", "--run-dir", str(work / "run"), "--set", "train.epochs=2", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "epoch 2/2" in proc.stdout
     history = json.loads((work / "run" / "history.json").read_text())
@@ -94,15 +117,15 @@ def test_resume_a_finished_run_from_its_directory(cli_run):
 
 def test_errors_are_clear(cli_run, project_root):
     work, _ = cli_run
-    proc = run_cli("train", "--config", str(project_root / "configs" / "shapes.yaml"),
+    proc = call_cli("train", "--config", str(project_root / "configs" / "shapes.yaml"),
                    "--set", "model.unitz=3", cwd=work)
     assert proc.returncode == 2 and "model.unitz" in proc.stderr
-    proc = run_cli("caption", "--run", str(work / "run"), str(work / "nope.png"), cwd=work)
+    proc = call_cli("caption", "--run", str(work / "run"), str(work / "nope.png"), cwd=work)
     assert proc.returncode != 0 and "nope.png" in proc.stderr
-    proc = run_cli("caption", "--run", str(work / "missing-run"), "x.png", cwd=work)
+    proc = call_cli("caption", "--run", str(work / "missing-run"), "x.png", cwd=work)
     assert proc.returncode == 2 and "missing-run does not exist" in proc.stderr
     (work / "empty-run").mkdir(exist_ok=True)  # a folder that holds no run
-    proc = run_cli("caption", "--run", str(work / "empty-run"), "x.png", cwd=work)
+    proc = call_cli("caption", "--run", str(work / "empty-run"), "x.png", cwd=work)
     assert proc.returncode == 2 and "config.json" in proc.stderr
 
 
@@ -110,26 +133,26 @@ def test_caption_folders_globs_and_output_files(cli_run):
     work, _ = cli_run
     folder = work / "shapes" / "images"
     n = len(list(folder.glob("*.png")))
-    proc = run_cli("caption", "--run", str(work / "run"), str(folder), "--out",
+    proc = call_cli("caption", "--run", str(work / "run"), str(folder), "--out",
                    str(work / "all.csv"), "--max-length", "4", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = (work / "all.csv").read_text().strip().splitlines()
     assert rows[0] == "image,text,score,tokens" and len(rows) == n + 1
-    proc = run_cli("caption", "--run", str(work / "run"), str(folder / "shape_0000*.png"),
+    proc = call_cli("caption", "--run", str(work / "run"), str(folder / "shape_0000*.png"),
                    "--beam-size", "2", "--n-best", "2", "--out", str(work / "few.jsonl"),
                    cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in (work / "few.jsonl").read_text().splitlines()]
     assert len(recs) == 10 and all(len(r["n_best"]) == 2 for r in recs)
     assert all(r["n_best"][0]["score"] >= r["n_best"][1]["score"] for r in recs)
-    proc = run_cli("caption", "--run", str(work / "run"), str(work / "nothing*.png"), cwd=work)
+    proc = call_cli("caption", "--run", str(work / "run"), str(work / "nothing*.png"), cwd=work)
     assert proc.returncode == 2 and "nothing*.png" in proc.stderr
 
 
 def test_evaluate_writes_metrics_and_predictions(cli_run):
     work, _ = cli_run
     out = work / "eval"
-    proc = run_cli("evaluate", "--run", str(work / "run"), "--out", str(out), "--limit", "6",
+    proc = call_cli("evaluate", "--run", str(work / "run"), "--out", str(out), "--limit", "6",
                    "--beam-size", "2", "--report", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -154,7 +177,7 @@ def test_attention_writes_a_figure_per_image_and_a_page(cli_run):
     work, _ = cli_run
     images = sorted((work / "shapes" / "images").glob("*.png"))[:3]
     out = work / "att"
-    proc = run_cli("attention", "--run", str(work / "run"), *map(str, images), "--out",
+    proc = call_cli("attention", "--run", str(work / "run"), *map(str, images), "--out",
                    str(out), cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for image in images:

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from captioner.generate.captioner import Captioner
-from captioner.generate.export import ExportOptions, decode_images, export_run, next_version
+from captioner.generate.export import decode_images, export_run, next_version
 
 # Runs in a fresh interpreter where ``import captioner`` fails: the SavedModel must need
 # nothing but TensorFlow.
@@ -40,9 +40,8 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory) -> Path:
-    return export_run(trained_run, tmp_path_factory.mktemp("export") / "tiny",
-                      ExportOptions(beam_size=3))
+def exported(exported_run) -> Path:
+    return exported_run
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +148,42 @@ def test_existing_version_is_refused(trained_run, exported):
         export_run(trained_run, exported.parent, version=1)
 
 
-def test_export_command_writes_the_next_version(trained_run, tmp_path):
+def test_export_command_writes_the_next_version_that_cuts_pictures(trained_run, exported,
+                                                                   tmp_path):
+    """``export --crop-margin 0.1`` (a run that reads whole pictures) writes byte
+    signatures that cut each picture in the graph (the same texts as ``caption`` with that
+    margin), says so in the metadata, and the server reads it back; an export without it
+    reads whole pictures."""
+    from captioner.serve.backends import ExportBackend
+
     out = tmp_path / "cli_export"
     (out / "4").mkdir(parents=True)  # an older version already there
     r = subprocess.run([sys.executable, "-m", "captioner", "export", "--run", str(trained_run),
-                        "--out", str(out), "--beam-size", "2", "--max-length", "5"],
-                       capture_output=True, text=True, timeout=300)
+                        "--out", str(out), "--beam-size", "2", "--max-length", "5",
+                        "--crop-margin", "0.1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert str(out / "5") in r.stdout and (out / "5" / "saved_model.pb").is_file()
-    meta = {k: int(v) for k, v in tf.saved_model.load(str(out / "5")).metadata().items()}
+    backend = ExportBackend(out / "5")  # reads the margin back from the metadata
+    assert backend.crop_margin == 0.1
+    m = backend.model
+    meta = {k: int(v) for k, v in m.metadata().items()}
     assert meta["beam_size"] == 2 and meta["max_length"] == 5 and meta["grid_height"] == 8
+    assert meta["crop_margin_permille"] == 100
+    paths = []
+    for i, (x, y) in enumerate([(5, 5), (60, 10), (20, 70)]):  # small shapes, off centre
+        im = Image.new("RGB", (100, 90), "white")
+        im.paste((200, 30, 30), (x, y, x + 14, y + 12))
+        im.paste((30, 30, 200), (x + 8, y + 14, x + 20, y + 20))
+        im.save(tmp_path / f"off{i}.png")
+        paths.append(tmp_path / f"off{i}.png")
+    data = tf.constant([p.read_bytes() for p in paths])
+    texts = [t.decode() for t in m.signatures["serving_default"](images=data)["text"].numpy()]
+    cut = Captioner.load(trained_run, crop_margin=0.1)
+    assert texts == cut.generate(paths, max_length=5).texts
+    pixels, _ = decode_images(data, cut.image_size, 0.1)
+    assert not np.array_equal(pixels.numpy(), decode_images(data, cut.image_size)[0].numpy())
+    whole = ExportBackend(exported, crop_margin=0.2)  # given: overrides the metadata's
+    assert whole.crop_margin == 0.2 and int(whole.model.metadata()["crop_margin_permille"]) == -1
 
 
 def test_cut_to_ink_in_the_graph_is_pillows_cut():
@@ -187,31 +212,3 @@ def test_cut_to_ink_in_the_graph_is_pillows_cut():
             got = cut_to_ink(tf.constant(im), margin).numpy()
             assert got.shape == expected.shape and np.array_equal(got, expected), margin
     assert cut_to_ink(tf.constant(grey), 0.0).shape == (1, 1, 3)
-
-
-def test_a_run_that_reads_cut_pictures_is_exported_so(trained_run, tmp_path):
-    """A Captioner with ``crop_margin`` exports byte signatures that cut in the graph (the
-    same texts as ``caption``) and says so in its metadata; the server reads it back."""
-    from captioner.generate.export import export_captioner
-    from captioner.serve.backends import ExportBackend
-
-    cap = Captioner.load(trained_run)
-    cap.crop_margin = 0.1
-    paths = []
-    for i, (x, y) in enumerate([(5, 5), (60, 10), (20, 70)]):  # small shapes, off centre
-        im = Image.new("RGB", (100, 90), "white")
-        im.paste((200, 30, 30), (x, y, x + 14, y + 12))
-        im.paste((30, 30, 200), (x + 8, y + 14, x + 20, y + 20))
-        im.save(tmp_path / f"off{i}.png")
-        paths.append(tmp_path / f"off{i}.png")
-    exported = export_captioner(cap, tmp_path / "export", ExportOptions(beam_size=2))
-    m = tf.saved_model.load(str(exported))
-    meta = {k: int(v) for k, v in m.metadata().items()}
-    assert meta["crop_margin_permille"] == 100
-    data = tf.constant([p.read_bytes() for p in paths])
-    texts = [t.decode() for t in m.signatures["serving_default"](images=data)["text"].numpy()]
-    assert texts == cap.generate(paths).texts
-    pixels, _ = decode_images(data, cap.image_size, 0.1)
-    assert not np.array_equal(pixels.numpy(), decode_images(data, cap.image_size)[0].numpy())
-    assert ExportBackend(exported).crop_margin == 0.1
-    assert ExportBackend(exported, None).crop_margin is None

@@ -266,14 +266,10 @@ def test_caption_command_reports_each_bad_file(trained_run, corpus, good_images,
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
 
 
-def test_savedmodel_bad_bytes(trained_run, tmp_path_factory, corpus, good_images, cap):
+def test_savedmodel_bad_bytes(exported_run, corpus, good_images, cap):
     import tensorflow as tf
 
-    from captioner.generate.export import ExportOptions, export_run
-
-    path = export_run(trained_run, tmp_path_factory.mktemp("fuzz_export") / "m",
-                      ExportOptions(beam_size=2))
-    sig = tf.saved_model.load(str(path)).signatures["serving_default"]
+    sig = tf.saved_model.load(str(exported_run)).signatures["serving_default"]
     good = good_images[0].read_bytes()
     want = cap.generate([good_images[0]]).texts[0]
     rejected, invalid, decoded = [], 0, 0

@@ -252,27 +252,26 @@ def test_on_nonfinite_is_validated(tiny_config):
 
 # ---- damaged checkpoints ------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".data-00000-of-00001", ".index"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path, suffix):
-    cfg = apply_overrides(tiny_config, ["train.epochs=2"])
-    Trainer(cfg, tmp_path, **QUIET).fit()
-    newest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_run, tmp_path,
+                                                              project_root, shapes_dir, suffix):
+    run = _copy(trained_run, tmp_path)  # 2 epochs, a checkpoint at each epoch's end
+    newest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     damaged = Path(newest + suffix)
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
     lines: list[str] = []
-    again = Trainer(cfg, tmp_path, log=lines.append)
+    again = Trainer(_trained_run_config(project_root, shapes_dir), run, log=lines.append)
     assert any(newest in line and "skipped" in line for line in lines), lines
     assert int(again.epoch.numpy()) == 1  # the previous checkpoint: epoch 1's end
     again.fit()
-    assert json.loads((tmp_path / "history.json").read_text())["epoch"] == [1, 2]
-    _check_run_dir_parses(tmp_path)
+    assert json.loads((run / "history.json").read_text())["epoch"] == [1, 2]
+    _check_run_dir_parses(run)
 
 
-def test_captioner_load_skips_a_damaged_checkpoint(tiny_config, tmp_path):
-    cfg = apply_overrides(tiny_config, ["train.epochs=2"])
-    Trainer(cfg, tmp_path, **QUIET).fit()
-    newest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+def test_captioner_load_skips_a_damaged_checkpoint(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    newest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     Path(newest + ".data-00000-of-00001").write_bytes(b"garbage")
-    assert Captioner.load(tmp_path, checkpoint="latest").model.built
+    assert Captioner.load(run, checkpoint="latest").model.built
 
 
 # ---- run directories ----------------------------------------------------------------------

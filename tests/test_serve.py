@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from captioner.generate.captioner import Captioner
-from captioner.generate.export import export_run
 from captioner.serve.batching import BatchingOptions, MicroBatcher
 from captioner.serve.loadtest import LoadSpec, free_port, run_load, start_server, stop_server
 
@@ -168,11 +167,9 @@ def test_micro_batcher_fails_only_the_batch_that_failed():
     assert max(calls) <= 4 and sum(calls) == 7
 
 
-def test_export_backend_serves_the_same_texts(trained_run, images, tmp_path):
-    export_dir = tmp_path / "export"
-    export_run(trained_run, export_dir)
+def test_export_backend_serves_the_same_texts(trained_run, exported_run, images):
     port = free_port()
-    proc = start_server(["--export", str(export_dir)], port, max_batch=8)
+    proc = start_server(["--export", str(exported_run.parent)], port, max_batch=8)
     try:
         url = f"http://127.0.0.1:{port}"
         body = post_files(url, [("image", (p.name, p.read_bytes(), "image/png"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -173,14 +174,13 @@ def _weights(model):
     return [w.numpy() for w in model.weights]
 
 
-def test_resume_continues_at_the_saved_step(tiny_config, tmp_path, monkeypatch):
+def test_resume_continues_at_the_saved_step(tiny_config, trained_run, tmp_path, monkeypatch):
     from captioner.config import apply_overrides
 
+    # the straight run: trained_run, the same config trained 2 x 4 steps without a stop
     cfg = apply_overrides(tiny_config, ["train.epochs=2", "train.max_steps_per_epoch=4",
                                         "train.checkpoint_every=1"])
-    straight = Trainer(cfg, tmp_path / "straight", log=lambda _: None)
-    straight.fit()
-    assert int(straight.optimizer.iterations.numpy()) == 8
+    straight = Captioner.load(trained_run, checkpoint="latest")
 
     # interrupt the same training after 6 steps (epoch 2, step 2) ...
     run = tmp_path / "interrupted"
@@ -210,23 +210,31 @@ def test_resume_continues_at_the_saved_step(tiny_config, tmp_path, monkeypatch):
     assert history["epoch"] == [1, 2]
 
 
-def test_more_epochs_on_a_finished_run_continue_it(tiny_config, tmp_path):
+def _copy_run(trained_run, tmp_path):
+    """A copy of the session's 2-epoch run (without its lock) to train on."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / ".lock").unlink(missing_ok=True)
+    return run
+
+
+def test_more_epochs_on_a_finished_run_continue_it(tiny_config, trained_run, tmp_path):
     from captioner.config import apply_overrides
 
-    Trainer(tiny_config, tmp_path, log=lambda _: None).fit()
-    more = Trainer(apply_overrides(tiny_config, ["train.epochs=2"]), tmp_path,
-                   log=lambda _: None)
-    assert int(more.epoch.numpy()) == 1
+    run = _copy_run(trained_run, tmp_path)
+    more = Trainer(apply_overrides(tiny_config, ["train.epochs=3"]), run, log=lambda _: None)
+    assert int(more.epoch.numpy()) == 2
     more.fit()
-    assert json.loads((tmp_path / "history.json").read_text())["epoch"] == [1, 2]
+    assert json.loads((run / "history.json").read_text())["epoch"] == [1, 2, 3]
 
 
-def test_changed_model_on_existing_run_is_refused(tiny_config, tmp_path):
+def test_changed_model_on_existing_run_is_refused(tiny_config, trained_run, tmp_path):
     from captioner.config import apply_overrides
 
-    Trainer(tiny_config, tmp_path, log=lambda _: None).fit()
+    run = _copy_run(trained_run, tmp_path)
     with pytest.raises(ConfigError, match="model"):
-        Trainer(apply_overrides(tiny_config, ["model.units=48"]), tmp_path, log=lambda _: None)
+        Trainer(apply_overrides(tiny_config, ["model.units=48", "train.epochs=2"]), run,
+                log=lambda _: None)
 
 
 def test_mixed_bfloat16_training_step_runs(tiny_config, tmp_path):

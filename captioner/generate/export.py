@@ -300,9 +300,15 @@ def export_captioner(cap: Captioner, export_dir: str | Path, options: ExportOpti
 
 
 def export_run(run_dir: str | Path, export_dir: str | Path,
-               options: ExportOptions | None = None, version: int | None = None) -> Path:
+               options: ExportOptions | None = None, version: int | None = None,
+               crop_margin: float | str | None = "run") -> Path:
     """Rebuild a run with TensorFlow ops only (the compiled decoder kernels are not
-    part of TensorFlow, so a SavedModel must not reference them) and export it."""
+    part of TensorFlow, so a SavedModel must not reference them) and export it.
+
+    ``crop_margin`` as in :meth:`Captioner.load`: ``"run"`` keeps the run's
+    ``decode.crop_margin``, a number makes the byte signatures cut each picture to its
+    ink plus that margin, ``None`` reads whole pictures."""
     options = options or ExportOptions()
-    cap = Captioner.load(run_dir, options.checkpoint, attention_kernel="tensorflow")
+    cap = Captioner.load(run_dir, options.checkpoint, attention_kernel="tensorflow",
+                         crop_margin=crop_margin)
     return export_captioner(cap, export_dir, options, version)
