@@ -304,31 +304,36 @@ def assert_same_training(a: Path, b: Path, rel: float, atol: float) -> None:
         np.testing.assert_allclose(vb[key], va[key], rtol=rel, atol=atol, err_msg=key)
 
 
-@pytest.fixture
-def strategy_overrides(tiny_overrides, project_root, tmp_path) -> list[str]:
-    """The tiny shapes run (data generated once here), single device, as the reference;
-    batch-norm statistics recomputed before validation (precise BN) in every run."""
+@pytest.fixture(scope="module")
+def single_run(project_root, shapes_dir, tmp_path_factory) -> tuple[list[str], Path]:
+    """(overrides, run): the tiny shapes run on one device, trained once for this module
+    as the reference; batch-norm statistics recomputed before validation (precise BN) in
+    every run."""
     from captioner.config import load_config
     from captioner.train.trainer import train
 
-    overrides = [*tiny_overrides, "train.precise_bn_batches=2"]
-    cfg = load_config(project_root / "configs" / "shapes.yaml", overrides)
-    train(cfg, tmp_path / "single", log=lambda _msg: None)
-    return overrides
+    from .conftest import TINY
+
+    overrides = [*TINY, f"data.path={shapes_dir}", "train.precise_bn_batches=2"]
+    run = tmp_path_factory.mktemp("strategies") / "single"
+    train(load_config(project_root / "configs" / "shapes.yaml", overrides), run,
+          log=lambda _msg: None)
+    return overrides, run
 
 
 def test_trainer_mirrored_on_two_cpus_equals_default_then_resumes_under_default(
-        project_root, strategy_overrides, tmp_path):
+        project_root, single_run, tmp_path):
     """``train.strategy=mirrored`` over 2 logical CPUs trains the same epoch as one device
     (same losses, same weights and optimizer state), and the run resumes without it."""
     from captioner.config import load_config
     from captioner.train.trainer import train
 
+    strategy_overrides, single = single_run
     mirrored = tmp_path / "mirrored"
     log = finish(cli_train(project_root, mirrored, [
         *strategy_overrides, "train.strategy=mirrored", "train.logical_cpus=2"]))
     assert "train.strategy=mirrored: 2 replica(s), 8 examples each per step" in log
-    assert_same_training(tmp_path / "single", mirrored, rel=1e-4, atol=1e-5)
+    assert_same_training(single, mirrored, rel=1e-4, atol=1e-5)
 
     messages: list[str] = []
     cfg = load_config(project_root / "configs" / "shapes.yaml",
@@ -338,12 +343,13 @@ def test_trainer_mirrored_on_two_cpus_equals_default_then_resumes_under_default(
     assert history["epoch"] == [1, 2]
 
 
-def test_trainer_multi_worker_two_processes(project_root, strategy_overrides, tmp_path):
+def test_trainer_multi_worker_two_processes(project_root, single_run, tmp_path):
     """Two local workers (TF_CONFIG) train one run together: the chief writes the run
     directory, worker 1 its own subfolder, both see the same global losses, and the result
     equals the single-device run."""
     import socket
 
+    strategy_overrides, single = single_run
     ports = []
     for _ in range(2):
         with socket.socket() as s:
@@ -359,4 +365,4 @@ def test_trainer_multi_worker_two_processes(project_root, strategy_overrides, tm
     assert f"run directory: {run} (1 epochs)" in logs[0]
     assert f"run directory: {run / 'workers' / 'worker1'} (1 epochs)" in logs[1]
     assert_same_training(run, run / "workers" / "worker1", rel=1e-6, atol=1e-7)
-    assert_same_training(tmp_path / "single", run, rel=1e-4, atol=1e-5)
+    assert_same_training(single, run, rel=1e-4, atol=1e-5)
