@@ -57,6 +57,7 @@ from captioner.data.tokenizers import Tokenizer
 from captioner.generate.captioner import DecodeOptions, make_generate_function
 from captioner.model.backbones import build_backbone
 from captioner.model.layers import CaptionModel
+from captioner.model.precision import resolve_precision
 from captioner.train.setup import build_model_and_optimizers
 from captioner.train.steps import make_optimizer, make_train_step
 
@@ -731,6 +732,7 @@ def run_bench(batch_size: int = 64, grid: int = 49, feature_dim: int = 1280,
     Choices().check("bench_impl", impl, "impl")
     s = BenchShapes(batch_size, grid, feature_dim, embedding_dim, units, attention_units,
                     vocab_size, max_length)
+    precision = resolve_precision(precision)  # "auto": this machine's choice
     cfg = bench_config(precision)
     load = load_average()
     grids_np, tokens_np = random_batch(s, seed)
@@ -934,7 +936,7 @@ def config_bench(cfg: Config, steps: int = 20, vocab_size: int = 40, seed: int =
     if smiles:
         rates["drawing"] = _drawing_rate(list(smiles), b, size, cfg, seed)
     return {"image_size": size, "batch_size": b, "grid": objs.model.grid_size,
-            "precision": t.precision, "vocab_size": vocab_size,
+            "precision": resolve_precision(t.precision), "vocab_size": vocab_size,
             "train_step_ms": 1e3 * timing.step_s, "train_images_per_s": rates["train_step"],
             "drawn_pictures_per_s": rates.get("drawing"), "bound_by": _slowest(rates),
             "compile_s": timing.compile_s, "steps": steps,

@@ -48,7 +48,7 @@ class Choices:
     compare: tuple[str, ...] = ("osra",)
     lr_schedule: tuple[str, ...] = ("constant", "cosine", "exponential")
     val_metric: tuple[str, ...] = ("auto", "exact_match", "bleu4")
-    precision: tuple[str, ...] = ("float32", "mixed_bfloat16", "mixed_float16")
+    precision: tuple[str, ...] = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
     strategy: tuple[str, ...] = ("default", "mirrored", "multi_worker")
     sampling_schedule: tuple[str, ...] = ("linear", "inverse_sigmoid")
     decode_strategy: tuple[str, ...] = ("greedy", "beam", "sample")

@@ -25,6 +25,7 @@ from captioner.data.images import ImageError, View, image_batches, load_image, l
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
 from captioner.model.layers import CaptionModel
+from captioner.model.precision import resolve_precision
 from captioner.model.restore import restore_weights
 
 
@@ -457,6 +458,6 @@ def model_from_run(run_dir: Path, config: Config, attention_kernel: str | None =
     args = json.loads((Path(run_dir) / "model.json").read_text())
     if attention_kernel is not None:
         args["attention_kernel"] = attention_kernel
-    args["dtype"] = keras.DTypePolicy(config.train.precision)
+    args["dtype"] = keras.DTypePolicy(resolve_precision(config.train.precision))
     args["weights"] = None  # the checkpoint holds every weight: never download or read files
     return CaptionModel.from_config(args).build_weights()

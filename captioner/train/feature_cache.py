@@ -13,13 +13,14 @@ from captioner.config import Config, ConfigError
 from captioner.data.features import FeatureCache, extract_features
 from captioner.data.formats import read_records
 from captioner.model.layers import CaptionModel
+from captioner.model.precision import resolve_precision
 
 
 def cache_fingerprint(cfg: Config) -> dict[str, Any]:
     """What the cached grids depend on: the backbone, its weights, input size, precision."""
     m = cfg.model
     fp = {"backbone": m.backbone, "weights": m.weights or "none", "image_size": m.image_size,
-          "precision": cfg.train.precision}
+          "precision": resolve_precision(cfg.train.precision)}
     if m.backbone == "small_cnn":
         fp.update(cnn_filters=m.cnn_filters, cnn_kernels=m.cnn_kernels, cnn_padding=m.cnn_padding)
         if m.cnn_norm != "batch":  # caches made before the choice existed stay valid
@@ -62,7 +63,7 @@ def extract_for_config(cfg: Config, log: Callable[[str], None] = print) -> Featu
     keras.utils.set_random_seed(cfg.train.seed)
     kind = cfg.tokenizer.kind
     records = read_records(cfg.data, smiles_targets=kind in ("smiles", "selfies"), kind=kind)
-    policy = keras.DTypePolicy(cfg.train.precision)
+    policy = keras.DTypePolicy(resolve_precision(cfg.train.precision))
     model = CaptionModel.from_model_config(cfg.model, vocab_size=8, dtype=policy)
     paths = sorted({r.image for r in records})  # the same order as the Trainer's
     return ensure_feature_cache(cfg, model, paths, log)

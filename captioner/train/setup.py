@@ -51,6 +51,7 @@ from captioner.data.splits import (
 from captioner.data.tokenizers import Tokenizer
 from captioner.fileio import atomic_write_text
 from captioner.model.layers import CaptionModel
+from captioner.model.precision import resolve_precision
 from captioner.train.feature_cache import ensure_feature_cache
 from captioner.train.steps import make_optimizer, split_variables
 
@@ -201,7 +202,8 @@ def validate_config(cfg: Config) -> None:
     if cfg.data.feature_cache and cfg.model.trainable != "frozen":
         raise ConfigError("data.feature_cache needs model.trainable: frozen (a cached "
                           "grid cannot change while the backbone trains)")
-    if cfg.train.backbone_learning_rate and cfg.train.precision == "mixed_float16":
+    if (cfg.train.backbone_learning_rate
+            and resolve_precision(cfg.train.precision) == "mixed_float16"):
         raise ConfigError("train.backbone_learning_rate does not combine with "
                           "train.precision: mixed_float16 (one loss scale per step)")
 
@@ -260,7 +262,7 @@ def build_model(strategy: tf.distribute.Strategy, cfg: Config, vocab_size: int
                 ) -> CaptionModel:
     """The ``cfg.model`` model in ``train.precision``, its weights built inside
     ``strategy.scope()`` (mirrored under a multi-device strategy)."""
-    policy = keras.DTypePolicy(cfg.train.precision)
+    policy = keras.DTypePolicy(resolve_precision(cfg.train.precision))
     with strategy.scope():
         return CaptionModel.from_model_config(cfg.model, vocab_size, policy).build_weights()
 

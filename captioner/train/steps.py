@@ -13,6 +13,7 @@ import tensorflow as tf
 from captioner.config import Config
 from captioner.model.backbones import backbone_variables
 from captioner.model.layers import CaptionModel
+from captioner.model.precision import resolve_precision
 from captioner.train.distribute import (
     apply_gradients,
     replica_seed,
@@ -278,7 +279,7 @@ def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = 
         per_epoch = max(1, total_steps // max(1, t.epochs))
         lr = keras.optimizers.schedules.ExponentialDecay(peak, per_epoch, t.decay_rate)
     opt = FusedAdam(learning_rate=lr, global_clipnorm=t.clip_norm)
-    if t.precision == "mixed_float16":
+    if resolve_precision(t.precision) == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
 

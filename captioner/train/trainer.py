@@ -36,6 +36,7 @@ from captioner.data.tokenizers import SmilesTokenizer
 from captioner.evaluate.metrics import validation_metric
 from captioner.fileio import atomic_write_text
 from captioner.generate.captioner import Captioner
+from captioner.model.precision import precision_note
 from captioner.train.batchnorm import recompute_batchnorm, trainable_batchnorm
 from captioner.train.checkpoints import Checkpoints, checkpoint_number
 from captioner.train.distribute import distribute_batches, strategy_from_config, worker_run_dir
@@ -106,6 +107,9 @@ class Trainer:
     def _set_up(self, cfg: Config, log: Callable[[str], None]) -> None:
         t = cfg.train
         keras.utils.set_random_seed(t.seed)
+        note = precision_note(t.precision)  # what "auto" chose, or emulated bfloat16
+        if note:
+            log(note)
         records = read_splits(cfg)
         self.tokenizer = load_or_fit_tokenizer(cfg, self.run_dir,
                                                [r.text for r in records["train"]])
