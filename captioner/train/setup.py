@@ -202,8 +202,9 @@ def validate_config(cfg: Config) -> None:
     if cfg.data.feature_cache and cfg.model.trainable != "frozen":
         raise ConfigError("data.feature_cache needs model.trainable: frozen (a cached "
                           "grid cannot change while the backbone trains)")
-    if (cfg.train.backbone_learning_rate
-            and resolve_precision(cfg.train.precision) == "mixed_float16"):
+    # "auto" never means mixed_float16; comparing the name asks no device before the
+    # distribution strategy has split the CPU
+    if cfg.train.backbone_learning_rate and cfg.train.precision == "mixed_float16":
         raise ConfigError("train.backbone_learning_rate does not combine with "
                           "train.precision: mixed_float16 (one loss scale per step)")
 
