@@ -33,6 +33,17 @@ TINY = [
 ]
 
 
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` (e.g. the session's ``trained_run``) in ``tmp_path``, without its
+    lock, for a test that trains on or damages it."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / ".lock").unlink(missing_ok=True)
+    return copy
+
+
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent

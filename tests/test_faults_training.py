@@ -8,7 +8,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from captioner.model.restore import unreadable
 from captioner.train.setup import RunLock
 from captioner.train.trainer import NonFiniteLoss, Trainer
 
-from .conftest import TINY
+from .conftest import TINY, copy_run
 
 QUIET = {"log": lambda _msg: None}
 RESUMED = re.compile(r"resuming .* at epoch (\d+), step (\d+) \(global step (\d+)\)")
@@ -254,7 +253,7 @@ def test_on_nonfinite_is_validated(tiny_config):
 @pytest.mark.parametrize("suffix", [".data-00000-of-00001", ".index"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_run, tmp_path,
                                                               project_root, shapes_dir, suffix):
-    run = _copy(trained_run, tmp_path)  # 2 epochs, a checkpoint at each epoch's end
+    run = copy_run(trained_run, tmp_path)  # 2 epochs, a checkpoint at each epoch's end
     newest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     damaged = Path(newest + suffix)
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
@@ -268,20 +267,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(trained_run, tmp_p
 
 
 def test_captioner_load_skips_a_damaged_checkpoint(trained_run, tmp_path):
-    run = _copy(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path)
     newest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     Path(newest + ".data-00000-of-00001").write_bytes(b"garbage")
     assert Captioner.load(run, checkpoint="latest").model.built
 
 
 # ---- run directories ----------------------------------------------------------------------
-def _copy(trained_run: Path, tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / ".lock").unlink(missing_ok=True)
-    return run
-
-
 def _trained_run_config(project_root, shapes_dir):
     from captioner.config import load_config
 
@@ -291,7 +283,7 @@ def _trained_run_config(project_root, shapes_dir):
 
 def test_tokenizer_of_another_vocabulary_is_refused(trained_run, tmp_path, project_root,
                                                     shapes_dir):
-    run = _copy(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path)
     tok = json.loads((run / "tokenizer.json").read_text())
     tok["vocab"].append("zebra")
     (run / "tokenizer.json").write_text(json.dumps(tok))
@@ -305,7 +297,7 @@ def test_tokenizer_of_another_vocabulary_is_refused(trained_run, tmp_path, proje
 
 def test_checkpoint_of_another_architecture_is_refused(trained_run, tmp_path, project_root,
                                                        shapes_dir):
-    run = _copy(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path)
     model = json.loads((run / "model.json").read_text())
     model["units"] = 48
     (run / "model.json").write_text(json.dumps(model))
@@ -321,7 +313,7 @@ def test_missing_or_unreadable_run_directory_is_named(trained_run, tmp_path, pro
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         Captioner.load(missing)
-    run = _copy(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path)
     (run / "config.json").write_text('{"model": ')  # half-written by something else
     with pytest.raises(ValueError, match=str(run / "config.json")):
         Trainer(_trained_run_config(project_root, shapes_dir), run, **QUIET)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import keras
 import numpy as np
@@ -23,6 +22,8 @@ from captioner.train.steps import (
     training_loss,
 )
 from captioner.train.trainer import Trainer
+
+from .conftest import copy_run
 
 
 def test_caption_loss_by_hand():
@@ -210,18 +211,10 @@ def test_resume_continues_at_the_saved_step(tiny_config, trained_run, tmp_path, 
     assert history["epoch"] == [1, 2]
 
 
-def _copy_run(trained_run, tmp_path):
-    """A copy of the session's 2-epoch run (without its lock) to train on."""
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / ".lock").unlink(missing_ok=True)
-    return run
-
-
 def test_more_epochs_on_a_finished_run_continue_it(tiny_config, trained_run, tmp_path):
     from captioner.config import apply_overrides
 
-    run = _copy_run(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path)
     more = Trainer(apply_overrides(tiny_config, ["train.epochs=3"]), run, log=lambda _: None)
     assert int(more.epoch.numpy()) == 2
     more.fit()
@@ -231,7 +224,7 @@ def test_more_epochs_on_a_finished_run_continue_it(tiny_config, trained_run, tmp
 def test_changed_model_on_existing_run_is_refused(tiny_config, trained_run, tmp_path):
     from captioner.config import apply_overrides
 
-    run = _copy_run(trained_run, tmp_path)
+    run = copy_run(trained_run, tmp_path)
     with pytest.raises(ConfigError, match="model"):
         Trainer(apply_overrides(tiny_config, ["model.units=48", "train.epochs=2"]), run,
                 log=lambda _: None)
