@@ -85,13 +85,12 @@ def test_trainer_recomputes_before_validating_and_saves_it(tiny_config, tmp_path
 
 
 def test_recalibrate_a_run_trained_without_it(trained_run, tmp_path, capsys):
-    import shutil
-
     from captioner.cli import main
     from captioner.generate.captioner import Captioner
 
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+    from .conftest import copy_run
+
+    run = copy_run(trained_run, tmp_path)
     moving = _stats(Captioner.load(run, "latest").model)
     assert main(["recalibrate", "--run", str(run), "--batches", "2"]) == 0
     out = capsys.readouterr().out

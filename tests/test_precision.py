@@ -18,6 +18,8 @@ from captioner.model.precision import (
     resolve_precision,
 )
 
+from .conftest import copy_run
+
 X86_WITH = """processor\t: 0
 flags\t\t: fpu vme avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 amx_tile
 processor\t: 1
@@ -78,7 +80,6 @@ def test_recipes_ask_for_auto_and_the_feature_cache_keys_on_the_choice():
 
 def test_auto_reaches_the_trainer_and_a_loaded_run(tiny_config, trained_run, tmp_path):
     import json
-    import shutil
 
     from captioner.generate.captioner import Captioner
     from captioner.train.trainer import Trainer
@@ -91,8 +92,7 @@ def test_auto_reaches_the_trainer_and_a_loaded_run(tiny_config, trained_run, tmp
     trainer.lock.release()
     assert f"train.precision=auto: {want} (" in lines[0]
     assert trainer.model.decoder.compute_dtype == dtype
-    run = tmp_path / "run"  # the session's float32 run, its config saying auto
-    shutil.copytree(trained_run, run)
+    run = copy_run(trained_run, tmp_path)  # the session's float32 run, its config saying auto
     config = json.loads((run / "config.json").read_text())
     config["train"]["precision"] = "auto"
     (run / "config.json").write_text(json.dumps(config))
