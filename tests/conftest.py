@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import settings
@@ -42,6 +45,25 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run, copy)
     (copy / ".lock").unlink(missing_ok=True)
     return copy
+
+
+def call_cli(*args, cwd: Path | None = None) -> SimpleNamespace:
+    """``captioner ARGS`` run by ``cli.main`` in this process (from ``cwd`` if given):
+    returncode, stdout and stderr as ``subprocess.run`` would give them for ``python -m
+    captioner ARGS`` (argparse's exit included), without a TensorFlow import per call."""
+    from captioner.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="session")

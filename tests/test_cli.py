@@ -1,20 +1,19 @@
-"""The command line, end to end on a tiny config in a temporary directory: training and a
-first caption through ``python -m captioner``, the other commands through ``cli.main`` in
-this process (the same parser and commands, without a TensorFlow import per call)."""
+"""The command line, end to end on a tiny config in a temporary directory: every command
+through ``cli.main`` in this process (the same parser and commands as ``python -m
+captioner``, without a TensorFlow import per call); ``python -m captioner`` itself for
+help, version and a parser error. The installed ``captioner`` script trains, captions and
+evaluates in a fresh process in test_packaging."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from captioner.cli import main
+from .conftest import call_cli
 
 # Builds the whole parser, every subcommand's help and parses each command's --help (which
 # exits), then reports what got imported: the parser must not need TensorFlow.
@@ -47,31 +46,15 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def call_cli(*args, cwd) -> SimpleNamespace:
-    """``captioner ARGS`` run by ``cli.main`` in this process from ``cwd``: returncode,
-    stdout and stderr as ``run_cli`` gives them (argparse's exit included)."""
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        os.chdir(here)
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-
-
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, project_root):
     from tests.conftest import TINY
 
     work = tmp_path_factory.mktemp("cli")
     sets = [x for item in TINY for x in ("--set", item)]
-    proc = run_cli("train", "--config", "shapes",  # the built-in config, by name
-                   "--run-dir", str(work / "run"), "--set", f"data.path={work / 'shapes'}",
-                   *sets, cwd=work)
+    proc = call_cli("train", "--config", "shapes",  # the built-in config, by name
+                    "--run-dir", str(work / "run"), "--set", f"data.path={work / 'shapes'}",
+                    *sets, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc
 
@@ -87,7 +70,7 @@ def test_train_writes_a_run(cli_run):
 def test_caption_prints_text_and_json(cli_run):
     work, _ = cli_run
     images = sorted((work / "shapes" / "images").glob("*.png"))[:3]
-    proc = run_cli("caption", "--run", str(work / "run"), *map(str, images), cwd=work)
+    proc = call_cli("caption", "--run", str(work / "run"), *map(str, images), cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith(str(images[0]))

@@ -1,8 +1,10 @@
 """Distributed training: one mirrored step on 2 logical CPUs == one single-device step on
-the same global batch; checkpoints restore across strategies; strategy errors.
+the same global batch; the Trainer under mirrored and multi-worker strategies equals it on
+one device; checkpoints restore across strategies; strategy errors.
 
-The mirrored half runs in a fresh interpreter (this file run as a script), because the
-CPU can only be split into logical devices before TensorFlow initialises them.
+The mirrored half (steps and a Trainer run) runs in a fresh interpreter (this file run as
+a script), because the CPU can only be split into logical devices before TensorFlow
+initialises them.
 """
 
 from __future__ import annotations
@@ -145,24 +147,46 @@ def save_checkpoints(single, multi, mirrored, out: Path, result: dict) -> None:
                                                      fresh.model.weights)
 
 
-def child(out: Path) -> None:
-    """Entry point of the subprocess: split the CPU, compare, write ``results.json``."""
+def child(out: Path, trainer_overrides: list[str]) -> None:
+    """Entry point of the subprocess: split the CPU, compare the steps, train the shapes
+    run with ``train.strategy=mirrored`` (``trainer_overrides``) into ``out/mirrored_run``,
+    write ``results.json``."""
+    from captioner.config import load_config
+    from captioner.train.trainer import train
+
     started = time.perf_counter()
     devices = split_cpu(2)
     mirrored = make_strategy("mirrored")
     results = {"devices": devices, "replicas": mirrored.num_replicas_in_sync,
                "adam": run_case("adam", mirrored, steps=2, out=out),
                "lso_sgd": run_case("lso_sgd", mirrored, steps=1, out=out)}
+    # a second model of other shapes (conftest's TINY) trained in the same process: it
+    # failed with a collective "Shape mismatch" when each model had its own strategy object
+    log: list[str] = []
+    config = Path(__file__).resolve().parent.parent / "configs" / "shapes.yaml"
+    train(load_config(config, trainer_overrides), out / "mirrored_run", log=log.append)
+    results["trainer_log"] = log
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results))
 
 
+def strategy_overrides(shapes_dir: Path) -> list[str]:
+    """The tiny shapes run every strategy test trains (precise BN: batch-norm statistics
+    recomputed before validation)."""
+    from .conftest import TINY
+
+    return [*TINY, f"data.path={shapes_dir}", "train.precise_bn_batches=2"]
+
+
 @pytest.fixture(scope="module")
-def mirrored_results(tmp_path_factory) -> tuple[dict, Path]:
+def mirrored_results(shapes_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """The subprocess's results and its output folder (checkpoints, ``mirrored_run``)."""
     out = tmp_path_factory.mktemp("distribute")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, __file__, str(out)], capture_output=True,
-                          text=True, timeout=300, env=env,
+    overrides = [*strategy_overrides(shapes_dir), "train.strategy=mirrored",
+                 "train.logical_cpus=2"]
+    proc = subprocess.run([sys.executable, __file__, str(out), json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=300, env=env,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "results.json").read_text()), out
@@ -264,10 +288,10 @@ def test_global_batch_must_feed_every_replica():
 
 
 if __name__ == "__main__":
-    child(Path(sys.argv[1]))
+    child(Path(sys.argv[1]), json.loads(sys.argv[2]))
 
 
-# ---- the Trainer under each strategy (the CLI, fresh processes) ----------------------------
+# ---- the Trainer under each strategy (mirrored: the subprocess; multi-worker: the CLI) ---
 def cli_train(root: Path, run_dir: Path, overrides: list[str], env: dict | None = None
               ) -> subprocess.Popen:
     """Start ``python -m captioner train`` on configs/shapes.yaml with ``overrides``."""
@@ -307,14 +331,11 @@ def assert_same_training(a: Path, b: Path, rel: float, atol: float) -> None:
 @pytest.fixture(scope="module")
 def single_run(project_root, shapes_dir, tmp_path_factory) -> tuple[list[str], Path]:
     """(overrides, run): the tiny shapes run on one device, trained once for this module
-    as the reference; batch-norm statistics recomputed before validation (precise BN) in
-    every run."""
+    as the reference."""
     from captioner.config import load_config
     from captioner.train.trainer import train
 
-    from .conftest import TINY
-
-    overrides = [*TINY, f"data.path={shapes_dir}", "train.precise_bn_batches=2"]
+    overrides = strategy_overrides(shapes_dir)
     run = tmp_path_factory.mktemp("strategies") / "single"
     train(load_config(project_root / "configs" / "shapes.yaml", overrides), run,
           log=lambda _msg: None)
@@ -322,22 +343,22 @@ def single_run(project_root, shapes_dir, tmp_path_factory) -> tuple[list[str], P
 
 
 def test_trainer_mirrored_on_two_cpus_equals_default_then_resumes_under_default(
-        project_root, single_run, tmp_path):
-    """``train.strategy=mirrored`` over 2 logical CPUs trains the same epoch as one device
-    (same losses, same weights and optimizer state), and the run resumes without it."""
+        project_root, single_run, mirrored_results):
+    """``train.strategy=mirrored`` over 2 logical CPUs (the subprocess) trains the same
+    epoch as one device (same losses, same weights and optimizer state), and the run
+    resumes without it."""
     from captioner.config import load_config
     from captioner.train.trainer import train
 
-    strategy_overrides, single = single_run
-    mirrored = tmp_path / "mirrored"
-    log = finish(cli_train(project_root, mirrored, [
-        *strategy_overrides, "train.strategy=mirrored", "train.logical_cpus=2"]))
-    assert "train.strategy=mirrored: 2 replica(s), 8 examples each per step" in log
+    overrides, single = single_run
+    results, out = mirrored_results
+    mirrored = out / "mirrored_run"
+    assert any("train.strategy=mirrored: 2 replica(s), 8 examples each per step" in m
+               for m in results["trainer_log"])
     assert_same_training(single, mirrored, rel=1e-4, atol=1e-5)
 
     messages: list[str] = []
-    cfg = load_config(project_root / "configs" / "shapes.yaml",
-                      [*strategy_overrides, "train.epochs=2"])
+    cfg = load_config(project_root / "configs" / "shapes.yaml", [*overrides, "train.epochs=2"])
     history = train(cfg, mirrored, log=messages.append)
     assert any(m.startswith(f"resuming {mirrored} at epoch 2") for m in messages)
     assert history["epoch"] == [1, 2]
@@ -349,7 +370,7 @@ def test_trainer_multi_worker_two_processes(project_root, single_run, tmp_path):
     equals the single-device run."""
     import socket
 
-    strategy_overrides, single = single_run
+    overrides, single = single_run
     ports = []
     for _ in range(2):
         with socket.socket() as s:
@@ -357,7 +378,7 @@ def test_trainer_multi_worker_two_processes(project_root, single_run, tmp_path):
             ports.append(s.getsockname()[1])
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     run = tmp_path / "multi"
-    procs = [cli_train(project_root, run, [*strategy_overrides, "train.strategy=multi_worker"],
+    procs = [cli_train(project_root, run, [*overrides, "train.strategy=multi_worker"],
                        {"TF_CONFIG": json.dumps({"cluster": cluster,
                                                  "task": {"type": "worker", "index": i}})})
              for i in range(2)]

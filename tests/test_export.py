@@ -16,6 +16,8 @@ from PIL import Image
 from captioner.generate.captioner import Captioner
 from captioner.generate.export import decode_images, export_run, next_version
 
+from .conftest import call_cli
+
 # Runs in a fresh interpreter where ``import captioner`` fails: the SavedModel must need
 # nothing but TensorFlow.
 LOAD_WITHOUT_CAPTIONER = r"""
@@ -158,9 +160,8 @@ def test_export_command_writes_the_next_version_that_cuts_pictures(trained_run, 
 
     out = tmp_path / "cli_export"
     (out / "4").mkdir(parents=True)  # an older version already there
-    r = subprocess.run([sys.executable, "-m", "captioner", "export", "--run", str(trained_run),
-                        "--out", str(out), "--beam-size", "2", "--max-length", "5",
-                        "--crop-margin", "0.1"], capture_output=True, text=True, timeout=300)
+    r = call_cli("export", "--run", trained_run, "--out", out, "--beam-size", "2",
+                 "--max-length", "5", "--crop-margin", "0.1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert str(out / "5") in r.stdout and (out / "5" / "saved_model.pb").is_file()
     backend = ExportBackend(out / "5")  # reads the margin back from the metadata

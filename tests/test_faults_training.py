@@ -21,7 +21,7 @@ import tensorflow as tf
 from captioner.config import apply_overrides
 from captioner.generate.captioner import Captioner
 from captioner.model.restore import unreadable
-from captioner.train.setup import RunLock
+from captioner.train.runlock import RunLock
 from captioner.train.trainer import NonFiniteLoss, Trainer
 
 from .conftest import TINY, copy_run
@@ -96,7 +96,6 @@ def test_sigkill_at_random_moments_resumes_exactly(project_root, shapes_dir, tmp
         ("mid-epoch, after a new checkpoint", None, (0.0, 0.4)),
         ("around an epoch's end / validation",
          lambda: (run / "history.json").exists(), (0.0, 0.05)),
-        ("right after another checkpoint", None, (0.0, 0.02)),
     ]
     kills, resumed_steps = 0, []
     for n, (_what, event, (lo, hi)) in enumerate(moments):
@@ -128,7 +127,7 @@ def test_sigkill_at_random_moments_resumes_exactly(project_root, shapes_dir, tmp
     _check_run_dir_parses(run)
     history = json.loads((run / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3]
-    assert kills >= 3, kills
+    assert kills >= 2, kills
     print(f"SIGKILLs {kills}/{len(moments)}, resumed at global steps {resumed_steps}")
     got = _model_tensors(run)
     assert got.keys() == expected.keys()
@@ -325,17 +324,20 @@ def test_missing_or_unreadable_run_directory_is_named(trained_run, tmp_path, pro
         Trainer(_trained_run_config(project_root, shapes_dir), run, **QUIET)
 
 
-def test_second_training_on_the_same_run_directory_is_refused(tiny_config, tmp_path):
-    first = Trainer(tiny_config, tmp_path, **QUIET)
+def test_second_training_on_the_same_run_directory_is_refused(trained_run, tmp_path,
+                                                              project_root, shapes_dir):
+    run = copy_run(trained_run, tmp_path)  # its two epochs are done: fit() trains nothing
+    config = _trained_run_config(project_root, shapes_dir)
+    first = Trainer(config, run, **QUIET)
     with pytest.raises(RuntimeError, match=rf"in use by another training \(PID {os.getpid()}\)"):
-        Trainer(tiny_config, tmp_path, **QUIET)
-    first.fit()  # releases the lock when it ends
-    Trainer(tiny_config, tmp_path, **QUIET).lock.release()
+        Trainer(config, run, **QUIET)
+    assert first.fit()["epoch"] == [1, 2]  # releases the lock when it ends
+    Trainer(config, run, **QUIET).lock.release()
 
 
 def test_second_training_in_another_process_is_refused(tmp_path):
     lock = RunLock(tmp_path).acquire()
-    code = ("import sys; from captioner.train.setup import RunLock\n"
+    code = ("import sys; from captioner.train.runlock import RunLock\n"
             "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RuntimeError as e:\n"
             "    print(e); sys.exit(3)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,

@@ -538,26 +538,32 @@ def test_a_failing_compiler_reports_its_stderr(tmp_path):
 
 
 def test_build_caches_by_fingerprint(tmp_path):
+    """The build's naming, caching and clean-up, on a one-line source with the kernel's
+    compiler flags (compiling the kernel itself is what the ``kernel`` fixture does)."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler")
-    build = KernelBuild(cache_dir=tmp_path)
+    source = tmp_path / "src" / "tiny_op.cc"
+    source.parent.mkdir()
+    source.write_text('extern "C" int tiny_op() { return 1; }\n')
+    cache = tmp_path / "cache"
+    build = KernelBuild(source=source, cache_dir=cache)
     fingerprint = build.fingerprint()
-    assert len(fingerprint) == 16 and fingerprint == KernelBuild(cache_dir=tmp_path).fingerprint()
-    path = build_library(build)  # compiled here; never loaded (the ops are registered once)
-    assert path == tmp_path / f"decoder_step-{fingerprint}.so" == build.library_path()
+    assert len(fingerprint) == 16 and fingerprint == KernelBuild(
+        source=source, cache_dir=cache).fingerprint()
+    path = build_library(build)  # compiled here, never loaded
+    assert path == cache / f"tiny_op-{fingerprint}.so" == build.library_path()
     assert path.is_file() and path.stat().st_size > 0
-    assert sorted(tmp_path.iterdir()) == [path]  # the temporary build directory is gone
+    assert sorted(cache.iterdir()) == [path]  # the temporary build directory is gone
     mtime = path.stat().st_mtime_ns
-    assert build_library(KernelBuild(cache_dir=tmp_path)) == path
-    assert path.stat().st_mtime_ns == mtime and sorted(tmp_path.iterdir()) == [path]
+    assert build_library(KernelBuild(source=source, cache_dir=cache)) == path
+    assert path.stat().st_mtime_ns == mtime and sorted(cache.iterdir()) == [path]
 
-    edited = tmp_path / "src" / "decoder_step.cc"
-    edited.parent.mkdir()
-    edited.write_text(build.source.read_text() + "// one more comment\n")
-    other = KernelBuild(source=edited, cache_dir=tmp_path)
-    assert other.fingerprint() != fingerprint and other.library_path() != path
-    assert KernelBuild(compiler="/nonexistent/g++", cache_dir=tmp_path).fingerprint() \
-        != fingerprint
+    source.write_text(source.read_text() + "// one more comment\n")
+    edited = KernelBuild(source=source, cache_dir=cache)
+    assert edited.fingerprint() != fingerprint and edited.library_path() != path
+    assert KernelBuild(compiler="/nonexistent/g++", source=source, cache_dir=cache
+                       ).fingerprint() != fingerprint
+    assert KernelBuild(cache_dir=cache).fingerprint() != fingerprint  # the kernel's source
 
 
 # ---- config and bench --------------------------------------------------------------------

@@ -7,8 +7,6 @@ import asyncio
 import base64
 import io
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +18,8 @@ from PIL import Image
 from captioner.generate.captioner import Captioner
 from captioner.serve.batching import BatchingOptions, MicroBatcher
 from captioner.serve.loadtest import LoadSpec, free_port, run_load, start_server, stop_server
+
+from .conftest import call_cli
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +255,5 @@ def test_page_picks_an_image_shows_the_caption_and_attention(server, images, tmp
 
 
 def test_cli_serve_refuses_decoding_flags_with_an_export(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "captioner", "serve", "--export", str(tmp_path),
-                        "--beam-size", "3"], capture_output=True, text=True, timeout=120)
+    r = call_cli("serve", "--export", tmp_path, "--beam-size", "3")
     assert r.returncode == 2 and "decoding flags apply to --run" in r.stderr

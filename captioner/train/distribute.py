@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -54,7 +55,8 @@ def make_strategy(name: str, devices: list[str] | None = None) -> tf.distribute.
     """The ``tf.distribute`` strategy called ``name``.
 
     ``default``: the current (single-device) strategy. ``mirrored``: one replica per device
-    of ``devices``, else per local GPU, else per logical CPU (see :func:`split_cpu`).
+    of ``devices``, else per local GPU, else per logical CPU (see :func:`split_cpu`); the
+    same object for the same devices within a process (:func:`mirrored_strategy`).
     ``multi_worker``: ``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``;
     create it before any other TensorFlow op of the process.
 
@@ -69,12 +71,30 @@ def make_strategy(name: str, devices: list[str] | None = None) -> tf.distribute.
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices or local_devices())
+        return mirrored_strategy(tuple(devices or local_devices()))
     if name == "multi_worker":
         check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     Choices().check("strategy", name, "train.strategy")
     raise AssertionError(f"strategy {name!r} is allowed but not built")
+
+
+@functools.cache
+def mirrored_strategy(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    """The process's one ``MirroredStrategy`` over ``devices``.
+
+    Each new instance numbers its collective ops (the all-reduces of gradients and of
+    synchronised batch-norm statistics) from the same keys, and the process's collective
+    executor matches ops by those keys: a second model of other shapes trained under a new
+    instance in the same process (a notebook, a sweep in a loop) failed with "Shape
+    mismatch in the collective instance". One instance per device set keeps its keys unique.
+
+    Example:
+        >>> devices = tuple(local_devices())
+        >>> mirrored_strategy(devices) is make_strategy("mirrored", list(devices))
+        True
+    """
+    return tf.distribute.MirroredStrategy(list(devices))
 
 
 def local_devices() -> list[str]:

@@ -40,9 +40,9 @@ from captioner.model.precision import precision_note
 from captioner.train.batchnorm import recompute_batchnorm, trainable_batchnorm
 from captioner.train.checkpoints import Checkpoints, checkpoint_number
 from captioner.train.distribute import distribute_batches, strategy_from_config, worker_run_dir
+from captioner.train.runlock import RunLock
 from captioner.train.setup import (
     PreparedData,
-    RunLock,
     build_model,
     build_optimizers,
     check_model_config,
@@ -77,7 +77,7 @@ class Trainer:
     the tokenizer, save ``config.json``, build the model (``model.json``), prepare the data
     (and the feature cache), build the optimizers over ``epochs x steps_per_epoch`` steps,
     then restore the latest checkpoint if there is one. The run directory is locked
-    (:class:`~captioner.train.setup.RunLock`) from the constructor to the end of
+    (:class:`~captioner.train.runlock.RunLock`) from the constructor to the end of
     :meth:`fit`: a second training on it is refused. From the command line::
 
         python -m captioner train --config configs/shapes.yaml --run-dir runs/try
