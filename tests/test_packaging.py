@@ -102,15 +102,22 @@ def test_wheel_holds_configs_kernel_source_and_assets(wheel):
 
 
 def test_installed_package_is_the_wheel_not_the_checkout(installed):
+    """The package, its configs and the kernel source come from the installed wheel, and
+    the config module loads without TensorFlow."""
     proc = run([installed["python"], "-c",
                 "import sys, captioner, captioner.config as c\n"
                 "print(captioner.__file__)\nprint(c.resolve_config('shapes'))\n"
-                "print('tensorflow' in sys.modules)"],
+                "print('tensorflow' in sys.modules)\n"
+                "from captioner.model.kernels import KernelBuild\n"
+                "print(KernelBuild().source)"],
                cwd=installed["work"], env=installed["env"])
-    package, shapes, tf_loaded = proc.stdout.strip().splitlines()
+    package, shapes, tf_loaded, source = proc.stdout.strip().splitlines()[-4:]
     assert Path(package).is_relative_to(installed["site"])
     assert Path(shapes).is_relative_to(installed["site"]) and Path(shapes).is_file()
     assert tf_loaded == "False"
+    assert Path(source).is_relative_to(installed["site"])
+    assert Path(source).read_bytes() == (ROOT / "captioner/model/kernels/decoder_step.cc"
+                                         ).read_bytes()
 
 
 def test_help_runs_from_the_installed_script(installed):
@@ -172,14 +179,3 @@ def test_evaluate_writes_metrics_and_the_report_page(trained, installed):
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 3
     assert (trained / "eval" / "index.html").read_text().count('<article class="item"') == 3
-
-
-def test_kernel_source_is_found_in_the_installed_package(installed):
-    proc = run([installed["python"], "-c",
-                "from captioner.model.kernels import KernelBuild\n"
-                "b = KernelBuild()\nprint(b.source)\nprint(b.source.is_file())"],
-               cwd=installed["work"], env=installed["env"])
-    source, exists = proc.stdout.strip().splitlines()[-2:]
-    assert Path(source).is_relative_to(installed["site"]) and exists == "True"
-    assert Path(source).read_bytes() == (ROOT / "captioner/model/kernels/decoder_step.cc"
-                                         ).read_bytes()
