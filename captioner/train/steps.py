@@ -179,6 +179,10 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
         synchronize_batch_norm(model)
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     main_vars, backbone_vars = split_variables(model, backbone_optimizer is not None)
+    with strategy.scope():  # slot variables now: made in the first call, they cost a 2nd trace
+        for opt, variables in ((optimizer, main_vars), (backbone_optimizer, backbone_vars)):
+            if opt is not None and not opt.built:
+                opt.build(variables)
 
     def replica_step(inputs, tokens, sampling_prob, seed, cells=None):
         ctx = tf.distribute.get_replica_context()
