@@ -115,7 +115,7 @@ def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tok
               else tf.TensorSpec((None, size, size, 3), tf.uint8))
 
     @tf.function(input_signature=[inputs, tf.TensorSpec((), tf.int32),
-                                  tf.TensorSpec((2,), tf.int32)])
+                                  tf.TensorSpec((2,), tf.int32)], autograph=False)
     def generate(images: tf.Tensor, max_length: tf.Tensor, seed: tf.Tensor
                  ) -> dict[str, tf.Tensor]:
         enc = model.encode(images, training=False)  # features (B, G, E), keys (B, G, A)

@@ -205,17 +205,18 @@ class ExportModule(tf.Module):
         string_spec = tf.TensorSpec((None,), tf.string, name="images")
         pixel_spec = tf.TensorSpec((None, None, None, 3), tf.uint8, name="pixels")
         self.caption_bytes = tf.function(lambda images: self._from_bytes(images, greedy),
-                                         input_signature=[string_spec])
+                                         input_signature=[string_spec], autograph=False)
         self.caption_bytes_beam = tf.function(lambda images: self._from_bytes(images, beam),
-                                              input_signature=[string_spec])
+                                              input_signature=[string_spec], autograph=False)
         self.caption_pixels = tf.function(lambda pixels: self._from_pixels(pixels, greedy),
-                                          input_signature=[pixel_spec])
+                                          input_signature=[pixel_spec], autograph=False)
         gh, gw = model.grid_hw
         meta = {"grid_height": gh, "grid_width": gw, "image_size": self.size,
                 "max_length": options.max_length, "beam_size": options.beam_size,
                 "crop_margin_permille": -1 if crop_margin is None else round(1000 * crop_margin)}
         self.metadata = tf.function(lambda: {k: tf.constant(v, tf.int32)
-                                             for k, v in meta.items()}, input_signature=[])
+                                             for k, v in meta.items()}, input_signature=[],
+                                     autograph=False)
 
     def signatures(self) -> dict[str, Any]:
         """The concrete functions saved as signatures."""

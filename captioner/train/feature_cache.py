@@ -38,7 +38,8 @@ def ensure_feature_cache(cfg: Config, model: CaptionModel, paths: list[str],
     """
     size = cfg.model.image_size
 
-    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
+                 autograph=False)
     def encode(images: tf.Tensor) -> tf.Tensor:
         return tf.cast(model.grid(images, training=False), "float32")  # (B, G, C)
 

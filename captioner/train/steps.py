@@ -148,7 +148,9 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
     With ``backbone_optimizer`` the backbone's trainable variables get their own optimizer
     (and learning rate). ``global_batch_size`` (``train.batch_size``), when given, must give
     every replica an example. (XLA, ``jit_compile=True``, measured 3x slower on a 2-core
-    AVX-512 CPU, so it is not used.)
+    AVX-512 CPU, so it is not used.) The step is traced without AutoGraph: it is written in
+    TensorFlow control flow (``tf.cond``, ``tf.while_loop``), so a Python ``if`` on a
+    tensor fails when traced instead of being rewritten.
 
     Example:
         >>> from captioner.config import apply_overrides
@@ -219,7 +221,7 @@ def make_train_step(model: CaptionModel, optimizer: keras.optimizers.Optimizer, 
         # this replica's shares, () each
         return {**terms, "nonfinite": tf.minimum(share_bad, 1.0)}
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def train_step(inputs, tokens, sampling_prob, seed, cells=None):
         args = (inputs, tokens, sampling_prob, seed) + (() if cells is None else (cells,))
         per_replica = strategy.run(replica_step, args=args)
@@ -251,7 +253,7 @@ def split_variables(model: CaptionModel, separate_backbone: bool
 def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]:
     """Compile the validation loss: (sum of token NLLs, number of tokens) of a batch."""
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def eval_step(images, tokens):
         tokens = _trim(tokens, pad_id)
         outs, alphas = model((images, tokens[:, :-1]), training=False, logits=False,
