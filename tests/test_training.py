@@ -43,16 +43,19 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_config):
     model = CaptionModel.from_model_config(tiny_config.model, vocab_size=12).build_weights()
     opt = make_optimizer(tiny_config, total_steps=1000)
     step = make_train_step(model, opt, pad_id=0, attention_reg=0.0)
+    assert opt.built  # its slot variables exist before the first call: traced once, not twice
     rng = np.random.default_rng(0)
     images = tf.constant(rng.integers(0, 255, (8, 32, 32, 3)), tf.uint8)
     tokens = tf.constant(np.concatenate([np.ones((8, 1)), rng.integers(4, 12, (8, 5)),
                                          np.full((8, 1), 2), np.zeros((8, 2))], 1), tf.int32)
     args = (tf.constant(0.0), tf.constant([0, 0]))
     first = float(step(images, tokens, *args)["nll"])
+    assert step.experimental_get_tracing_count() == 1
     for _ in range(80):
         last = float(step(images, tokens, *args)["nll"])
     assert last < 0.3 * first
     assert int(opt.iterations.numpy()) == 81
+    assert step.experimental_get_tracing_count() == 1
 
 
 def _fixed_batch(rng: np.random.Generator) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
