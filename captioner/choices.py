@@ -52,6 +52,8 @@ class Choices:
     strategy: tuple[str, ...] = ("default", "mirrored", "multi_worker")
     sampling_schedule: tuple[str, ...] = ("linear", "inverse_sigmoid")
     decode_strategy: tuple[str, ...] = ("greedy", "beam", "sample")
+    #: the views of a picture that re-score a beam's candidates (``decode.rescore_views``)
+    rescore_view: tuple[str, ...] = ("identity", "rot90", "rot180", "rot270", "mirror", "pad")
     checkpoint: tuple[str, ...] = ("best", "latest")
     metric_family: tuple[str, ...] = ("caption", "smiles")
     #: how a predicted molecule differs from its reference (``evaluate``'s ``error_kind``)

@@ -36,6 +36,24 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--max-length", type=int, help="maximum tokens per sequence")
     p.add_argument("--batch-size", type=int, help="images per compiled call")
+    p.add_argument("--rescore-views", type=_views, metavar="VIEW,...", help=(
+        "beam search: rank the candidates by their log-probability summed over the picture "
+        f"seen in these views ({', '.join(Choices().rescore_view)}; e.g. "
+        "identity,rot90,rot180,rot270; 'none' for the beam's own order; default: the run's "
+        "decode.rescore_views)"))
+
+
+def _views(text: str) -> tuple[str, ...]:
+    """``--rescore-views`` value: comma-separated views, or ``none``."""
+    if text.strip().lower() == "none":
+        return ()
+    views = tuple(v.strip() for v in text.split(",") if v.strip())
+    allowed = Choices().rescore_view
+    unknown = [v for v in views if v not in allowed]
+    if unknown or not views:
+        raise argparse.ArgumentTypeError(f"views must be among {', '.join(allowed)}; got "
+                                         f"{text!r}")
+    return views
 
 
 def _crop_margin(text: str) -> float | str | None:
@@ -58,7 +76,8 @@ def _add_crop(p: argparse.ArgumentParser) -> None:
 
 def _decode_args(args: argparse.Namespace) -> dict:
     out = {k: getattr(args, k) for k in ("strategy", "beam_size", "n_best", "length_penalty",
-                                         "temperature", "top_k", "max_length", "batch_size")
+                                         "temperature", "top_k", "max_length", "batch_size",
+                                         "rescore_views")
            if getattr(args, k) is not None}
     if "strategy" not in out and out.get("beam_size", 1) > 1:
         out["strategy"] = "beam"

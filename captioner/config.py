@@ -295,6 +295,10 @@ class DecodeConfig:
     returns ``n_best`` with a GNMT ``length_penalty`` (0 = raw log-prob sums); sampling
     uses ``temperature`` and ``top_k`` (0 = all tokens). For SMILES,
     ``rerank_valid_smiles`` puts the best candidate RDKit can parse first.
+    ``rescore_views`` (values of ``Choices().rescore_view``, e.g. ``[identity, rot90,
+    rot180, rot270]``): beam search's candidates are ranked by their log-probability summed
+    over the picture seen in these views (:mod:`captioner.generate.rescoring`; empty, the
+    default: by the beam's own score).
     ``crop_margin``: every picture is cut to the square around its ink plus this margin
     (a fraction of the ink's longer side) before it is read -- by ``caption``,
     ``evaluate``, ``attention`` and ``serve``, whose attention then lies over that square
@@ -315,6 +319,7 @@ class DecodeConfig:
     temperature: float = 1.0
     top_k: int = 0
     rerank_valid_smiles: bool = True
+    rescore_views: list[str] = field(default_factory=list)
     crop_margin: float | None = None
 
 
@@ -576,6 +581,11 @@ def validate(cfg: Config) -> None:
     _validate_drawing(d.drawing)
     _require(t.logical_cpus >= 0, "train.logical_cpus", "must be 0 (no split) or more")
     _require(1 <= dc.n_best <= dc.beam_size, "decode.n_best", "must be in 1..decode.beam_size")
+    for i, view in enumerate(dc.rescore_views):
+        try:
+            choices.check("rescore_view", view, f"decode.rescore_views[{i}]")
+        except ChoiceError as exc:
+            raise ConfigError(str(exc)) from None
     _require(dc.temperature > 0, "decode.temperature", "must be positive")
     _require(dc.crop_margin is None or dc.crop_margin >= 0, "decode.crop_margin",
              "must be null (whole pictures) or a margin >= 0")

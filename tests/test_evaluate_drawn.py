@@ -98,6 +98,11 @@ def test_beam_n_best_adds_top_k_exact_match(drawn_run, tmp_path):
     assert "exact in top 3" in logged[-1]
     greedy = evaluate(drawn_run, tmp_path / "greedy", limit=4, log=lambda _m: None)
     assert "exact_match_at_k" not in greedy and "top_k" not in greedy
+    viewed = evaluate(drawn_run, tmp_path / "views", limit=4, strategy="beam", beam_size=3,
+                      n_best=3, rescore_views=("identity", "rot90"), log=lambda _m: None)
+    assert viewed["decode"]["rescore_views"] == ["identity", "rot90"]
+    assert metrics["decode"]["rescore_views"] == []
+    assert viewed["exact_match_at_k"] == metrics["exact_match_at_k"]  # the same candidates
 
 
 def test_each_molecule_is_scored_once_and_the_files_agree(drawn_run, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from captioner.generate.captioner import Captioner, DecodeOptions
 
@@ -78,3 +79,59 @@ def test_smiles_rerank_prefers_valid_candidates(cap):
     reranked = other._collect([part], ["x"], rerank=True, n_best=2)
     assert plain.texts == ["C1CC"] and reranked.texts == ["CCO"]
     assert [c.text for c in reranked.candidates[0]] == ["CCO", "C1CC"]
+    # views' scores (1, V=2, N=2) order the candidates, after validity when re-ranking
+    for views, rerank, first in (([[-1.0, -5.0], [-2.0, -1.0]], False, "C1CC"),
+                                 ([[-1.0, -5.0], [-2.0, -1.0]], True, "CCO"),
+                                 ([[-4.0, -1.0], [-2.0, -1.0]], False, "CCO")):
+        gen = other._collect([{**part, "view_scores": np.array([views])}], ["x"], rerank, 2)
+        assert gen.texts == [first]
+        assert sorted(c.view_score for c in gen.candidates[0]) == sorted(
+            np.array(views).sum(0).tolist())
+
+
+def test_identity_view_scores_are_the_beams_own(cap, images):
+    """Teacher forcing the beam's sequences on the picture itself gives the beam's scores;
+    another view of the picture gives others."""
+    pixels, _ = cap.load_images(images)
+    beam = cap.compiled(cap.options(strategy="beam", beam_size=3, n_best=3))
+    out = beam(tf.constant(pixels), tf.constant(20), tf.constant([0, 0]))
+    scores = cap.scorer(("identity", "rot180"))(tf.constant(pixels), out["tokens"]).numpy()
+    assert scores.shape == (len(images), 2, 3)  # (B, V, N)
+    np.testing.assert_allclose(scores[:, 0], out["scores"], rtol=1e-4, atol=1e-4)
+    assert np.abs(scores[:, 1] - scores[:, 0]).max() > 0.1
+    assert (scores < 0).all()
+
+
+def test_views_rank_the_beams_candidates(cap, images):
+    views = ("identity", "rot90", "mirror")
+    plain = cap.generate(images, strategy="beam", beam_size=3, n_best=3)
+    viewed = cap.generate(images, strategy="beam", beam_size=3, n_best=3, rescore_views=views)
+    for before, after in zip(plain.candidates, viewed.candidates):
+        assert sorted(c.text for c in before) == sorted(c.text for c in after)  # same beam
+        totals = [c.view_score for c in after]
+        assert totals == sorted(totals, reverse=True) and None not in totals
+    pixels, _ = cap.load_images(images)  # the same sums from the scorer by hand
+    beam = cap.compiled(cap.options(strategy="beam", beam_size=3, n_best=3))
+    tokens = beam(tf.constant(pixels), tf.constant(cap.config.decode.max_length),
+                  tf.constant([0, 0]))["tokens"]
+    sums = cap.scorer(views)(tf.constant(pixels), tokens).numpy().sum(1)  # (B, N)
+    np.testing.assert_allclose([[c.view_score for c in x] for x in viewed.candidates],
+                               -np.sort(-sums, axis=1), rtol=1e-5)
+    assert viewed.texts == [c[0].text for c in viewed.candidates]
+    assert [r["n_best"][0]["view_score"] for r in viewed.records(cap.tokenizer)] == [
+        c[0].view_score for c in viewed.candidates]
+    best = cap.generate(images, strategy="beam", beam_size=3, n_best=1, rescore_views=views)
+    assert best.texts == viewed.texts  # all beams searched, then the views choose
+    alone = cap.generate(images, strategy="beam", beam_size=3, n_best=3,
+                         rescore_views=["identity"])  # the beam's own scores again
+    assert ([[c.text for c in x] for x in alone.candidates]
+            == [[c.text for c in x] for x in plain.candidates])
+
+
+def test_views_leave_greedy_alone_and_need_pictures(cap, images):
+    greedy = cap.generate(images, rescore_views=["identity", "rot90"])
+    assert greedy.texts == cap.generate(images).texts
+    assert greedy.candidates[0][0].view_score is None
+    grids = np.zeros((1, cap.model.grid_size, cap.model.feature_dim), np.float32)
+    with pytest.raises(ValueError, match="rescore_views turn pictures"):
+        cap.generate(grids, strategy="beam", beam_size=2, rescore_views=["rot90"])

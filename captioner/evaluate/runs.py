@@ -339,9 +339,11 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     if grounding is not None:
         result["grounding"] = grounding.pop("grounding")
         result["grounding_detail"] = grounding
+    options = cap.options(**{k: v for k, v in decode.items() if k != "max_length"})
+    views = cap.rescore_views(options, decode.get("rescore_views"))
     result.update({"split": split, "data": ev.source, "images": ev.split.num_images,
-                   "skipped_images": ev.report.count, "decode": cap.options(**{
-                       k: v for k, v in decode.items() if k != "max_length"}).__dict__,
+                   "skipped_images": ev.report.count,
+                   "decode": {**options.__dict__, "rescore_views": list(views)},
                    "images_per_s": ev.split.num_images / max(seconds, 1e-9),
                    "style": drawing.style if drawing else None,
                    "image_px": drawing.size if drawing else None,

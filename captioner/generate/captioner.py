@@ -24,6 +24,7 @@ from captioner.data.chem import canonical_smiles
 from captioner.data.images import ImageError, View, image_batches, load_image, load_view
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
+from captioner.generate.rescoring import make_score_function
 from captioner.model.layers import CaptionModel
 from captioner.model.precision import resolve_precision
 from captioner.model.restore import restore_weights
@@ -126,8 +127,9 @@ def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tok
 
 @dataclass
 class Candidate:
-    """One decoded sequence: text, token ids (no ``<end>``), score, its attention and
-    each token's log-prob (``token_scores``, same length as ``tokens``).
+    """One decoded sequence: text, token ids (no ``<end>``), score, its attention,
+    each token's log-prob (``token_scores``, same length as ``tokens``) and, when views
+    re-scored the beam (``decode.rescore_views``), its log-probability summed over them.
 
     Example:
         >>> Candidate("a b", [4, 5], -0.5, np.zeros((2, 49))).attention.shape
@@ -139,6 +141,7 @@ class Candidate:
     score: float
     attention: np.ndarray  # (len(tokens), G)
     token_scores: np.ndarray | None = None  # (len(tokens),) float32 log-probs
+    view_score: float | None = None
 
 
 @dataclass
@@ -187,13 +190,22 @@ class Generation:
                                     np.round(self.token_scores[i, :n], 5).tolist()),
                    "attention": np.round(self.attention[i, :n], 5).tolist()}
             if self.candidates and len(self.candidates[i]) > 1:
-                rec["n_best"] = [{"text": c.text, "score": c.score} for c in self.candidates[i]]
+                rec["n_best"] = [{"text": c.text, "score": c.score}
+                                 | ({} if c.view_score is None else {"view_score": c.view_score})
+                                 for c in self.candidates[i]]
             out.append(rec)
         return out
 
 
 def _valid_smiles(text: str) -> bool:
     return bool(text) and canonical_smiles(text) is not None
+
+
+def _rank(candidate: Candidate, rerank: bool) -> tuple[bool, float]:
+    """Sort key of a beam's candidates (a stable sort keeps the beam's order for ties):
+    with ``rerank``, the ones RDKit parses first; then by view score when there is one."""
+    invalid = rerank and not _valid_smiles(candidate.text)
+    return invalid, 0.0 if candidate.view_score is None else -candidate.view_score
 
 
 class Captioner:
@@ -218,6 +230,7 @@ class Captioner:
         # (data.images.load_view; None: whole pictures); the run's decode.crop_margin
         self.crop_margin: float | None = config.decode.crop_margin
         self._compiled: dict[tuple[DecodeOptions, bool], Callable[..., dict[str, tf.Tensor]]] = {}
+        self._scorers: dict[tuple[str, ...], Callable[..., tf.Tensor]] = {}
 
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str = "best",
@@ -270,6 +283,14 @@ class Captioner:
                                                          grids)
         return self._compiled[key]
 
+    def scorer(self, views: tuple[str, ...]) -> Callable[..., tf.Tensor]:
+        """The compiled view scorer of :func:`~captioner.generate.rescoring.make_score_function`
+        for ``views`` (built on first use, then cached)."""
+        if views not in self._scorers:
+            self._scorers[views] = make_score_function(self.model, self.tokenizer.start_id,
+                                                       self.tokenizer.pad_id, views)
+        return self._scorers[views]
+
     def load_images(self, images: Sequence[str | Path] | np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:
         """Paths or an array -> (uint8 (B, S, S, 3) at the model's input size, names).
@@ -319,12 +340,22 @@ class Captioner:
         except FileNotFoundError:
             raise ImageError(str(path), "missing", "no such file") from None
 
-    def options(self, **overrides: Any) -> DecodeOptions:
+    def options(self, rescore_views: Sequence[str] | None = None, **overrides: Any
+                ) -> DecodeOptions:
         """Decoding options from the run's ``decode`` config with keyword overrides."""
         options = DecodeOptions.from_config(self.config.decode, **overrides)
-        if self._reranks(options):  # search all beams, choose among them after
+        if self._reranks(options) or self.rescore_views(options, rescore_views):
+            # search all beams, choose among them after
             options = DecodeOptions(**{**options.__dict__, "n_best": options.beam_size})
         return options
+
+    def rescore_views(self, options: DecodeOptions, views: Sequence[str] | None = None
+                      ) -> tuple[str, ...]:
+        """The views that re-rank the candidates of ``options`` (beam search only; none
+        otherwise): ``views``, else the run's ``decode.rescore_views``."""
+        if options.strategy != "beam":
+            return ()
+        return tuple(self.config.decode.rescore_views if views is None else views)
 
     def _reranks(self, options: DecodeOptions) -> bool:
         return (options.strategy == "beam" and self.config.decode.rerank_valid_smiles
@@ -336,7 +367,9 @@ class Captioner:
         """Captions, token ids, scores and attention (B, T, G) for ``images``.
 
         ``decode`` overrides the run's decode config: ``strategy`` (greedy, beam,
-        sample), ``beam_size``, ``n_best``, ``length_penalty``, ``temperature``, ``top_k``.
+        sample), ``beam_size``, ``n_best``, ``length_penalty``, ``temperature``, ``top_k``,
+        ``rescore_views`` (beam search: rank the candidates by their log-probability
+        summed over the picture seen in these views, :mod:`~captioner.generate.rescoring`).
 
         ``on_error`` says what an unusable image file does (empty, not an image, cut off,
         too large, missing): ``"raise"`` (the default) raises :class:`ImageError` naming
@@ -353,11 +386,21 @@ class Captioner:
             pixels, names = self.load_images(images)
         max_length = max_length or self.config.decode.max_length
         batch_size = batch_size or self.config.decode.batch_size
-        options = self.options(**decode)
+        views = decode.pop("rescore_views", None)
+        options = self.options(rescore_views=views, **decode)
+        views = self.rescore_views(options, views)
+        if views and pixels.ndim == 3:
+            raise ValueError("rescore_views turn pictures: they need images, not cached "
+                             "backbone grids")
         fn = self.compiled(options, grids=pixels.ndim == 3)
-        parts = [{k: v.numpy() for k, v in fn(tf.constant(b), tf.constant(max_length),
-                                              tf.constant([seed, i], tf.int32)).items()}
-                 for i, b in enumerate(image_batches(pixels, batch_size))]
+        parts = []
+        for i, b in enumerate(image_batches(pixels, batch_size)):
+            part = {k: v.numpy() for k, v in fn(tf.constant(b), tf.constant(max_length),
+                                                tf.constant([seed, i], tf.int32)).items()}
+            if views:  # (B, V, N) log-probs of the candidates in each view
+                part["view_scores"] = self.scorer(views)(tf.constant(b),
+                                                         tf.constant(part["tokens"])).numpy()
+            parts.append(part)
         n_best = decode.get("n_best") or self.config.decode.n_best
         gen = self._collect(parts, names, self._reranks(options), n_best)
         gen.failures = failures
@@ -372,18 +415,18 @@ class Captioner:
                     length = int(p["lengths"][b, n])
                     ids = [int(t) for t in p["tokens"][b, n, :length]]
                     ids = ids[:-1] if ids and ids[-1] == self.tokenizer.end_id else ids
+                    views = p.get("view_scores")
                     row.append(Candidate(self.tokenizer.decode(ids), ids,
                                          float(p["scores"][b, n]),
                                          p["attention"][b, n, :len(ids)],
-                                         p["token_scores"][b, n, :len(ids)]))
+                                         p["token_scores"][b, n, :len(ids)],
+                                         None if views is None else float(views[b, :, n].sum())))
                 out.append(row)
         return out
 
     def _collect(self, parts: list[dict[str, np.ndarray]], names: list[str], rerank: bool,
                  n_best: int) -> Generation:
-        candidates = self._candidates(parts)
-        if rerank:  # the best-scoring candidate that RDKit parses goes first
-            candidates = [sorted(c, key=lambda x: not _valid_smiles(x.text)) for c in candidates]
+        candidates = [sorted(c, key=lambda x: _rank(x, rerank)) for c in self._candidates(parts)]
         candidates = [c[:max(1, n_best)] for c in candidates]
         best = [c[0] for c in candidates]
         steps = max([len(c.tokens) for c in best] + [1])
