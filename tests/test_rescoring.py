@@ -5,6 +5,7 @@ test_inference."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import numpy as np
 import pytest
@@ -70,3 +71,26 @@ def test_the_flag_takes_a_list_or_none():
     with pytest.raises(argparse.ArgumentTypeError, match="among identity"):
         next(a for a in sub.choices["caption"]._actions
              if a.dest == "rescore_views").type("identity,sideways")
+
+
+def test_the_views_script_ranks_by_validity_then_each_set_of_views(project_root):
+    spec = importlib.util.spec_from_file_location(
+        "rescore_views", project_root / "scripts" / "rescore_views.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    views = ("identity", "rot90", "mirror")
+    texts = [["C1CC", "CCO", "CC"],  # 1: beam's first invalid, the molecule second
+             ["CC", "CO", "OC"],  # 2: the views move "OC" (= CO, the molecule) up
+             ["CN", "CC", "CO"]]  # 3: the beam is right; rot90 would move it down
+    scores = np.array([[[-1, -2, -3], [-1, -2, -3], [-1, -2, -3]],
+                       [[-1, -2, -3], [-1, -9, -1], [-9, -9, -1]],
+                       [[-1, -2, -3], [-9, -1, -1], [-1, -9, -1]]], float)  # (P, V, K)
+    refs = ["OCC", "CO", "NC"]
+    out = script.exact_by_views(texts, scores, refs, views, rerank=True)
+    assert out["identity"] == pytest.approx(2 / 3)  # picture 1 by validity, 3 as beamed
+    assert out["identity,mirror"] == pytest.approx(3 / 3)  # 2: -19 / -19 / -5
+    assert out["identity,rot90"] == pytest.approx(1 / 3)  # 2: -2 / -11 / -4; 3: CC first
+    assert out["identity,rot90,mirror"] == pytest.approx(2 / 3)
+    assert out["top_k"] == 1.0
+    plain = script.exact_by_views(texts, scores, refs, views, rerank=False)
+    assert plain["identity"] == pytest.approx(1 / 3)  # "C1CC" stays first without re-ranking
