@@ -28,7 +28,7 @@ def view_images(images: tf.Tensor, view: str, pad_fraction: float = 0.1) -> tf.T
     resized back to S: the picture a little smaller). The same ops eagerly and traced.
 
     Example:
-        >>> x = tf.reshape(tf.range(4, dtype=tf.uint8), (1, 2, 2, 1))
+        >>> x = tf.reshape(tf.cast(tf.range(4), tf.uint8), (1, 2, 2, 1))  # [[0, 1], [2, 3]]
         >>> view_images(x, "rot90")[0, :, :, 0].numpy().tolist()
         [[1, 3], [0, 2]]
     """
