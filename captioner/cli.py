@@ -17,8 +17,13 @@ from captioner import __version__
 from captioner.choices import Choices
 
 
-def _quiet_tensorflow() -> None:
+def _tensorflow_environment() -> None:
+    """Defaults TensorFlow reads when it loads (a value the user set wins): C++ logging
+    quiet, and oneDNN's CPU kernels on (``TF_ENABLE_ONEDNN_OPTS=1``), which TensorFlow
+    turns on by itself, on Linux, only for CPUs with VNNI, bfloat16 or AMX instructions
+    (README, "Speed": faster on a CPU without them too)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -456,7 +461,7 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_tensorflow()
+    _tensorflow_environment()
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "recalibrate": cmd_recalibrate, "caption": cmd_caption,
                 "evaluate": cmd_evaluate, "attention": cmd_attention, "bench": cmd_bench,

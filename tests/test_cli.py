@@ -189,3 +189,14 @@ def test_python_m_captioner_help(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("captioner ")
     proc = run_cli("bench", "--attend", "sideways", cwd=tmp_path)
     assert proc.returncode == 2 and "before" in proc.stderr and "after" in proc.stderr
+
+
+def test_onednn_is_on_unless_the_user_says_otherwise(monkeypatch):
+    from captioner.cli import _tensorflow_environment
+
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    _tensorflow_environment()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    _tensorflow_environment()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
