@@ -15,7 +15,7 @@ VIEWS="${VIEWS:-identity,rot90,rot180,rot270}"
 read -r -a styles <<< "${STYLES:-rdkit_default:224 thin_rotated_bw:256 indigo_default:224 openbabel_default:224}"
 limit=()
 [[ -n "${EVAL_LIMIT:-}" ]] && limit=(--limit "$EVAL_LIMIT")
-budget "per style ~1 min greedy and ~5 min beam 5 in 6 views on 2 CPU cores (2,539 pictures), and one beam evaluation"
+budget "8 minutes in all with EVAL_LIMIT=500 on 2 CPU cores (no AVX-512); about 5x that for all 2,539 pictures"
 for entry in "${styles[@]}"; do
   style="${entry%%:*}" size="${entry##*:}"
   out="$RUN/eval-views-$style"
