@@ -17,7 +17,7 @@ from captioner import __version__
 from captioner.choices import Choices
 
 
-def _tensorflow_environment() -> None:
+def tensorflow_environment() -> None:
     """Defaults TensorFlow reads when it loads (a value the user set wins): C++ logging
     quiet, and oneDNN's CPU kernels on (``TF_ENABLE_ONEDNN_OPTS=1``), which TensorFlow
     turns on by itself, on Linux, only for CPUs with VNNI, bfloat16 or AMX instructions
@@ -461,7 +461,7 @@ def cmd_make_shapes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _tensorflow_environment()
+    tensorflow_environment()
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "recalibrate": cmd_recalibrate, "caption": cmd_caption,
                 "evaluate": cmd_evaluate, "attention": cmd_attention, "bench": cmd_bench,

@@ -11,7 +11,11 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import settings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from captioner.cli import tensorflow_environment
+
+# before TensorFlow loads: the kernels `python -m captioner` uses, so a run trained here
+# and one trained by a CLI subprocess are bit-identical (test_faults_training compares them)
+tensorflow_environment()
 # CI runs the same examples every time (no flaky red builds); locally they vary.
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):

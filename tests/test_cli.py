@@ -192,11 +192,11 @@ def test_python_m_captioner_help(tmp_path):
 
 
 def test_onednn_is_on_unless_the_user_says_otherwise(monkeypatch):
-    from captioner.cli import _tensorflow_environment
+    from captioner.cli import tensorflow_environment
 
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    _tensorflow_environment()
+    tensorflow_environment()
     assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-    _tensorflow_environment()
+    tensorflow_environment()
     assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
