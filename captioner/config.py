@@ -55,7 +55,12 @@ class DrawingConfig:
     ``model.image_size``. ``crop_to_ink``: instead of padding, cut each picture to the
     square around its ink with a margin in ``margin_range`` (fraction of the ink's longer
     side), the way ``evaluate --crop-margin`` reads a picture: the molecule fills the
-    picture whatever its canvas. ``*_prob`` are per-picture probabilities. ``degrade_prob``: the
+    picture whatever its canvas. ``*_prob`` are per-picture probabilities.
+    ``coordgen_prob``: the chance that RDKit lays the molecule out with CoordGen instead
+    of its own depictor (another 2D layout of the same molecule: rings, cages and chains
+    placed differently). ``faint_ink_prob``: the chance that the ink is lightened to a
+    fraction in ``faint_ink_range`` of its darkness (grey lines and labels, as some
+    toolkits and faded prints draw). ``degrade_prob``: the
     chance of scan-like damage, then each of blur, noise, JPEG, binarisation and a small
     elastic/perspective distortion with its own probability. ``val_style`` /
     ``eval_style`` at ``eval_size`` px draw the validation and evaluation molecules
@@ -82,6 +87,9 @@ class DrawingConfig:
     explicit_methyl_prob: float = 0.15
     all_carbons_prob: float = 0.05
     serif_prob: float = 0.3
+    coordgen_prob: float = 0.0
+    faint_ink_prob: float = 0.0
+    faint_ink_range: list[float] = field(default_factory=lambda: [0.3, 0.8])
     degrade_prob: float = 0.25
     blur_prob: float = 0.4
     noise_prob: float = 0.4
@@ -523,11 +531,13 @@ def _validate_drawing(dr: DrawingConfig) -> None:
              and min(dr.toolkit_weights) >= 0 and sum(dr.toolkit_weights) > 0,
              "data.drawing.toolkit_weights", "one non-negative weight per toolkit, not all 0")
     for key in ("canvas_range", "aspect_range", "margin_range", "bond_width_range",
-                "font_scale_range"):
+                "font_scale_range", "faint_ink_range"):
         lo_hi = getattr(dr, key)
         _require(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1], f"data.drawing.{key}",
                  "two numbers [low, high] with 0 <= low <= high")
     _require(dr.canvas_range[0] >= 32, "data.drawing.canvas_range", "at least 32 pixels")
+    _require(dr.faint_ink_range[1] <= 1.0, "data.drawing.faint_ink_range",
+             "fractions of the ink's darkness in [0, 1]")
     for f in dataclasses.fields(dr):
         if f.name.endswith("_prob"):
             _require(0.0 <= getattr(dr, f.name) <= 1.0, f"data.drawing.{f.name}",

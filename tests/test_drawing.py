@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from captioner.data.drawing import (  # noqa: E402
     draw_example,
     draw_example_atoms,
     draw_named,
+    faint,
     sample_style,
     to_square,
 )
@@ -71,6 +73,37 @@ def test_each_toolkit_draws_on_a_non_square_canvas(toolkit):
     square, where = to_square(image, 64, margin=0.1)
     assert square.size == (64, 64)
     assert np.asarray(square)[0].min() > 200  # the margin is white, not stretched ink
+
+
+def test_coordgen_and_faint_ink_are_sampled_last_and_drawn():
+    """``coordgen_prob`` and ``faint_ink_prob`` add a second RDKit layout and grey ink;
+    with both at 0 (the default) a seed draws exactly the styles it drew before."""
+    varied = DrawingConfig(coordgen_prob=0.5, faint_ink_prob=0.5, faint_ink_range=[0.3, 0.6])
+    for seed in range(30):
+        old = sample_style(DrawingConfig(), np.random.default_rng(seed))
+        new = sample_style(varied, np.random.default_rng(seed))
+        assert (old.coordgen, old.ink) == (False, 1.0)
+        assert dataclasses.replace(new, coordgen=False, ink=1.0) == old
+        assert new.ink == 1.0 or 0.3 <= new.ink <= 0.6
+    styles = [sample_style(varied, np.random.default_rng(s)) for s in range(400)]
+    assert 0.4 < np.mean([s.coordgen for s in styles]) < 0.6
+    assert 0.4 < np.mean([s.ink < 1.0 for s in styles]) < 0.6
+    # CoordGen lays the cage out otherwise: another picture with the same atoms
+    cage = "C#CC12CCC3CC1N32"
+    own = np.asarray(draw_canvas(cage, Style("rdkit", 160, 160)))
+    coordgen = np.asarray(draw_canvas(cage, Style("rdkit", 160, 160, coordgen=True)))
+    assert np.abs(own.astype(float) - coordgen).mean() > 5.0
+    pixels, xy = draw_example_atoms(cage, 96, DrawingConfig(
+        toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0, coordgen_prob=1.0), 0)
+    assert xy.shape == (9, 2) and pixels.min() < 100
+    # faint ink: the darkest pixel is the ink's fraction of black, white stays white
+    black = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0,
+                          colour_prob=0.0)
+    grey = dataclasses.replace(black, faint_ink_prob=1.0, faint_ink_range=[0.4, 0.4])
+    dark, light = draw_example(cage, 96, black, 3), draw_example(cage, 96, grey, 3)
+    assert dark.min() < 100 and light.min() == round(255 - 0.4 * (255 - int(dark.min())))
+    assert np.array_equal(light, faint(dark, 0.4)) and light.max() == 255
+    assert faint(dark, 1.0) is dark
 
 
 def test_to_square_pads_without_stretching():
@@ -238,6 +271,12 @@ def test_drawing_config_is_checked():
         load_config("smiles_qm9", ["data.drawing.toolkit_weights=[1.0]"])
     with pytest.raises(ConfigError, match="data.drawing.blur_prob"):
         load_config("smiles_qm9", ["data.drawing.blur_prob=1.5"])
+    with pytest.raises(ConfigError, match="data.drawing.faint_ink_range: fractions"):
+        load_config("smiles_qm9", ["data.drawing.faint_ink_range=[0.5, 1.5]"])
+    with pytest.raises(ConfigError, match="data.drawing.faint_ink_range: two numbers"):
+        load_config("smiles_qm9", ["data.drawing.faint_ink_range=[0.8, 0.5]"])
+    with pytest.raises(ConfigError, match="data.drawing.coordgen_prob"):
+        load_config("smiles_qm9", ["data.drawing.coordgen_prob=2"])
     with pytest.raises(ConfigError, match="data.drawing.eval_style must be one of"):
         load_config("smiles_qm9", ["data.drawing.eval_style=crayon"])
     for overrides in (["data.format=csv"], ["tokenizer.kind=selfies"]):  # no atom positions

@@ -4,7 +4,8 @@ Training on ``data.format: smiles`` draws every example anew: :func:`sample_styl
 a toolkit (RDKit, Indigo; Open Babel on request) and a style from the ranges of a
 :class:`~captioner.config.DrawingConfig` -- canvas size and aspect ratio, bond width,
 font size and face, colour or black-and-white labels, Kekulé or aromatic rings,
-explicit hydrogens, labelled methyls or every carbon, rotation -- and
+explicit hydrogens, labelled methyls or every carbon, rotation, RDKit's own layout or
+CoordGen's, faint (grey) ink -- and
 :func:`draw_example` draws the molecule, pads it to a square (never stretched), resizes
 it and, for some pictures, adds scan-like damage with albumentations (blur, noise, JPEG,
 binarisation, small elastic/perspective distortion). Every random choice comes from one
@@ -84,7 +85,9 @@ class Style:
 
     ``bond_width`` is in pixels for a 224-pixel canvas (scaled with the canvas);
     ``font_scale`` multiplies the toolkit's default label size; ``margin`` is the extra
-    white border added when padding to a square, as a fraction of the side.
+    white border added when padding to a square, as a fraction of the side; ``coordgen``
+    lays RDKit's drawing out with CoordGen; ``ink`` is the fraction of its darkness the
+    ink keeps (1: as drawn; 0.3: light grey).
 
     Example:
         >>> Style("rdkit", 200, 160).canvas
@@ -104,6 +107,8 @@ class Style:
     all_carbons: bool = False
     serif: bool = False
     margin: float = 0.0
+    coordgen: bool = False
+    ink: float = 1.0
     damage: Damage = Damage()
     seed: int = 0  # strengths of the damage
 
@@ -128,8 +133,9 @@ def _uniform(rng: np.random.Generator, lo_hi: list[float] | list[int]) -> float:
 
 
 def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
-    """A random :class:`Style` from ``cfg``'s ranges; always draws the same number of
-    random values, so each example's style depends on its seed alone."""
+    """A random :class:`Style` from ``cfg``'s ranges; each example's style depends on
+    its seed alone. ``coordgen`` and ``ink`` are drawn after every other field, so a
+    seed gives the other fields the values it gave before those two existed."""
     weights = np.asarray(cfg.toolkit_weights, float)
     toolkit = cfg.toolkits[int(rng.choice(len(cfg.toolkits), p=weights / weights.sum()))]
     side = _uniform(rng, cfg.canvas_range)
@@ -142,17 +148,21 @@ def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
                     jpeg=bool(damaged and u[12] < cfg.jpeg_prob),
                     binarize=bool(damaged and u[13] < cfg.binarize_prob),
                     distort=bool(damaged and rng.random() < cfg.distort_prob))
+    bond_width = _uniform(rng, cfg.bond_width_range)
+    font_scale = _uniform(rng, cfg.font_scale_range)
+    margin = _uniform(rng, cfg.margin_range)
+    seed = int(rng.integers(2**31 - 1))
+    v = rng.random(2)  # drawn last: the older fields keep their values per seed
     return Style(
         toolkit=toolkit, width=max(32, round(width)), height=max(32, round(height)),
         rotate=360.0 * u[0] if u[1] < cfg.rotate_prob else 0.0,
-        bond_width=_uniform(rng, cfg.bond_width_range),
-        font_scale=_uniform(rng, cfg.font_scale_range),
+        bond_width=bond_width, font_scale=font_scale,
         colour=bool(u[2] < cfg.colour_prob), aromatic=bool(u[3] < cfg.aromatic_prob),
         explicit_h=bool(u[4] < cfg.explicit_h_prob),
         explicit_methyl=bool(u[5] < cfg.explicit_methyl_prob),
         all_carbons=bool(u[6] < cfg.all_carbons_prob), serif=bool(u[7] < cfg.serif_prob),
-        margin=_uniform(rng, cfg.margin_range), damage=damage,
-        seed=int(rng.integers(2**31 - 1)))
+        margin=margin, damage=damage, seed=seed, coordgen=bool(v[0] < cfg.coordgen_prob),
+        ink=_uniform(rng, cfg.faint_ink_range) if v[1] < cfg.faint_ink_prob else 1.0)
 
 
 # ---- toolkits ------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def _draw_rdkit(smiles: str, style: Style) -> tuple[Image.Image, list[tuple[floa
                    colour=style.colour, explicit_methyl=style.explicit_methyl,
                    explicit_h=style.explicit_h, aromatic=style.aromatic,
                    font_file=_font(style.serif) if style.serif else None,
-                   all_carbons=style.all_carbons)
+                   all_carbons=style.all_carbons, coordgen=style.coordgen)
     png, coords = draw_molecule(parse_smiles(smiles), style.canvas, rd)
     return Image.open(io.BytesIO(png)).convert("RGB"), coords
 
@@ -330,6 +340,20 @@ def _damage_transforms() -> dict[str, Any]:
     }
 
 
+def faint(pixels: np.ndarray, ink: float) -> np.ndarray:
+    """Lighten the ink of a picture on white: each pixel keeps the fraction ``ink`` of its
+    darkness (``255 - (255 - p) * ink``), so black lines turn grey and white stays white.
+
+    Example:
+        >>> faint(np.array([[[0, 128, 255]]], np.uint8), 0.5).tolist()
+        [[[128, 192, 255]]]
+    """
+    if ink >= 1.0:
+        return pixels
+    lighter = 255.0 - (255.0 - pixels.astype(np.float32)) * ink
+    return np.rint(lighter).astype(np.uint8)
+
+
 def damage(pixels: np.ndarray, which: Damage, seed: int) -> np.ndarray:
     """Scan-like degradation of an (H, W, 3) uint8 picture, seeded.
 
@@ -401,7 +425,8 @@ def draw_example_atoms(smiles: str, size: int, cfg: DrawingConfig, seed: int
         square, where = to_square(canvas, size)
     else:
         square, where = to_square(canvas, size, style.margin)
-    pixels = damage(np.asarray(square, dtype=np.uint8), style.damage, style.seed)
+    pixels = faint(np.asarray(square, dtype=np.uint8), style.ink)
+    pixels = damage(pixels, style.damage, style.seed)
     if coords is None or style.damage.distort:
         return pixels, None
     return pixels, np.asarray([where(x, y) for x, y in coords], np.float32)  # (N_atoms, 2)
@@ -550,5 +575,5 @@ def render_smiles(smiles: Sequence[str], out_dir: str | Path, size: int = 224,
 
 
 __all__ = ["Damage", "DrawnBatch", "Style", "damage", "draw_batch", "draw_canvas",
-           "draw_example", "draw_example_atoms", "draw_named", "example_seed", "named_style",
-           "render_smiles", "sample_style", "to_square"]
+           "draw_example", "draw_example_atoms", "draw_named", "example_seed", "faint",
+           "named_style", "render_smiles", "sample_style", "to_square"]

@@ -124,6 +124,7 @@ class DrawStyle:
     noise_sigma: float = 0.0
     font_file: str | None = None  # a TrueType file; None: RDKit's built-in font
     all_carbons: bool = False  # label every carbon "C", not only the heteroatoms
+    coordgen: bool = False  # lay out with CoordGen instead of RDKit's own depictor
 
     @classmethod
     def plain(cls, options: RenderOptions) -> DrawStyle:
@@ -277,6 +278,10 @@ def _mol_to_draw(mol: Any, style: DrawStyle) -> Any:
     from rdkit.Chem.Draw import rdMolDraw2D
 
     drawn = chem.AddHs(mol) if style.explicit_h else chem.Mol(mol)
+    if style.coordgen:  # PrepareMolForDrawing keeps the coordinates a molecule has
+        from rdkit.Chem import rdCoordGen
+
+        rdCoordGen.AddCoords(drawn)
     if style.all_carbons:
         for atom in drawn.GetAtoms():
             if atom.GetSymbol() == "C":
