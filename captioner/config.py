@@ -58,7 +58,11 @@ class DrawingConfig:
     picture whatever its canvas. ``*_prob`` are per-picture probabilities.
     ``coordgen_prob``: the chance that RDKit lays the molecule out with CoordGen instead
     of its own depictor (another 2D layout of the same molecule: rings, cages and chains
-    placed differently). ``faint_ink_prob``: the chance that the ink is lightened to a
+    placed differently). ``layout_jitter_prob``: the chance that every atom is moved off
+    the layout (RDKit's, CoordGen's or Indigo's) by a Gaussian of a fraction in
+    ``layout_jitter_range`` of the mean bond length (bonds a little longer or shorter,
+    angles a little off, as other layout programs and hand drawings place them).
+    ``faint_ink_prob``: the chance that the ink is lightened to a
     fraction in ``faint_ink_range`` of its darkness (grey lines and labels, as some
     toolkits and faded prints draw). ``degrade_prob``: the
     chance of scan-like damage, then each of blur, noise, JPEG, binarisation and a small
@@ -90,6 +94,8 @@ class DrawingConfig:
     coordgen_prob: float = 0.0
     faint_ink_prob: float = 0.0
     faint_ink_range: list[float] = field(default_factory=lambda: [0.3, 0.8])
+    layout_jitter_prob: float = 0.0
+    layout_jitter_range: list[float] = field(default_factory=lambda: [0.05, 0.15])
     degrade_prob: float = 0.25
     blur_prob: float = 0.4
     noise_prob: float = 0.4
@@ -531,13 +537,15 @@ def _validate_drawing(dr: DrawingConfig) -> None:
              and min(dr.toolkit_weights) >= 0 and sum(dr.toolkit_weights) > 0,
              "data.drawing.toolkit_weights", "one non-negative weight per toolkit, not all 0")
     for key in ("canvas_range", "aspect_range", "margin_range", "bond_width_range",
-                "font_scale_range", "faint_ink_range"):
+                "font_scale_range", "faint_ink_range", "layout_jitter_range"):
         lo_hi = getattr(dr, key)
         _require(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1], f"data.drawing.{key}",
                  "two numbers [low, high] with 0 <= low <= high")
     _require(dr.canvas_range[0] >= 32, "data.drawing.canvas_range", "at least 32 pixels")
     _require(dr.faint_ink_range[1] <= 1.0, "data.drawing.faint_ink_range",
              "fractions of the ink's darkness in [0, 1]")
+    _require(dr.layout_jitter_range[1] <= 0.5, "data.drawing.layout_jitter_range",
+             "fractions of the mean bond length, at most 0.5 (atoms would swap places)")
     for f in dataclasses.fields(dr):
         if f.name.endswith("_prob"):
             _require(0.0 <= getattr(dr, f.name) <= 1.0, f"data.drawing.{f.name}",

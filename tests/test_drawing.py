@@ -106,6 +106,39 @@ def test_coordgen_and_faint_ink_are_sampled_last_and_drawn():
     assert faint(dark, 1.0) is dark
 
 
+def test_layout_jitter_is_sampled_after_everything_and_moves_the_atoms():
+    """``layout_jitter_prob`` moves the atoms off the layout (RDKit and Indigo) by a
+    fraction of the bond length; with it at 0 a seed draws the styles it drew before."""
+    before = DrawingConfig(coordgen_prob=0.5, faint_ink_prob=0.5)
+    varied = dataclasses.replace(before, layout_jitter_prob=0.5,
+                                 layout_jitter_range=[0.1, 0.2])
+    for seed in range(30):
+        old = sample_style(before, np.random.default_rng(seed))
+        new = sample_style(varied, np.random.default_rng(seed))
+        assert old.jitter == 0.0 and dataclasses.replace(new, jitter=0.0) == old
+        assert new.jitter == 0.0 or 0.1 <= new.jitter <= 0.2
+    styles = [sample_style(varied, np.random.default_rng(s)) for s in range(400)]
+    assert 0.4 < np.mean([s.jitter > 0 for s in styles]) < 0.6
+    cage = "C#CC12CCC3CC1N32"
+    for toolkit in ("rdkit", "indigo"):
+        own = np.asarray(draw_canvas(cage, Style(toolkit, 160, 160, seed=1)), float)
+        moved = np.asarray(draw_canvas(cage, Style(toolkit, 160, 160, jitter=0.15, seed=1)))
+        again = np.asarray(draw_canvas(cage, Style(toolkit, 160, 160, jitter=0.15, seed=1)))
+        other = np.asarray(draw_canvas(cage, Style(toolkit, 160, 160, jitter=0.15, seed=2)))
+        assert np.abs(own - moved).mean() > 2.0, toolkit  # another picture ...
+        assert np.array_equal(moved, again) and not np.array_equal(moved, other)  # seeded
+    # the atoms' pixels follow the moved layout: each atom still sits on its ink
+    cfg = DrawingConfig(toolkits=["rdkit"], toolkit_weights=[1.0], degrade_prob=0.0,
+                        layout_jitter_prob=1.0, layout_jitter_range=[0.15, 0.15])
+    plain = dataclasses.replace(cfg, layout_jitter_prob=0.0)
+    (pixels, xy), (_, still) = (draw_example_atoms(cage, 96, c, 0) for c in (cfg, plain))
+    assert xy.shape == still.shape == (9, 2) and np.abs(xy - still).max() > 1.0
+    grey = pixels.mean(axis=-1)
+    for x, y in xy:  # ink within 2 px of every atom (bond ends meet there)
+        x0, y0 = int(round(x)), int(round(y))
+        assert grey[max(0, y0 - 2):y0 + 3, max(0, x0 - 2):x0 + 3].min() < 200  # white: 255
+
+
 def test_to_square_pads_without_stretching():
     from PIL import Image
 
@@ -277,6 +310,10 @@ def test_drawing_config_is_checked():
         load_config("smiles_qm9", ["data.drawing.faint_ink_range=[0.8, 0.5]"])
     with pytest.raises(ConfigError, match="data.drawing.coordgen_prob"):
         load_config("smiles_qm9", ["data.drawing.coordgen_prob=2"])
+    with pytest.raises(ConfigError, match="data.drawing.layout_jitter_range: fractions"):
+        load_config("smiles_qm9", ["data.drawing.layout_jitter_range=[0.1, 0.8]"])
+    with pytest.raises(ConfigError, match="data.drawing.layout_jitter_prob"):
+        load_config("smiles_qm9", ["data.drawing.layout_jitter_prob=-0.1"])
     with pytest.raises(ConfigError, match="data.drawing.eval_style must be one of"):
         load_config("smiles_qm9", ["data.drawing.eval_style=crayon"])
     for overrides in (["data.format=csv"], ["tokenizer.kind=selfies"]):  # no atom positions

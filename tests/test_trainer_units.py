@@ -140,6 +140,29 @@ def test_the_trainer_builds_what_the_builder_builds(tiny_config, tmp_path):
         assert [v.shape for v in ours.variables] == [v.shape for v in theirs.variables]
 
 
+def test_a_cap_above_one_pass_is_logged_and_the_schedule_spans_the_real_epochs(tiny_config,
+                                                                                 tmp_path):
+    """An epoch never repeats a pair: a train.max_steps_per_epoch above one pass does
+    nothing, and the Trainer says how long its epochs really are."""
+    cfg = apply_overrides(tiny_config, ["train.lr_schedule=cosine", "train.epochs=3",
+                                        "train.max_steps_per_epoch=1000"])
+    lines: list[str] = []
+    trainer = Trainer(cfg, tmp_path, log=lines.append)
+    trainer.lock.release()
+    one_pass = trainer.data.train.num_pairs // 16
+    assert 0 < one_pass < 1000 and trainer.steps_per_epoch == one_pass
+    note = [line for line in lines if line.startswith("train.max_steps_per_epoch=1000 ")]
+    assert note == [f"train.max_steps_per_epoch=1000 is more than one pass over the "
+                    f"{trainer.data.train.num_pairs} training pairs: an epoch is {one_pass} "
+                    f"steps of 16, {3 * one_pass} steps in 3 epochs (raise train.epochs to "
+                    f"train longer)"]
+    schedule = trainer.optimizer.get_config()["learning_rate"]["config"]
+    assert schedule["decay_steps"] == 3 * one_pass
+    quiet: list[str] = []
+    Trainer(tiny_config, tmp_path / "capped", log=quiet.append).lock.release()  # at most 4
+    assert not [line for line in quiet if "max_steps_per_epoch" in line]
+
+
 # ---- data --------------------------------------------------------------------------------
 def _prepared(cfg, run_dir: Path, extra: list[Record] | None = None, log=None):
     records = read_splits(cfg)

@@ -5,7 +5,7 @@ a toolkit (RDKit, Indigo; Open Babel on request) and a style from the ranges of 
 :class:`~captioner.config.DrawingConfig` -- canvas size and aspect ratio, bond width,
 font size and face, colour or black-and-white labels, Kekulé or aromatic rings,
 explicit hydrogens, labelled methyls or every carbon, rotation, RDKit's own layout or
-CoordGen's, faint (grey) ink -- and
+CoordGen's, atoms moved a little off the layout, faint (grey) ink -- and
 :func:`draw_example` draws the molecule, pads it to a square (never stretched), resizes
 it and, for some pictures, adds scan-like damage with albumentations (blur, noise, JPEG,
 binarisation, small elastic/perspective distortion). Every random choice comes from one
@@ -54,6 +54,7 @@ from captioner.data.molecules import (
     RenderSummary,
     canonical_order,
     draw_molecule,
+    jitter_points,
     parse_smiles,
     write_csv,
 )
@@ -86,8 +87,9 @@ class Style:
     ``bond_width`` is in pixels for a 224-pixel canvas (scaled with the canvas);
     ``font_scale`` multiplies the toolkit's default label size; ``margin`` is the extra
     white border added when padding to a square, as a fraction of the side; ``coordgen``
-    lays RDKit's drawing out with CoordGen; ``ink`` is the fraction of its darkness the
-    ink keeps (1: as drawn; 0.3: light grey).
+    lays RDKit's drawing out with CoordGen; ``jitter`` moves every atom off the layout by
+    a Gaussian of that many mean bond lengths (0: none); ``ink`` is the fraction of its
+    darkness the ink keeps (1: as drawn; 0.3: light grey).
 
     Example:
         >>> Style("rdkit", 200, 160).canvas
@@ -108,6 +110,7 @@ class Style:
     serif: bool = False
     margin: float = 0.0
     coordgen: bool = False
+    jitter: float = 0.0
     ink: float = 1.0
     damage: Damage = Damage()
     seed: int = 0  # strengths of the damage
@@ -128,14 +131,17 @@ def example_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
 
 
-def _uniform(rng: np.random.Generator, lo_hi: list[float] | list[int]) -> float:
-    return float(lo_hi[0] + (lo_hi[1] - lo_hi[0]) * rng.random())
+def _uniform(rng: np.random.Generator | float, lo_hi: list[float] | list[int]) -> float:
+    """A value in ``lo_hi`` from a fresh draw of ``rng``, or at the fraction ``rng``."""
+    u = rng if isinstance(rng, float) else rng.random()
+    return float(lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u)
 
 
 def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
     """A random :class:`Style` from ``cfg``'s ranges; each example's style depends on
-    its seed alone. ``coordgen`` and ``ink`` are drawn after every other field, so a
-    seed gives the other fields the values it gave before those two existed."""
+    its seed alone. ``coordgen`` and ``ink``, then ``jitter``, are drawn after every
+    other field, so a seed gives the older fields the values it gave before these
+    existed."""
     weights = np.asarray(cfg.toolkit_weights, float)
     toolkit = cfg.toolkits[int(rng.choice(len(cfg.toolkits), p=weights / weights.sum()))]
     side = _uniform(rng, cfg.canvas_range)
@@ -153,6 +159,10 @@ def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
     margin = _uniform(rng, cfg.margin_range)
     seed = int(rng.integers(2**31 - 1))
     v = rng.random(2)  # drawn last: the older fields keep their values per seed
+    ink = _uniform(rng, cfg.faint_ink_range) if v[1] < cfg.faint_ink_prob else 1.0
+    w = rng.random(2)  # after the ink: coordgen and ink keep their values per seed
+    jitter = (_uniform(float(w[1]), cfg.layout_jitter_range)
+              if w[0] < cfg.layout_jitter_prob else 0.0)
     return Style(
         toolkit=toolkit, width=max(32, round(width)), height=max(32, round(height)),
         rotate=360.0 * u[0] if u[1] < cfg.rotate_prob else 0.0,
@@ -162,7 +172,7 @@ def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
         explicit_methyl=bool(u[5] < cfg.explicit_methyl_prob),
         all_carbons=bool(u[6] < cfg.all_carbons_prob), serif=bool(u[7] < cfg.serif_prob),
         margin=margin, damage=damage, seed=seed, coordgen=bool(v[0] < cfg.coordgen_prob),
-        ink=_uniform(rng, cfg.faint_ink_range) if v[1] < cfg.faint_ink_prob else 1.0)
+        ink=ink, jitter=jitter)
 
 
 # ---- toolkits ------------------------------------------------------------------------------
@@ -188,7 +198,8 @@ def _draw_rdkit(smiles: str, style: Style) -> tuple[Image.Image, list[tuple[floa
                    colour=style.colour, explicit_methyl=style.explicit_methyl,
                    explicit_h=style.explicit_h, aromatic=style.aromatic,
                    font_file=_font(style.serif) if style.serif else None,
-                   all_carbons=style.all_carbons, coordgen=style.coordgen)
+                   all_carbons=style.all_carbons, coordgen=style.coordgen,
+                   jitter=style.jitter, jitter_seed=style.seed)
     png, coords = draw_molecule(parse_smiles(smiles), style.canvas, rd)
     return Image.open(io.BytesIO(png)).convert("RGB"), coords
 
@@ -217,14 +228,23 @@ def _scratch_png() -> str:
     return path
 
 
-def _rotate_indigo(mol: Any, degrees: float) -> None:
-    """Lay out ``mol`` and turn its 2D coordinates (Indigo draws the coordinates it has)."""
+def _move_indigo(mol: Any, degrees: float, jitter: float, seed: int) -> None:
+    """Lay out ``mol``, turn its 2D coordinates and move its atoms by ``jitter`` mean bond
+    lengths (:func:`~captioner.data.molecules.jitter_points`); Indigo draws the
+    coordinates it has."""
     mol.layout()
+    atoms = list(mol.iterateAtoms())
+    xy = np.asarray([atom.xyz()[:2] for atom in atoms], float).reshape(-1, 2)  # (N, 2)
     angle = np.radians(degrees)
     cos, sin = float(np.cos(angle)), float(np.sin(angle))
-    for atom in mol.iterateAtoms():
-        x, y, z = atom.xyz()
-        atom.setXYZ(cos * x - sin * y, sin * x + cos * y, z)
+    xy = xy @ np.array([[cos, sin], [-sin, cos]])  # (x, y) -> (cos x - sin y, sin x + cos y)
+    if jitter > 0:
+        index = {atom.index(): k for k, atom in enumerate(atoms)}
+        bonds = [(index[b.source().index()], index[b.destination().index()])
+                 for b in mol.iterateBonds()]
+        xy = jitter_points(xy, bonds, jitter, seed)
+    for atom, (x, y) in zip(atoms, xy):
+        atom.setXYZ(float(x), float(y), 0.0)
 
 
 def _draw_indigo(smiles: str, style: Style) -> Image.Image:
@@ -239,8 +259,8 @@ def _draw_indigo(smiles: str, style: Style) -> Image.Image:
         mol.aromatize() if style.aromatic else mol.dearomatize()
         if style.explicit_h:
             mol.unfoldHydrogens()
-        if style.rotate:
-            _rotate_indigo(mol, style.rotate)
+        if style.rotate or style.jitter:
+            _move_indigo(mol, style.rotate, style.jitter, style.seed)
         indigo.setOption("render-output-format", "png")
         indigo.setOption("render-image-size", style.width, style.height)
         indigo.setOption("render-background-color", "1,1,1")

@@ -125,6 +125,8 @@ class DrawStyle:
     font_file: str | None = None  # a TrueType file; None: RDKit's built-in font
     all_carbons: bool = False  # label every carbon "C", not only the heteroatoms
     coordgen: bool = False  # lay out with CoordGen instead of RDKit's own depictor
+    jitter: float = 0.0  # atoms moved by a Gaussian of this many mean bond lengths
+    jitter_seed: int = 0
 
     @classmethod
     def plain(cls, options: RenderOptions) -> DrawStyle:
@@ -272,6 +274,26 @@ def _configure(drawer: Any, style: DrawStyle, size: int) -> None:
         opts.useBWAtomPalette()
 
 
+def jitter_points(xy: np.ndarray, bonds: list[tuple[int, int]], sigma: float,
+                  seed: int) -> np.ndarray:
+    """A molecule's 2D layout with every atom moved by a Gaussian of ``sigma`` mean bond
+    lengths (seeded): the same molecule with bond lengths and angles off by a little, as
+    other layout programs and hand drawings place it. ``xy``: (N_atoms, 2).
+
+    Example:
+        >>> xy = np.array([[0.0, 0.0], [1.5, 0.0], [3.0, 0.0]])
+        >>> moved = jitter_points(xy, [(0, 1), (1, 2)], 0.1, seed=0)
+        >>> moved.shape, bool(np.abs(moved - xy).max() < 0.6)
+        ((3, 2), True)
+        >>> bool((jitter_points(xy, [(0, 1), (1, 2)], 0.1, seed=0) == moved).all())
+        True
+    """
+    lengths = [float(np.hypot(*(xy[i] - xy[j]))) for i, j in bonds]
+    scale = float(np.mean(lengths)) if lengths else 1.0
+    noise = np.random.default_rng(seed).normal(0.0, sigma * scale, xy.shape)
+    return xy + noise
+
+
 def _mol_to_draw(mol: Any, style: DrawStyle) -> Any:
     """The molecule as drawn: heavy atoms keep indices 0..n-1 (added Hs come after)."""
     chem = _rdkit()
@@ -282,6 +304,16 @@ def _mol_to_draw(mol: Any, style: DrawStyle) -> Any:
         from rdkit.Chem import rdCoordGen
 
         rdCoordGen.AddCoords(drawn)
+    if style.jitter > 0:
+        if not drawn.GetNumConformers():
+            from rdkit.Chem import rdDepictor
+
+            rdDepictor.Compute2DCoords(drawn)
+        conf = drawn.GetConformer()
+        xy = np.asarray(conf.GetPositions())[:, :2]  # (N_atoms, 2)
+        bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in drawn.GetBonds()]
+        for i, (x, y) in enumerate(jitter_points(xy, bonds, style.jitter, style.jitter_seed)):
+            conf.SetAtomPosition(i, (float(x), float(y), 0.0))
     if style.all_carbons:
         for atom in drawn.GetAtoms():
             if atom.GetSymbol() == "C":
@@ -668,6 +700,7 @@ __all__ = [
     "cell_of_point",
     "draw_molecule",
     "is_atom_token",
+    "jitter_points",
     "parse_smiles",
     "read_smiles_csv",
     "render_molecules",

@@ -15,7 +15,8 @@
    backbone fills ``data.feature_cache``);
 6. :func:`prepare_data`: the images (or cached grids) in memory and the encoded targets,
    as :class:`PreparedData`, whose :meth:`~PreparedData.batches` are one epoch's batches;
-7. :func:`train_steps_per_epoch`.
+7. :func:`train_steps_per_epoch` (and :func:`epoch_note` when the cap of
+   ``train.max_steps_per_epoch`` is above one pass).
 
 Checkpoints are :class:`captioner.train.checkpoints.Checkpoints`. Every JSON file of the run
 directory is written with :func:`~captioner.fileio.atomic_write_text` (never half-written), and
@@ -392,3 +393,24 @@ def train_steps_per_epoch(t: TrainConfig, num_pairs: int) -> int:
         raise ConfigError(f"train.batch_size={t.batch_size} exceeds the "
                           f"{num_pairs} training pairs")
     return n
+
+
+def epoch_note(t: TrainConfig, num_pairs: int) -> str | None:
+    """What to tell a user whose ``train.max_steps_per_epoch`` is more than one pass over
+    the ``num_pairs`` training pairs (an epoch never repeats a pair, so the cap does
+    nothing), or None.
+
+    Example:
+        >>> t = TrainConfig(batch_size=16, epochs=3, max_steps_per_epoch=8)
+        >>> print(epoch_note(t, 100).replace(": ", ":\\n"))
+        train.max_steps_per_epoch=8 is more than one pass over the 100 training pairs:
+        an epoch is 6 steps of 16, 18 steps in 3 epochs (raise train.epochs to train longer)
+        >>> epoch_note(t, 200) is None
+        True
+    """
+    n = train_steps_per_epoch(t, num_pairs)
+    if not t.max_steps_per_epoch or t.max_steps_per_epoch <= n:
+        return None
+    return (f"train.max_steps_per_epoch={t.max_steps_per_epoch} is more than one pass over "
+            f"the {num_pairs:,} training pairs: an epoch is {n:,} steps of {t.batch_size}, "
+            f"{n * t.epochs:,} steps in {t.epochs} epochs (raise train.epochs to train longer)")

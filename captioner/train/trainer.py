@@ -47,6 +47,7 @@ from captioner.train.setup import (
     build_optimizers,
     check_model_config,
     check_run_config,
+    epoch_note,
     load_or_fit_tokenizer,
     prepare_data,
     read_run_json,
@@ -120,6 +121,9 @@ class Trainer:
         self.data: PreparedData = prepare_data(cfg, self.run_dir, records, self.tokenizer,
                                                self.model, log)
         self.steps_per_epoch = train_steps_per_epoch(t, self.data.train.num_pairs)
+        note = epoch_note(t, self.data.train.num_pairs)
+        if note:
+            log(note)
         self.optimizer, self.backbone_optimizer = build_optimizers(
             self.strategy, cfg, self.model, self.steps_per_epoch * t.epochs)
         self.checkpoints = Checkpoints(self.run_dir, self.model, self.optimizer,
