@@ -131,10 +131,13 @@ def example_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] >> 1)
 
 
-def _uniform(rng: np.random.Generator | float, lo_hi: list[float] | list[int]) -> float:
-    """A value in ``lo_hi`` from a fresh draw of ``rng``, or at the fraction ``rng``."""
-    u = rng if isinstance(rng, float) else rng.random()
+def _between(lo_hi: list[float] | list[int], u: float) -> float:
+    """The value at the fraction ``u`` of the way through ``lo_hi``."""
     return float(lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u)
+
+
+def _uniform(rng: np.random.Generator, lo_hi: list[float] | list[int]) -> float:
+    return _between(lo_hi, rng.random())
 
 
 def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
@@ -161,8 +164,7 @@ def sample_style(cfg: DrawingConfig, rng: np.random.Generator) -> Style:
     v = rng.random(2)  # drawn last: the older fields keep their values per seed
     ink = _uniform(rng, cfg.faint_ink_range) if v[1] < cfg.faint_ink_prob else 1.0
     w = rng.random(2)  # after the ink: coordgen and ink keep their values per seed
-    jitter = (_uniform(float(w[1]), cfg.layout_jitter_range)
-              if w[0] < cfg.layout_jitter_prob else 0.0)
+    jitter = _between(cfg.layout_jitter_range, w[1]) if w[0] < cfg.layout_jitter_prob else 0.0
     return Style(
         toolkit=toolkit, width=max(32, round(width)), height=max(32, round(height)),
         rotate=360.0 * u[0] if u[1] < cfg.rotate_prob else 0.0,
