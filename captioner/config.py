@@ -261,6 +261,12 @@ class TrainConfig:
     of the epoch just trained (:mod:`captioner.train.batchnorm`; no effect without
     trainable batch norm or with a feature cache); 0 keeps the moving averages.
 
+    ``max_minutes``: a time budget for the training loop (its steps, validations and
+    checkpoints; not the set-up before the first step). The run measures its rate and ends
+    at the step that fits (:mod:`captioner.train.budget`), ``epochs`` being the most it
+    trains, the last epoch cut short where the budget ends; the cosine schedule decays to
+    that step. None: ``epochs`` full epochs.
+
     ``attention_supervision`` > 0 (``data.format: smiles`` with SMILES tokens): the loss
     adds that weight times -log(attention on the grid cell of the atom being read), summed
     over the atom tokens whose picture reports atom positions (RDKit's drawings that were
@@ -274,6 +280,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     max_steps_per_epoch: int | None = None
+    max_minutes: float | None = None
     seed: int = 0
     learning_rate: float = 1e-3
     backbone_learning_rate: float | None = None
@@ -613,6 +620,8 @@ def validate(cfg: Config) -> None:
     _require(dc.max_length >= 1, "decode.max_length", "must be at least 1")
     _require(d.max_length >= 3, "data.max_length", "must be at least 3")
     _require(t.batch_size >= 1, "train.batch_size", "must be positive")
+    _require(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes",
+             "must be positive (minutes of training), or null for no time budget")
     _require(t.attention_supervision >= 0, "train.attention_supervision",
              "must be 0 (off) or a positive weight")
     _require(not t.attention_supervision or (d.format == "smiles"

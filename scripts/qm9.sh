@@ -11,6 +11,6 @@
 source "$(dirname "$0")/lib.sh"
 QM9_CSV="${QM9_CSV:-$DATA/molecules/qm9.csv}"
 need_file "$QM9_CSV" "the QM9 SMILES (qm9.csv)" QM9_CSV
-budget "training ~47 min on 2 CPU cores at 250-270 pictures/s (bfloat16), ~68 min at 180/s, hours in float32 (6 x 1,904 steps of 64 new pictures); evaluation ~5 min"
+budget "training 58 min (train.max_minutes: as many steps of 64 new pictures as fit, at most 10 epochs of 1,904; ~6 epochs at 230 pictures/s with bfloat16, far fewer in float32); evaluation ~5 min, ~5 more with OSRA"
 smiles_recipe qm9 "$QM9_CSV"
 elapsed

@@ -29,7 +29,8 @@ class Checkpoints:
     ``epoch``, ``step_in_epoch`` (int64), ``best`` (float64, -inf at first),
     ``loss_sum`` (float64, the current epoch's summed step losses) and ``skipped``
     (int64, the current epoch's batches skipped for a non-finite loss) are the variables
-    it saves; the training loop advances them. Checkpoints are numbered by the caller or,
+    it saves, with any others named in ``state`` (a time budget's); the training loop
+    advances them. Checkpoints are numbered by the caller or,
     by default, one past the newest in ``checkpoints/`` (never reusing a number).
 
     Example:
@@ -49,7 +50,8 @@ class Checkpoints:
 
     def __init__(self, run_dir: str | Path, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer,
-                 backbone_optimizer: keras.optimizers.Optimizer | None = None, keep: int = 3):
+                 backbone_optimizer: keras.optimizers.Optimizer | None = None, keep: int = 3,
+                 state: dict[str, tf.Variable] | None = None):
         self.run_dir = Path(run_dir)
         self.epoch = tf.Variable(0, dtype="int64", trainable=False)  # completed epochs
         self.step_in_epoch = tf.Variable(0, dtype="int64", trainable=False)  # of the next one
@@ -57,10 +59,11 @@ class Checkpoints:
         self.loss_sum = tf.Variable(0.0, dtype="float64", trainable=False)  # this epoch's
         self.skipped = tf.Variable(0, dtype="int64", trainable=False)  # this epoch's
         extra = {} if backbone_optimizer is None else {"backbone_optimizer": backbone_optimizer}
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                              epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                                              best=self.best, loss_sum=self.loss_sum,
-                                              skipped=self.skipped, **extra)
+        self._objects = dict(model=model, optimizer=optimizer, epoch=self.epoch,
+                             step_in_epoch=self.step_in_epoch, best=self.best,
+                             loss_sum=self.loss_sum, skipped=self.skipped, **extra)
+        self.state = dict(state or {})
+        self.checkpoint = tf.train.Checkpoint(**self._objects, **self.state)
         self.latest_manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.run_dir / "checkpoints"), max_to_keep=keep)
         self.best_manager = tf.train.CheckpointManager(self.checkpoint,
@@ -80,9 +83,13 @@ class Checkpoints:
         skipped: list[str] = []
         fits = ("the model and optimizer built from this run's config/tokenizer (another "
                 "vocabulary size or architecture?)")
-        path = restore_first_readable(self.checkpoint,
-                                      list(reversed(self.latest_manager.checkpoints)),
-                                      self.run_dir, fits, log, skipped)
+        paths = list(reversed(self.latest_manager.checkpoints))
+        checkpoint = self.checkpoint
+        missing = self._missing_state(paths[0]) if paths else []
+        if missing:  # e.g. a time budget given to a run that started without one
+            log(f"{paths[0]} holds no {', '.join(missing)}: they start afresh")
+            checkpoint = tf.train.Checkpoint(**self._objects)
+        path = restore_first_readable(checkpoint, paths, self.run_dir, fits, log, skipped)
         if path is not None:
             if skipped:
                 log(f"restored the previous checkpoint {path} instead")
@@ -91,6 +98,15 @@ class Checkpoints:
             raise ValueError(f"{self.run_dir}: no readable checkpoint in "
                              f"{self.run_dir / 'checkpoints'} (skipped {', '.join(skipped)})")
         return None
+
+    def _missing_state(self, path: str) -> list[str]:
+        """The names of :attr:`state` that the checkpoint at ``path`` does not hold (none
+        when it cannot be listed: restoring then says why)."""
+        try:
+            saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+        except (ValueError, tf.errors.OpError):
+            return []
+        return [name for name in self.state if name not in saved]
 
     def next_number(self) -> int:
         """One past the newest checkpoint number in ``checkpoints/`` (1 at first)."""

@@ -114,6 +114,10 @@ def validate_config(cfg: Config) -> None:
     if cfg.train.backbone_learning_rate and cfg.train.precision == "mixed_float16":
         raise ConfigError("train.backbone_learning_rate does not combine with "
                           "train.precision: mixed_float16 (one loss scale per step)")
+    if cfg.train.max_minutes is not None and cfg.train.strategy == "multi_worker":
+        raise ConfigError("train.max_minutes does not combine with train.strategy: "
+                          "multi_worker (each worker would time its own end and the workers "
+                          "must stop at one step); set train.epochs instead")
 
 
 # ---- records and tokenizer ----------------------------------------------------------------
@@ -176,12 +180,13 @@ def build_model(strategy: tf.distribute.Strategy, cfg: Config, vocab_size: int
 
 
 def build_optimizers(strategy: tf.distribute.Strategy, cfg: Config, model: CaptionModel,
-                     total_steps: int
+                     total_steps: int, decay_steps: tf.Variable | None = None
                      ) -> tuple[keras.optimizers.Optimizer, keras.optimizers.Optimizer | None]:
     """(optimizer, backbone optimizer or None), built on the model's variables inside
     ``strategy.scope()``: :func:`~captioner.train.steps.make_optimizer` over
-    ``total_steps``; with ``train.backbone_learning_rate`` the backbone's trainable
-    variables (if any) get their own, at that peak rate.
+    ``total_steps`` (or the ``decay_steps`` variable of a time budget); with
+    ``train.backbone_learning_rate`` the backbone's trainable variables (if any) get their
+    own, at that peak rate.
 
     A Keras 3 optimizer binds the strategy that is current when it is constructed, so it
     must be built here, not outside.
@@ -189,11 +194,12 @@ def build_optimizers(strategy: tf.distribute.Strategy, cfg: Config, model: Capti
     t = cfg.train
     main_vars, backbone_vars = split_variables(model, bool(t.backbone_learning_rate))
     with strategy.scope():
-        optimizer = make_optimizer(cfg, total_steps)
+        optimizer = make_optimizer(cfg, total_steps, decay_steps=decay_steps)
         optimizer.build(main_vars)
         backbone_optimizer = None
         if backbone_vars:
-            backbone_optimizer = make_optimizer(cfg, total_steps, t.backbone_learning_rate)
+            backbone_optimizer = make_optimizer(cfg, total_steps, t.backbone_learning_rate,
+                                                decay_steps)
             backbone_optimizer.build(backbone_vars)
     return optimizer, backbone_optimizer
 

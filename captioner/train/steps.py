@@ -266,18 +266,20 @@ def make_eval_step(model: CaptionModel, pad_id: int) -> Callable[..., tf.Tensor]
     return eval_step
 
 
-def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = None
-                   ) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: Config, total_steps: int, learning_rate: float | None = None,
+                   decay_steps: tf.Variable | None = None) -> keras.optimizers.Optimizer:
     """Adam (:class:`~captioner.train.optimizers.FusedAdam`) with global-norm clipping and the
     configured schedule (peak ``learning_rate``, default ``train.learning_rate``); loss
-    scaling for ``mixed_float16``."""
+    scaling for ``mixed_float16``. The cosine schedule decays over ``total_steps`` after
+    the warm-up, or over ``decay_steps`` when given: a variable read at every step, which
+    a time budget moves (:class:`~captioner.train.budget.TimeBudget`)."""
     t = cfg.train
     peak = learning_rate or t.learning_rate
     lr: Any = peak
     if t.lr_schedule == "cosine":
-        decay_steps = max(1, total_steps - t.warmup_steps)
         lr = keras.optimizers.schedules.CosineDecay(
-            0.0 if t.warmup_steps else peak, decay_steps,
+            0.0 if t.warmup_steps else peak,
+            max(1, total_steps - t.warmup_steps) if decay_steps is None else decay_steps,
             alpha=min(1.0, t.min_learning_rate / peak),
             warmup_target=peak if t.warmup_steps else None,
             warmup_steps=t.warmup_steps)

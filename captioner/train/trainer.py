@@ -38,6 +38,7 @@ from captioner.fileio import atomic_write_text
 from captioner.generate.captioner import Captioner
 from captioner.model.precision import precision_note
 from captioner.train.batchnorm import recompute_batchnorm, trainable_batchnorm
+from captioner.train.budget import TimeBudget
 from captioner.train.checkpoints import Checkpoints, checkpoint_number
 from captioner.train.distribute import distribute_batches, strategy_from_config, worker_run_dir
 from captioner.train.runlock import RunLock
@@ -124,10 +125,16 @@ class Trainer:
         note = epoch_note(t, self.data.train.num_pairs)
         if note:
             log(note)
+        cap = self.steps_per_epoch * t.epochs
+        self.budget = None if t.max_minutes is None else TimeBudget(
+            t.max_minutes, cap, t.warmup_steps, log=log)
         self.optimizer, self.backbone_optimizer = build_optimizers(
-            self.strategy, cfg, self.model, self.steps_per_epoch * t.epochs)
+            self.strategy, cfg, self.model, cap,
+            None if self.budget is None else self.budget.decay_steps)
         self.checkpoints = Checkpoints(self.run_dir, self.model, self.optimizer,
-                                       self.backbone_optimizer, keep=t.keep_checkpoints)
+                                       self.backbone_optimizer, keep=t.keep_checkpoints,
+                                       state=None if self.budget is None
+                                       else self.budget.variables())
         self.history = load_history(self.run_dir)
         self._captioner: Captioner | None = None
         self._signal: int | None = None
@@ -174,7 +181,8 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------
     def fit(self) -> dict[str, list[Any]]:
-        """Train until ``train.epochs`` are complete; returns the history.
+        """Train until ``train.epochs`` are complete, or the step a ``train.max_minutes``
+        budget plans (:class:`~captioner.train.budget.TimeBudget`); returns the history.
 
         While it runs, SIGTERM and SIGINT (in the main thread) save a checkpoint at the
         step they arrive after, then SIGTERM exits with status 143 (:class:`Preempted`)
@@ -230,8 +238,14 @@ class Trainer:
         writer = (tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
                   if t.tensorboard else tf.summary.create_noop_writer())
         self._last_save = time.monotonic()
+        if self.budget is not None:
+            self.budget.start(int(self.optimizer.iterations.numpy()))
+            self.log(f"train.max_minutes={t.max_minutes:g}: at most "
+                     f"{self.budget.cap:,} steps ({t.epochs} epochs of {self.steps_per_epoch:,});"
+                     f" the end is planned from the rate after {self.budget.probe_steps} steps"
+                     f" and after each validation")
         try:
-            while int(self.epoch.numpy()) < t.epochs:
+            while int(self.epoch.numpy()) < t.epochs and not self._budget_spent():
                 self._run_epoch(train_step, eval_step, writer)
                 if self._signal is not None:
                     self._stop_on_signal()
@@ -276,9 +290,15 @@ class Trainer:
                 self._save()
             if self._signal is not None:
                 self._stop_on_signal()
+            if self.budget is not None and self.budget.after_step(step):
+                self.log(f"epoch {epoch} ends at step {step:,}, where the time budget "
+                         f"planned ({int(self.step_in_epoch.numpy()):,} of its "
+                         f"{self.steps_per_epoch:,} steps)")
+                break
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - started
+        validating = time.perf_counter()
         self._precise_bn(epoch)
         done = int(self.step_in_epoch.numpy()) - int(ckpts.skipped.numpy())
         record = {"epoch": epoch,
@@ -288,7 +308,16 @@ class Trainer:
                   "learning_rate": self._current_lr(),
                   "skipped_nonfinite": int(ckpts.skipped.numpy()),
                   **self._validate(eval_step)}
+        if self.budget is not None:
+            step = int(self.optimizer.iterations.numpy())
+            self.budget.after_validation(step, time.perf_counter() - validating)
+            record["global_step"] = step
         self._end_epoch(record, writer)
+
+    def _budget_spent(self) -> bool:
+        """Whether a time budget's planned end is reached."""
+        return (self.budget is not None
+                and self.budget.spent(int(self.optimizer.iterations.numpy())))
 
     def _precise_bn(self, epoch: int, batches: int | None = None) -> int:
         """Recompute the backbone's batch-norm statistics with the current weights from
