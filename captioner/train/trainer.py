@@ -308,10 +308,9 @@ class Trainer:
                   "learning_rate": self._current_lr(),
                   "skipped_nonfinite": int(ckpts.skipped.numpy()),
                   **self._validate(eval_step)}
+        record["global_step"] = step = int(self.optimizer.iterations.numpy())
         if self.budget is not None:
-            step = int(self.optimizer.iterations.numpy())
             self.budget.after_validation(step, time.perf_counter() - validating)
-            record["global_step"] = step
         self._end_epoch(record, writer)
 
     def _budget_spent(self) -> bool:
