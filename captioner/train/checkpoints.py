@@ -29,9 +29,10 @@ class Checkpoints:
     ``epoch``, ``step_in_epoch`` (int64), ``best`` (float64, -inf at first),
     ``loss_sum`` (float64, the current epoch's summed step losses) and ``skipped``
     (int64, the current epoch's batches skipped for a non-finite loss) are the variables
-    it saves, with any others named in ``state`` (a time budget's); the training loop
-    advances them. Checkpoints are numbered by the caller or,
-    by default, one past the newest in ``checkpoints/`` (never reusing a number).
+    it saves, with any others named in ``state`` (a time budget's; a checkpoint saved
+    without them restores, and they start afresh); the training loop advances them.
+    Checkpoints are numbered by the caller or, by default, one past the newest in
+    ``checkpoints/`` (never reusing a number).
 
     Example:
         >>> import tempfile
