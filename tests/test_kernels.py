@@ -537,6 +537,43 @@ def test_a_failing_compiler_reports_its_stderr(tmp_path):
     assert not list((tmp_path / "cache").iterdir())  # no library, no temporary left
 
 
+def test_a_build_that_fails_for_this_cpu_is_tried_again_without_avx512_fp16(tmp_path):
+    """TensorFlow's Eigen headers do not compile with -march=native on a CPU with
+    AVX512-FP16 (g++ 12): the build tries again without it, then without -march."""
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake-g++"
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$*" in *-mno-avx512fp16*) ;; *)
+  echo "PacketMathFP16.h:740:49: error: expected initializer before '<' token" >&2
+  exit 1;;
+esac
+while [ "$1" != "-o" ]; do shift; done
+echo library > "$2"
+""")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    build = KernelBuild(compiler=str(script), cache_dir=tmp_path / "cache")
+    path = build_library(build)
+    assert path == build.library_path() and path.read_text() == "library\n"
+    tried = [line for line in calls.read_text().splitlines() if "-shared" in line]
+    assert len(tried) == 2 and "-march=native" in tried[0].split()
+    assert "-mno-avx512fp16" not in tried[0] and "-mno-avx512fp16" in tried[1].split()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [path.name]
+
+
+def test_a_compiler_that_fails_every_way_reports_the_first_error(tmp_path):
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "fake-g++"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "no: $*" >&2\nexit 1\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(KernelBuildError) as info:
+        build_library(KernelBuild(compiler=str(script), cache_dir=tmp_path / "cache"))
+    tried = [line.split() for line in calls.read_text().splitlines() if "-shared" in line]
+    assert [("-march=native" in t, "-mno-avx512fp16" in t) for t in tried] == [
+        (True, False), (True, True), (False, False)]
+    assert "-mno-avx512fp16" not in str(info.value)  # the first command's messages
+
+
 def test_build_caches_by_fingerprint(tmp_path):
     """The build's naming, caching and clean-up, on a one-line source with the kernel's
     compiler flags (compiling the kernel itself is what the ``kernel`` fixture does)."""

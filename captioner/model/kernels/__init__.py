@@ -74,6 +74,19 @@ class KernelBuild:
     def compiler_cmd(self) -> list[str]:
         return [self.compiler, "-shared", "-fPIC", "-O3", "-w", "-march=native"]
 
+    def compiler_cmds(self) -> list[list[str]]:
+        """The compile commands to try, in order: for this CPU; for this CPU without
+        AVX512-FP16 (TensorFlow 2.21's Eigen headers do not compile with it on, g++ 12 on
+        a Xeon that has it: ``PacketMathFP16.h: expected initializer before '<'``); for
+        any CPU of the architecture (no ``-march``). The first that compiles is kept.
+
+        Example:
+            >>> [cmd[5:] for cmd in KernelBuild(compiler="g++").compiler_cmds()]
+            [['-march=native'], ['-march=native', '-mno-avx512fp16'], []]
+        """
+        native = self.compiler_cmd
+        return [native, [*native, "-mno-avx512fp16"], native[:-1]]
+
     def tf_flags(self) -> list[str]:
         return [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
 
@@ -110,7 +123,9 @@ def _cpu_signature() -> str:
 
 
 def build_library(build: KernelBuild) -> Path:
-    """Compile the library into the cache (if not there yet) and return its path."""
+    """Compile the library into the cache (if not there yet) and return its path: with the
+    first of :meth:`KernelBuild.compiler_cmds` that compiles; when none does, the error
+    holds the first command's messages."""
     target = build.library_path()
     if target.is_file():
         return target
@@ -120,19 +135,35 @@ def build_library(build: KernelBuild) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [*build.compiler_cmd, str(build.source), "-o", str(out), *build.tf_flags()]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True,
-                                  timeout=build.timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            raise KernelBuildError(f"compiling {build.source} took over {build.timeout_s} s"
-                                   ) from exc
-        if done.returncode != 0:
-            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-            raise KernelBuildError(f"compiling {build.source} failed ({' '.join(cmd[:1])} "
-                                   f"exit {done.returncode}):\n{tail}")
-        os.replace(out, target)  # atomic: a concurrent build writes the same bytes
-    return target
+        first: KernelBuildError | None = None
+        for flags in build.compiler_cmds():
+            failed = _compile(build, [*flags, str(build.source), "-o", str(out),
+                                      *build.tf_flags()])
+            if failed is None:
+                os.replace(out, target)  # atomic: a concurrent build writes the same bytes
+                if first is not None:
+                    logging.getLogger("captioner").info(
+                        "kernel compiled as %s after: %s", " ".join(flags),
+                        str(first).splitlines()[-1])
+                return target
+            first = first or failed
+        assert first is not None
+        raise first
+
+
+def _compile(build: KernelBuild, cmd: list[str]) -> KernelBuildError | None:
+    """Run one compile command: None when it succeeded, else the error to report (a
+    compiler that runs out of time raises it: no other command is tried)."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=build.timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise KernelBuildError(f"compiling {build.source} took over {build.timeout_s} s"
+                               ) from exc
+    if done.returncode == 0:
+        return None
+    tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+    return KernelBuildError(f"compiling {build.source} failed ({' '.join(cmd[:1])} "
+                            f"exit {done.returncode}):\n{tail}")
 
 
 class AttentionKernel:
