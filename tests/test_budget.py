@@ -11,6 +11,7 @@ import tensorflow as tf
 from captioner.config import ConfigError, apply_overrides, validate
 from captioner.train.budget import TimeBudget, plan_end_step
 from captioner.train.setup import validate_config
+from captioner.train.steps import make_optimizer
 from captioner.train.trainer import Trainer
 
 
@@ -54,8 +55,6 @@ def test_a_budget_that_has_ended_stays_ended():
 
 
 def test_the_cosine_schedule_follows_the_budget_variable(tiny_config):
-    from captioner.train.steps import make_optimizer
-
     cfg = apply_overrides(tiny_config, ["train.lr_schedule=cosine", "train.warmup_steps=0",
                                         "train.learning_rate=0.01", "train.min_learning_rate=0"])
     decay = tf.Variable(100.0)
