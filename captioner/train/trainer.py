@@ -77,7 +77,8 @@ class Trainer:
     Set-up (the constructor), in order: check the config against the run directory,
     make the strategy (before any other TensorFlow op), seed, read the splits, load or fit
     the tokenizer, save ``config.json``, build the model (``model.json``), prepare the data
-    (and the feature cache), build the optimizers over ``epochs x steps_per_epoch`` steps,
+    (and the feature cache), build the optimizers over ``epochs x steps_per_epoch`` steps
+    (with ``train.max_minutes``, over the steps its :class:`TimeBudget` plans),
     then restore the latest checkpoint if there is one. The run directory is locked
     (:class:`~captioner.train.runlock.RunLock`) from the constructor to the end of
     :meth:`fit`: a second training on it is refused. From the command line::
