@@ -135,20 +135,19 @@ def build_library(build: KernelBuild) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        first: KernelBuildError | None = None
+        errors: list[KernelBuildError] = []
         for flags in build.compiler_cmds():
             failed = _compile(build, [*flags, str(build.source), "-o", str(out),
                                       *build.tf_flags()])
             if failed is None:
                 os.replace(out, target)  # atomic: a concurrent build writes the same bytes
-                if first is not None:
+                if errors:
                     logging.getLogger("captioner").info(
                         "kernel compiled as %s after: %s", " ".join(flags),
-                        str(first).splitlines()[-1])
+                        str(errors[0]).splitlines()[-1])
                 return target
-            first = first or failed
-        assert first is not None
-        raise first
+            errors.append(failed)
+        raise errors[0]
 
 
 def _compile(build: KernelBuild, cmd: list[str]) -> KernelBuildError | None:
