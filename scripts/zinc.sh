@@ -10,6 +10,6 @@
 source "$(dirname "$0")/lib.sh"
 ZINC_CSV="${ZINC_CSV:-$DATA/molecules/zinc.csv}"
 need_file "$ZINC_CSV" "the ZINC SMILES (zinc.csv)" ZINC_CSV
-budget "training ~85 min on 2 CPU cores (5 x 1100 steps of 64 new pictures at 192 px, ~0.9 s per step), evaluation ~10 min"
+budget "training at most 88 min (train.max_minutes; 5 x 1100 steps of 64 new pictures at 192 px where they fit, ~0.9 s per step), evaluation ~10 min"
 smiles_recipe zinc "$ZINC_CSV"
 elapsed
