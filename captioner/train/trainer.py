@@ -298,8 +298,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - started
-        validating = time.perf_counter()
+        validating = time.perf_counter()  # the epoch's steps end, its validation starts
+        seconds = validating - started
         self._precise_bn(epoch)
         done = int(self.step_in_epoch.numpy()) - int(ckpts.skipped.numpy())
         record = {"epoch": epoch,
