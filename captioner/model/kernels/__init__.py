@@ -136,9 +136,9 @@ def build_library(build: KernelBuild) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         errors: list[KernelBuildError] = []
+        tf_flags = build.tf_flags()
         for flags in build.compiler_cmds():
-            failed = _compile(build, [*flags, str(build.source), "-o", str(out),
-                                      *build.tf_flags()])
+            failed = _compile(build, [*flags, str(build.source), "-o", str(out), *tf_flags])
             if failed is None:
                 os.replace(out, target)  # atomic: a concurrent build writes the same bytes
                 if errors:
