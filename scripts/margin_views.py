@@ -1,0 +1,127 @@
+"""README "Reading each picture at several margins" (measured, not yet a decoding option).
+
+    python scripts/margin_views.py RUN EVAL_DIR [--limit N] [--beam-size 5] [--json OUT]
+
+EVAL_DIR is a folder written by ``captioner evaluate --style ...`` (its ``manifest.csv``
+names the drawn pictures and their molecules; ``--split val`` keeps the test molecules
+out of the choice). Each picture is cut to its ink with each margin of ``--margins``
+(default 0.05, 0.1, 0.15, 0.2, 0.25) and read by the run's beam search at every margin.
+Printed, as exact match of the canonical SMILES: each margin's first valid candidate
+(``top1@M``) and whether the molecule is among its candidates (``topK@M``); ``vote``,
+the molecule most margins put first (ties go to the run's own margin); and for the
+union of every margin's candidates, each scored by teacher forcing at the margins of a
+set (the run's own, three around it, all), ``union-<set>``: the molecule whose
+spellings' probabilities, multiplied over the set's margins, sum highest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from captioner.data.chem import canonical_smiles
+from captioner.data.images import load_image
+from captioner.generate.captioner import Captioner
+
+
+def pictures_and_molecules(eval_dir: Path, limit: int | None) -> tuple[list[Path], list[str]]:
+    with (eval_dir / "manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:limit]
+    return [eval_dir / r["image"] for r in rows], [canonical_smiles(r["smiles"]) for r in rows]
+
+
+def read_at(cap: Captioner, paths: list[Path], margin: float) -> np.ndarray:
+    """uint8 (B, S, S, 3): every picture cut to its ink plus ``margin``, at the model's size."""
+    return np.stack([load_image(p, cap.image_size, crop_margin=margin) for p in paths])
+
+
+def beam_candidates(cap: Captioner, pixels: np.ndarray, beam: int) -> list[list[str]]:
+    """Each picture's beam candidates (texts), best first, valid SMILES first."""
+    gen = cap.generate(pixels, strategy="beam", beam_size=beam, n_best=beam, rescore_views=[])
+    return [[c.text for c in row] for row in gen.candidates]
+
+
+def teacher_forced(cap: Captioner, pixels: np.ndarray, texts: list[list[str]]) -> np.ndarray:
+    """(B, N) log-probability of each picture's texts read in ``pixels`` (0 past a row's end)."""
+    width, steps = max(map(len, texts)), cap.config.decode.max_length + 1
+    tokens = np.zeros((len(texts), width, steps), np.int32)  # (B, N, T), pad id 0
+    for i, row in enumerate(texts):
+        for j, text in enumerate(row):
+            ids = cap.tokenizer.encode(text)[1:steps + 1]  # no <start>, <end> kept
+            tokens[i, j, :len(ids)] = ids
+    score = cap.scorer(("identity",))
+    return np.concatenate([score(tf.constant(pixels[s:s + 64]), tf.constant(tokens[s:s + 64]))
+                           .numpy()[:, 0] for s in range(0, len(texts), 64)])
+
+
+def first_valid(texts: list[str]) -> str | None:
+    return next((c for c in map(canonical_smiles, texts) if c), None)
+
+
+def exact(picks: list[str | None], molecules: list[str]) -> float:
+    return float(np.mean([p is not None and p == m for p, m in zip(picks, molecules)]))
+
+
+def vote(firsts: dict[float, list[str | None]], own: float) -> list[str | None]:
+    picks = []
+    for i, mine in enumerate(firsts[own]):
+        counts = Counter(f[i] for f in firsts.values() if f[i])
+        picks.append(max(counts, key=lambda c: (counts[c], c == mine)) if counts else None)
+    return picks
+
+
+def union_pick(union: list[list[str]], scores: np.ndarray) -> list[str | None]:
+    """The molecule whose spellings' summed probability (scores: (B, N) log) is highest."""
+    picks = []
+    for row, logp in zip(union, scores):
+        by_molecule: dict[str, list[float]] = defaultdict(list)
+        for text, lp in zip(row, logp):
+            by_molecule[canonical_smiles(text)].append(lp)
+        best = {m: np.logaddexp.reduce(v) for m, v in by_molecule.items() if m}
+        picks.append(max(best, key=best.get) if best else None)
+    return picks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("eval_dir", type=Path)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--beam-size", type=int, default=5)
+    ap.add_argument("--margins", default="0.05,0.1,0.15,0.2,0.25")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    cap = Captioner.load(args.run)
+    own = cap.crop_margin
+    margins = sorted({float(m) for m in args.margins.split(",")} | {own})
+    paths, molecules = pictures_and_molecules(args.eval_dir, args.limit)
+    pixels = {m: read_at(cap, paths, m) for m in margins}
+    beams = {m: beam_candidates(cap, pixels[m], args.beam_size) for m in margins}
+    out = {"run": args.run, "pictures": len(paths), "margins": margins}
+    for m in margins:
+        out[f"top1@{m}"] = exact([first_valid(b) for b in beams[m]], molecules)
+        out[f"top{args.beam_size}@{m}"] = float(np.mean(
+            [mol in set(map(canonical_smiles, b)) for b, mol in zip(beams[m], molecules)]))
+    out["vote"] = exact(vote({m: [first_valid(b) for b in beams[m]] for m in margins}, own),
+                        molecules)
+    union = [list(dict.fromkeys(t for m in margins for t in beams[m][i] if canonical_smiles(t)))
+             for i in range(len(paths))]
+    scored = {m: teacher_forced(cap, pixels[m], union) for m in margins}
+    near = sorted(margins, key=lambda m: abs(m - own))[:3]
+    for name, subset in (("own", [own]), ("three", near), ("all", margins)):
+        out[f"union-{name}"] = exact(union_pick(union, sum(scored[m] for m in subset)), molecules)
+    out["union_has_molecule"] = float(np.mean(
+        [mol in set(map(canonical_smiles, u)) for u, mol in zip(union, molecules)]))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
