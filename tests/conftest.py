@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 from pathlib import Path
@@ -73,6 +74,17 @@ def call_cli(*args, cwd: Path | None = None) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def load_script(project_root):
+    """``load_script("summarize")``: ``scripts/summarize.py`` imported as a module."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, project_root / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope="session")

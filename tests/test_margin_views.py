@@ -1,18 +1,12 @@
 """scripts/margin_views.py: the choices it scores (vote, union of candidates) on fixed inputs."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 
 @pytest.fixture(scope="module")
-def script(project_root):
-    spec = importlib.util.spec_from_file_location(
-        "margin_views", project_root / "scripts" / "margin_views.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("margin_views")
 
 
 def test_first_valid_skips_what_rdkit_cannot_read(script):

@@ -5,7 +5,6 @@ test_inference."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import numpy as np
 import pytest
@@ -73,11 +72,8 @@ def test_the_flag_takes_a_list_or_none():
              if a.dest == "rescore_views").type("identity,sideways")
 
 
-def test_the_views_script_ranks_by_validity_then_each_set_of_views(project_root):
-    spec = importlib.util.spec_from_file_location(
-        "rescore_views", project_root / "scripts" / "rescore_views.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_the_views_script_ranks_by_validity_then_each_set_of_views(load_script):
+    script = load_script("rescore_views")
     views = ("identity", "rot90", "mirror")
     texts = [["C1CC", "CCO", "CC"],  # 1: beam's first invalid, the molecule second
              ["CC", "CO", "OC"],  # 2: the views move "OC" (= CO, the molecule) up

@@ -4,7 +4,6 @@ wrote (metrics.json, predictions.csv, history.json)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,12 +13,8 @@ from captioner.evaluate.metrics import smiles_metrics
 
 
 @pytest.fixture(scope="module")
-def summarize(project_root):
-    spec = importlib.util.spec_from_file_location(
-        "summarize", project_root / "scripts" / "summarize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def summarize(load_script):
+    return load_script("summarize")
 
 
 def _evaluation(folder: Path, preds: list[str], refs: list[str], heavy: list[int]) -> Path:
