@@ -17,7 +17,6 @@ spellings' probabilities, multiplied over the set's margins, sum highest.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -27,16 +26,17 @@ import tensorflow as tf
 
 from captioner.data.chem import canonical_smiles
 from captioner.data.images import load_image
+from captioner.data.manifests import read_csv_manifest
 from captioner.generate.captioner import Captioner
 
 
-def pictures_and_molecules(eval_dir: Path, limit: int | None) -> tuple[list[Path], list[str]]:
-    with (eval_dir / "manifest.csv").open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))[:limit]
-    return [eval_dir / r["image"] for r in rows], [canonical_smiles(r["smiles"]) for r in rows]
+def pictures_and_molecules(eval_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
+    """The pictures ``evaluate`` drew into ``eval_dir`` and their canonical SMILES."""
+    records = read_csv_manifest(eval_dir / "manifest.csv", text_column="smiles")[:limit]
+    return [r.image for r in records], [canonical_smiles(r.text) for r in records]
 
 
-def read_at(cap: Captioner, paths: list[Path], margin: float) -> np.ndarray:
+def read_at(cap: Captioner, paths: list[str], margin: float) -> np.ndarray:
     """uint8 (B, S, S, 3): every picture cut to its ink plus ``margin``, at the model's size."""
     return np.stack([load_image(p, cap.image_size, crop_margin=margin) for p in paths])
 
@@ -104,12 +104,12 @@ def main() -> None:
     pixels = {m: read_at(cap, paths, m) for m in margins}
     beams = {m: beam_candidates(cap, pixels[m], args.beam_size) for m in margins}
     out = {"run": args.run, "pictures": len(paths), "margins": margins}
+    firsts = {m: [first_valid(b) for b in beams[m]] for m in margins}
     for m in margins:
-        out[f"top1@{m}"] = exact([first_valid(b) for b in beams[m]], molecules)
+        out[f"top1@{m}"] = exact(firsts[m], molecules)
         out[f"top{args.beam_size}@{m}"] = float(np.mean(
             [mol in set(map(canonical_smiles, b)) for b, mol in zip(beams[m], molecules)]))
-    out["vote"] = exact(vote({m: [first_valid(b) for b in beams[m]] for m in margins}, own),
-                        molecules)
+    out["vote"] = exact(vote(firsts, own), molecules)
     union = [list(dict.fromkeys(t for m in margins for t in beams[m][i] if canonical_smiles(t)))
              for i in range(len(paths))]
     scored = {m: teacher_forced(cap, pixels[m], union) for m in margins}

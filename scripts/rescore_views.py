@@ -16,7 +16,6 @@ candidates. ``captioner evaluate --rescore-views`` gives the same numbers for on
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 from pathlib import Path
@@ -27,15 +26,14 @@ import tensorflow as tf
 from captioner.choices import Choices
 from captioner.data.chem import canonical_smiles
 from captioner.data.images import image_batches
+from captioner.data.manifests import read_csv_manifest
 from captioner.generate.captioner import Captioner
 
 
 def read_manifest(eval_dir: Path, limit: int | None) -> tuple[list[Path], list[str]]:
-    with (eval_dir / "manifest.csv").open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))[:limit]
-    paths = [Path(r["image"]) if Path(r["image"]).is_absolute() else eval_dir / r["image"]
-             for r in rows]
-    return paths, [r["smiles"] for r in rows]
+    """The pictures ``evaluate`` drew into ``eval_dir`` and their molecules, the first ``limit``."""
+    records = read_csv_manifest(eval_dir / "manifest.csv", text_column="smiles")[:limit]
+    return [Path(r.image) for r in records], [r.text for r in records]
 
 
 def beam_and_views(cap: Captioner, paths: list[Path], beam_size: int,
