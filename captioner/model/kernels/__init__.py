@@ -71,8 +71,13 @@ class KernelBuild:
     timeout_s: float = 300.0
 
     @property
+    def portable_cmd(self) -> list[str]:
+        """The compile command for any CPU of the architecture (no ``-march``)."""
+        return [self.compiler, "-shared", "-fPIC", "-O3", "-w"]
+
+    @property
     def compiler_cmd(self) -> list[str]:
-        return [self.compiler, "-shared", "-fPIC", "-O3", "-w", "-march=native"]
+        return [*self.portable_cmd, "-march=native"]
 
     def compiler_cmds(self) -> list[list[str]]:
         """The compile commands to try, in order: for this CPU; for this CPU without
@@ -85,7 +90,7 @@ class KernelBuild:
             [['-march=native'], ['-march=native', '-mno-avx512fp16'], []]
         """
         native = self.compiler_cmd
-        return [native, [*native, "-mno-avx512fp16"], native[:-1]]
+        return [native, [*native, "-mno-avx512fp16"], self.portable_cmd]
 
     def tf_flags(self) -> list[str]:
         return [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
