@@ -524,11 +524,17 @@ def test_build_library_without_the_compiler_names_it(tmp_path):
         build_library(build)
 
 
+def _fake_compiler(tmp_path, script: str) -> str:
+    """An executable ``fake-g++`` in ``tmp_path`` running the shell ``script``: its path."""
+    path = tmp_path / "fake-g++"
+    path.write_text(f"#!/bin/sh\n{script}")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
 def test_a_failing_compiler_reports_its_stderr(tmp_path):
-    script = tmp_path / "fake-g++"
-    script.write_text("#!/bin/sh\necho 'compiling...' \necho boom >&2\nexit 1\n")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    build = KernelBuild(compiler=str(script), cache_dir=tmp_path / "cache")
+    compiler = _fake_compiler(tmp_path, "echo 'compiling...' \necho boom >&2\nexit 1\n")
+    build = KernelBuild(compiler=compiler, cache_dir=tmp_path / "cache")
     with pytest.raises(KernelBuildError, match="boom") as info:
         build_library(build)
     assert "exit 1" in str(info.value)
@@ -541,9 +547,7 @@ def test_a_build_that_fails_for_this_cpu_is_tried_again_without_avx512_fp16(tmp_
     """TensorFlow's Eigen headers do not compile with -march=native on a CPU with
     AVX512-FP16 (g++ 12): the build tries again without it, then without -march."""
     calls = tmp_path / "calls.txt"
-    script = tmp_path / "fake-g++"
-    script.write_text(f"""#!/bin/sh
-echo "$*" >> {calls}
+    compiler = _fake_compiler(tmp_path, f"""echo "$*" >> {calls}
 case "$*" in *-mno-avx512fp16*) ;; *)
   echo "PacketMathFP16.h:740:49: error: expected initializer before '<' token" >&2
   exit 1;;
@@ -551,8 +555,7 @@ esac
 while [ "$1" != "-o" ]; do shift; done
 echo library > "$2"
 """)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    build = KernelBuild(compiler=str(script), cache_dir=tmp_path / "cache")
+    build = KernelBuild(compiler=compiler, cache_dir=tmp_path / "cache")
     path = build_library(build)
     assert path == build.library_path() and path.read_text() == "library\n"
     tried = [line for line in calls.read_text().splitlines() if "-shared" in line]
@@ -563,11 +566,9 @@ echo library > "$2"
 
 def test_a_compiler_that_fails_every_way_reports_the_first_error(tmp_path):
     calls = tmp_path / "calls.txt"
-    script = tmp_path / "fake-g++"
-    script.write_text(f'#!/bin/sh\necho "$*" >> {calls}\necho "no: $*" >&2\nexit 1\n')
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    compiler = _fake_compiler(tmp_path, f'echo "$*" >> {calls}\necho "no: $*" >&2\nexit 1\n')
     with pytest.raises(KernelBuildError) as info:
-        build_library(KernelBuild(compiler=str(script), cache_dir=tmp_path / "cache"))
+        build_library(KernelBuild(compiler=compiler, cache_dir=tmp_path / "cache"))
     tried = [line.split() for line in calls.read_text().splitlines() if "-shared" in line]
     assert [("-march=native" in t, "-mno-avx512fp16" in t) for t in tried] == [
         (True, False), (True, True), (False, False)]
