@@ -47,6 +47,25 @@ def _add_decode(p: argparse.ArgumentParser) -> None:
         f"seen in these views ({', '.join(Choices().rescore_view)}; e.g. "
         "identity,rot90,rot180,rot270; 'none' for the beam's own order; default: the run's "
         "decode.rescore_views)"))
+    p.add_argument("--margin-views", type=_margins, metavar="MARGIN,...", help=(
+        "read each picture file cut to its ink at these margins (e.g. "
+        "0.05,0.1,0.15,0.2,0.25), then rank what the union of the readings' candidates names "
+        "by their probability at every margin; 'none' for one reading; default: the run's "
+        "decode.margin_views"))
+
+
+def _margins(text: str) -> tuple[float, ...]:
+    """``--margin-views`` value: comma-separated distinct margins >= 0, or ``none``."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        margins = tuple(float(m) for m in text.split(",") if m.strip())
+    except ValueError:
+        margins = ()
+    if not margins or min(margins) < 0 or len(set(margins)) < len(margins):
+        raise argparse.ArgumentTypeError(f"margins must be distinct numbers >= 0, e.g. "
+                                         f"0.05,0.1,0.15; got {text!r}")
+    return margins
 
 
 def _views(text: str) -> tuple[str, ...]:
@@ -83,7 +102,7 @@ def _add_crop(p: argparse.ArgumentParser) -> None:
 def _decode_args(args: argparse.Namespace) -> dict:
     out = {k: getattr(args, k) for k in ("strategy", "beam_size", "n_best", "length_penalty",
                                          "temperature", "top_k", "max_length", "batch_size",
-                                         "rescore_views")
+                                         "rescore_views", "margin_views")
            if getattr(args, k) is not None}
     if "strategy" not in out and out.get("beam_size", 1) > 1:
         out["strategy"] = "beam"

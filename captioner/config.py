@@ -320,6 +320,13 @@ class DecodeConfig:
     rot180, rot270]``): beam search's candidates are ranked by their log-probability summed
     over the picture seen in these views (:mod:`captioner.generate.rescoring`; empty, the
     default: by the beam's own score).
+    ``margin_views`` (margins, e.g. ``[0.05, 0.1, 0.15, 0.2, 0.25]``; picture files
+    only): every picture is cut to its ink with each margin and decoded at each; the
+    union of their candidates is scored by teacher forcing at every margin and what the
+    candidates name (for SMILES, a molecule: its spellings pool) is ranked by the summed
+    probabilities of its spellings, each the product over the margins
+    (:mod:`captioner.generate.rescoring`; empty, the default: one reading, at
+    ``crop_margin``). Not with ``rescore_views``.
     ``crop_margin``: every picture is cut to the square around its ink plus this margin
     (a fraction of the ink's longer side) before it is read -- by ``caption``,
     ``evaluate``, ``attention`` and ``serve``, whose attention then lies over that square
@@ -341,6 +348,7 @@ class DecodeConfig:
     top_k: int = 0
     rerank_valid_smiles: bool = True
     rescore_views: list[str] = field(default_factory=list)
+    margin_views: list[float] = field(default_factory=list)
     crop_margin: float | None = None
 
 
@@ -611,6 +619,12 @@ def validate(cfg: Config) -> None:
             choices.check("rescore_view", view, f"decode.rescore_views[{i}]")
         except ChoiceError as exc:
             raise ConfigError(str(exc)) from None
+    for i, margin in enumerate(dc.margin_views):
+        _require(margin >= 0, f"decode.margin_views[{i}]", f"must be a margin >= 0, got {margin}")
+    _require(len(set(dc.margin_views)) == len(dc.margin_views), "decode.margin_views",
+             f"lists a margin twice: {dc.margin_views}")
+    _require(not (dc.margin_views and dc.rescore_views), "decode.margin_views",
+             "and decode.rescore_views both choose among the candidates: set one of them")
     _require(dc.temperature > 0, "decode.temperature", "must be positive")
     _require(dc.crop_margin is None or dc.crop_margin >= 0, "decode.crop_margin",
              "must be null (whole pictures) or a margin >= 0")

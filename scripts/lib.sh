@@ -69,6 +69,8 @@ summarize() { "$PYTHON" "$ROOT/scripts/summarize.py" "$@"; }
 # the training curve.
 # EVAL_LIMIT bounds every evaluation, OSRA_LIMIT (default 500) the OSRA ones; RUN (default
 # $RUNS/NAME) is the run directory; EVAL_ONLY=1 evaluates RUN as it is, without training.
+# MARGIN_VIEWS (e.g. 0.05,0.1,0.15,0.2,0.25; default none) adds RDKit defaults and thin
+# rotated lines read with beam 5 at those margins, pooled (evaluate --margin-views).
 smiles_recipe() {
   local name="$1" csv="$2" run="${RUN:-$RUNS/$1}" osra_limit="${OSRA_LIMIT:-500}"
   local limit=()
@@ -98,6 +100,13 @@ smiles_recipe() {
     "Open Babel defaults 224 px (not in training)=$run/eval-openbabel_default" \
     "thin rotated black-and-white 256 px=$run/eval-thin_rotated_bw" \
     "training mix 224 px=$run/eval-mix"
+  if [[ -n "${MARGIN_VIEWS:-}" ]]; then
+    local margins=(--beam-size 5 --margin-views "$MARGIN_VIEWS" ${limit[@]+"${limit[@]}"})
+    _style rdkit_default-margins rdkit_default 224 "${margins[@]}"
+    _style thin_rotated_bw-margins thin_rotated_bw 256 "${margins[@]}"
+    summarize smiles "RDKit defaults 224 px, beam 5 at margins $MARGIN_VIEWS=$run/eval-rdkit_default-margins" \
+      "thin rotated 256 px, beam 5 at margins $MARGIN_VIEWS=$run/eval-thin_rotated_bw-margins"
+  fi
   if command -v osra >/dev/null; then
     _style osra rdkit_default 224 --strategy greedy --limit "$osra_limit" --compare osra --report
     _style osra-thin thin_rotated_bw 256 --strategy greedy --limit "$osra_limit" --compare osra

@@ -1,4 +1,4 @@
-"""README "Reading each picture at several margins" (measured, not yet a decoding option).
+"""README "Reading each picture at several margins": the rules measured side by side.
 
     python scripts/margin_views.py RUN EVAL_DIR [--limit N] [--beam-size 5] [--json OUT]
 
@@ -12,13 +12,14 @@ the molecule most margins put first (ties go to the run's own margin); and for t
 union of every margin's candidates, each scored by teacher forcing at the margins of a
 set (the run's own, three around it, all), ``union-<set>``: the molecule whose
 spellings' probabilities, multiplied over the set's margins, sum highest.
+``union-all`` is what ``decode.margin_views`` (``--margin-views``) decodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from captioner.data.chem import canonical_smiles
 from captioner.data.images import load_image
 from captioner.data.manifests import read_csv_manifest
 from captioner.generate.captioner import Captioner
+from captioner.generate.rescoring import pool_readings
 
 
 def pictures_and_molecules(eval_dir: Path, limit: int | None) -> tuple[list[str], list[str]]:
@@ -77,14 +79,13 @@ def vote(firsts: dict[float, list[str | None]], own: float) -> list[str | None]:
 
 
 def union_pick(union: list[list[str]], scores: np.ndarray) -> list[str | None]:
-    """The molecule whose spellings' summed probability (scores: (B, N) log) is highest."""
+    """The molecule whose spellings' summed probability (scores: (B, N) log) is highest:
+    ``decode.margin_views``'s rule (``pool_readings``), for any set of margins' sums."""
     picks = []
     for row, logp in zip(union, scores):
-        by_molecule: dict[str, list[float]] = defaultdict(list)
-        for text, lp in zip(row, logp):
-            by_molecule[canonical_smiles(text)].append(lp)
-        best = {m: np.logaddexp.reduce(v) for m, v in by_molecule.items() if m}
-        picks.append(max(best, key=best.get) if best else None)
+        ranked = [r for r in pool_readings([canonical_smiles(t) or "" for t in row],
+                                           logp[:len(row), None]) if r.key]
+        picks.append(ranked[0].key if ranked else None)
     return picks
 
 

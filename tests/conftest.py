@@ -136,3 +136,21 @@ def exported_run(trained_run, tmp_path_factory) -> Path:
 
     return export_run(trained_run, tmp_path_factory.mktemp("export") / "tiny",
                       ExportOptions(beam_size=3))
+
+
+@pytest.fixture(scope="session")
+def drawn_run(tmp_path_factory, project_root, tiny_smiles_overrides):
+    """A tiny ``data.format: smiles`` run (pictures drawn while training), two steps."""
+    from captioner.config import load_config
+    from captioner.train.trainer import train
+    from tests.test_osra import SMILES
+
+    work = tmp_path_factory.mktemp("drawn_run")
+    src = work / "smiles.csv"
+    src.write_text("smiles\n" + "\n".join(SMILES) + "\n")
+    cfg = load_config(project_root / "configs" / "smiles_qm9.yaml", [
+        "data.format=smiles", f"data.path={src}", "data.val_fraction=0.15",
+        "data.test_fraction=0.25", "data.drawing.eval_size=64", "data.drawing.workers=1",
+        *tiny_smiles_overrides])
+    train(cfg, work / "run", log=lambda _msg: None)
+    return work / "run"

@@ -25,24 +25,6 @@ from captioner.evaluate.runs import (
     evaluate,
     split_smiles,
 )
-from tests.test_osra import SMILES
-
-
-@pytest.fixture(scope="module")
-def drawn_run(tmp_path_factory, project_root, tiny_smiles_overrides):
-    """A tiny ``data.format: smiles`` run (pictures drawn while training), two steps."""
-    from captioner.config import load_config
-    from captioner.train.trainer import train
-
-    work = tmp_path_factory.mktemp("drawn_run")
-    src = work / "smiles.csv"
-    src.write_text("smiles\n" + "\n".join(SMILES) + "\n")
-    cfg = load_config(project_root / "configs" / "smiles_qm9.yaml", [
-        "data.format=smiles", f"data.path={src}", "data.val_fraction=0.15",
-        "data.test_fraction=0.25", "data.drawing.eval_size=64", "data.drawing.workers=1",
-        *tiny_smiles_overrides])
-    train(cfg, work / "run", log=lambda _msg: None)
-    return work / "run"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -327,7 +327,8 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
         log(f"drawing the '{split}' molecules: {drawing.style} at {drawing.size} px")
         ev, undrawn = draw_eval_data(cap, out_dir, drawing, data, split, limit)
     started = time.perf_counter()
-    gen = cap.generate(ev.split.images, **decode)
+    margins = cap.margin_views(decode.get("margin_views"))  # cut from the files again
+    gen = cap.generate(ev.split.paths if margins else ev.split.images, **decode)
     seconds = time.perf_counter() - started
     result, rows = _score(family, gen.texts, ev.split)
     top_k = max(len(c) for c in gen.candidates) if gen.candidates else 1
@@ -343,7 +344,8 @@ def evaluate(run_dir: str | Path, out_dir: str | Path, data: str | None = None,
     views = cap.rescore_views(options, decode.get("rescore_views"))
     result.update({"split": split, "data": ev.source, "images": ev.split.num_images,
                    "skipped_images": ev.report.count,
-                   "decode": {**options.__dict__, "rescore_views": list(views)},
+                   "decode": {**options.__dict__, "rescore_views": list(views),
+                              "margin_views": list(margins)},
                    "images_per_s": ev.split.num_images / max(seconds, 1e-9),
                    "style": drawing.style if drawing else None,
                    "image_px": drawing.size if drawing else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from captioner.data.chem import canonical_smiles
 from captioner.data.images import ImageError, View, image_batches, load_image, load_view
 from captioner.data.tokenizers import Tokenizer
 from captioner.generate.decoding import beam_search, greedy_search, sample_search, tile_for_beams
-from captioner.generate.rescoring import make_score_function
+from captioner.generate.rescoring import make_reading_function, make_score_function, pool_readings
 from captioner.model.layers import CaptionModel
 from captioner.model.precision import resolve_precision
 from captioner.model.restore import restore_weights
@@ -129,7 +129,10 @@ def make_generate_function(model: CaptionModel, tokenizer: type[Tokenizer] | Tok
 class Candidate:
     """One decoded sequence: text, token ids (no ``<end>``), score, its attention,
     each token's log-prob (``token_scores``, same length as ``tokens``) and, when views
-    re-scored the beam (``decode.rescore_views``), its log-probability summed over them.
+    re-scored the beam (``decode.rescore_views``), its log-probability summed over them;
+    read at several margins (``decode.margin_views``), the log of the pooled probability
+    of what it names (its score, token scores and attention are then those of teacher
+    forcing on the picture as the run reads it, at ``crop_margin``).
 
     Example:
         >>> Candidate("a b", [4, 5], -0.5, np.zeros((2, 49))).attention.shape
@@ -231,6 +234,7 @@ class Captioner:
         self.crop_margin: float | None = config.decode.crop_margin
         self._compiled: dict[tuple[DecodeOptions, bool], Callable[..., dict[str, tf.Tensor]]] = {}
         self._scorers: dict[tuple[str, ...], Callable[..., tf.Tensor]] = {}
+        self._reader: Callable[..., dict[str, tf.Tensor]] | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, checkpoint: str = "best",
@@ -291,6 +295,14 @@ class Captioner:
                                                        self.tokenizer.pad_id, views)
         return self._scorers[views]
 
+    def reader(self) -> Callable[..., dict[str, tf.Tensor]]:
+        """The compiled teacher-forced reading of
+        :func:`~captioner.generate.rescoring.make_reading_function` (built once)."""
+        if self._reader is None:
+            self._reader = make_reading_function(self.model, self.tokenizer.start_id,
+                                                 self.tokenizer.pad_id)
+        return self._reader
+
     def load_images(self, images: Sequence[str | Path] | np.ndarray
                     ) -> tuple[np.ndarray, list[str]]:
         """Paths or an array -> (uint8 (B, S, S, 3) at the model's input size, names).
@@ -340,11 +352,12 @@ class Captioner:
         except FileNotFoundError:
             raise ImageError(str(path), "missing", "no such file") from None
 
-    def options(self, rescore_views: Sequence[str] | None = None, **overrides: Any
-                ) -> DecodeOptions:
+    def options(self, rescore_views: Sequence[str] | None = None,
+                margin_views: Sequence[float] | None = None, **overrides: Any) -> DecodeOptions:
         """Decoding options from the run's ``decode`` config with keyword overrides."""
         options = DecodeOptions.from_config(self.config.decode, **overrides)
-        if self._reranks(options) or self.rescore_views(options, rescore_views):
+        if (self._reranks(options) or self.rescore_views(options, rescore_views)
+                or self.margin_views(margin_views)):
             # search all beams, choose among them after
             options = DecodeOptions(**{**options.__dict__, "n_best": options.beam_size})
         return options
@@ -356,6 +369,15 @@ class Captioner:
         if options.strategy != "beam":
             return ()
         return tuple(self.config.decode.rescore_views if views is None else views)
+
+    def margin_views(self, margins: Sequence[float] | None = None) -> tuple[float, ...]:
+        """The margins each picture file is cut and read at before the readings are
+        pooled: ``margins``, else the run's ``decode.margin_views`` (empty: one reading)."""
+        margins = tuple(self.config.decode.margin_views if margins is None else margins)
+        bad = [m for m in margins if not m >= 0]
+        if bad or len(set(margins)) < len(margins):
+            raise ValueError(f"margin_views must be distinct margins >= 0, got {list(margins)}")
+        return margins
 
     def _reranks(self, options: DecodeOptions) -> bool:
         return (options.strategy == "beam" and self.config.decode.rerank_valid_smiles
@@ -369,7 +391,9 @@ class Captioner:
         ``decode`` overrides the run's decode config: ``strategy`` (greedy, beam,
         sample), ``beam_size``, ``n_best``, ``length_penalty``, ``temperature``, ``top_k``,
         ``rescore_views`` (beam search: rank the candidates by their log-probability
-        summed over the picture seen in these views, :mod:`~captioner.generate.rescoring`).
+        summed over the picture seen in these views, :mod:`~captioner.generate.rescoring`),
+        ``margin_views`` (picture files: decode each cut to its ink at these margins and
+        rank what the union of their candidates names, :meth:`generate_at_margins`).
 
         ``on_error`` says what an unusable image file does (empty, not an image, cut off,
         too large, missing): ``"raise"`` (the default) raises :class:`ImageError` naming
@@ -379,16 +403,26 @@ class Captioner:
         own rows of the batch, so a skipped neighbour does not change another's caption.
         """
         Choices().check("on_image_error", on_error, "on_error")
+        max_length = max_length or self.config.decode.max_length
+        batch_size = batch_size or self.config.decode.batch_size
+        views, margins = decode.pop("rescore_views", None), decode.pop("margin_views", None)
+        options = self.options(rescore_views=views, margin_views=margins, **decode)
+        views, margins = self.rescore_views(options, views), self.margin_views(margins)
+        n_best = decode.get("n_best") or self.config.decode.n_best
+        if margins:
+            if views:
+                raise ValueError("margin_views and rescore_views both choose among the "
+                                 "candidates: give one of them")
+            if isinstance(images, np.ndarray):
+                raise ValueError("margin_views cut picture files at each margin: they need "
+                                 "image paths, not arrays")
+            return self.generate_at_margins(images, margins, options, max_length, batch_size,
+                                            seed, on_error, n_best)
         failures: list[tuple[str, ImageError]] = []
         if on_error == "skip" and not isinstance(images, np.ndarray):
             pixels, names, failures = self.load_images_skipping(images)
         else:
             pixels, names = self.load_images(images)
-        max_length = max_length or self.config.decode.max_length
-        batch_size = batch_size or self.config.decode.batch_size
-        views = decode.pop("rescore_views", None)
-        options = self.options(rescore_views=views, **decode)
-        views = self.rescore_views(options, views)
         if views and pixels.ndim == 3:
             raise ValueError("rescore_views turn pictures: they need images, not cached "
                              "backbone grids")
@@ -401,10 +435,92 @@ class Captioner:
                 part["view_scores"] = self.scorer(views)(tf.constant(b),
                                                          tf.constant(part["tokens"])).numpy()
             parts.append(part)
-        n_best = decode.get("n_best") or self.config.decode.n_best
         gen = self._collect(parts, names, self._reranks(options), n_best)
         gen.failures = failures
         return gen
+
+    def generate_at_margins(self, images: Sequence[str | Path], margins: Sequence[float],
+                            options: DecodeOptions, max_length: int, batch_size: int,
+                            seed: int = 0, on_error: str = "raise", n_best: int = 1
+                            ) -> Generation:
+        """Read each picture file cut to its ink at every margin of ``margins`` and pool.
+
+        Each cut is decoded with ``options``; the union of the candidates (distinct token
+        sequences) is scored by teacher forcing at every margin, and what they name (for
+        SMILES and SELFIES the canonical molecule, else the text) is ranked by
+        :func:`~captioner.generate.rescoring.pool_readings` (valid SMILES first when the
+        run re-ranks); each name is spelled by its best candidate, whose ``view_score`` is
+        the pooled log-probability. Scores, token scores and attention are teacher
+        forcing's on the picture as the run reads it (:attr:`crop_margin`), so the
+        attention lies over :meth:`view`. ``on_error`` as in :meth:`generate`.
+        """
+        if on_error == "skip":
+            own, names, failures = self.load_images_skipping(images)
+        else:
+            (own, names), failures = self.load_images(images), []
+        fn = self.compiled(options)
+        candidates: list[list[Candidate]] = []
+        for start in range(0, len(names), batch_size):
+            batch = names[start:start + batch_size]
+            cut = {m: (own[start:start + batch_size] if m == self.crop_margin else
+                       np.stack([load_image(p, self.image_size, crop_margin=m) for p in batch]))
+                   for m in margins}  # each (b, S, S, 3)
+            union: list[dict[tuple[int, ...], None]] = [{} for _ in batch]
+            for pixels in cut.values():
+                out = fn(tf.constant(pixels), tf.constant(max_length),
+                         tf.constant([seed, start // batch_size], tf.int32))
+                tokens, lengths = out["tokens"].numpy(), out["lengths"].numpy()  # (b, n, T)
+                for b, n in np.ndindex(*lengths.shape):
+                    union[b][tuple(int(t) for t in tokens[b, n, :lengths[b, n]])] = None
+            candidates += self._pool(own[start:start + batch_size], cut,
+                                     [list(u) for u in union])
+        candidates = [sorted(c, key=lambda x: _rank(x, self._reranks(options)))[:max(1, n_best)]
+                      for c in candidates]
+        gen = self._generation(candidates, names)
+        gen.failures = failures
+        return gen
+
+    def _pool(self, own: np.ndarray, cut: dict[float, np.ndarray],
+              union: list[list[tuple[int, ...]]]) -> list[list[Candidate]]:
+        """One batch's union of candidates (token ids, ``<end>`` kept) -> each picture's
+        pooled candidates, best first."""
+        width, steps = max(map(len, union)), max(len(t) for u in union for t in u)
+        tokens = np.full((len(union), width, max(steps, 1)), self.tokenizer.pad_id, np.int32)
+        for b, row in enumerate(union):
+            for n, ids in enumerate(row):
+                tokens[b, n, :len(ids)] = ids  # (b, N, T)
+
+        def read(pixels: np.ndarray) -> dict[str, np.ndarray]:
+            out = self.reader()(tf.constant(pixels), tf.constant(tokens))
+            return {k: v.numpy() for k, v in out.items()}  # (b, N, T), (b, N, T, G)
+
+        at = {m: read(pixels) for m, pixels in cut.items()}
+        mine = at.get(self.crop_margin) or read(own)  # the picture as the run reads it
+        logp = np.stack([r["token_scores"].sum(2) for r in at.values()], -1)  # (b, N, M)
+        out = []
+        for b, row in enumerate(union):
+            ids = [self._strip_end(t) for t in row]
+            texts = [self.tokenizer.decode(i) for i in ids]
+            pooled = pool_readings([self._name(t) for t in texts], logp[b, :len(row)])
+            out.append([Candidate(texts[r.index], ids[r.index],
+                                  float(mine["token_scores"][b, r.index].sum()),
+                                  mine["attention"][b, r.index, :len(ids[r.index])],
+                                  mine["token_scores"][b, r.index, :len(ids[r.index])], r.score)
+                        for r in pooled])
+        return out
+
+    def _strip_end(self, ids: Iterable[int]) -> list[int]:
+        """Token ids without a final ``<end>``."""
+        ids = list(ids)
+        return ids[:-1] if ids and ids[-1] == self.tokenizer.end_id else ids
+
+    def _name(self, text: str) -> str:
+        """What a reading names when readings pool: its molecule for SMILES and SELFIES
+        (RDKit's canonical SMILES; the text itself when RDKit cannot read it), else the
+        text."""
+        if self.tokenizer.kind in ("smiles", "selfies"):
+            return canonical_smiles(text) or text
+        return text
 
     def _candidates(self, parts: list[dict[str, np.ndarray]]) -> list[list[Candidate]]:
         out = []
@@ -413,8 +529,7 @@ class Captioner:
                 row = []
                 for n in range(p["tokens"].shape[1]):
                     length = int(p["lengths"][b, n])
-                    ids = [int(t) for t in p["tokens"][b, n, :length]]
-                    ids = ids[:-1] if ids and ids[-1] == self.tokenizer.end_id else ids
+                    ids = self._strip_end(int(t) for t in p["tokens"][b, n, :length])
                     views = p.get("view_scores")
                     row.append(Candidate(self.tokenizer.decode(ids), ids,
                                          float(p["scores"][b, n]),
@@ -427,7 +542,10 @@ class Captioner:
     def _collect(self, parts: list[dict[str, np.ndarray]], names: list[str], rerank: bool,
                  n_best: int) -> Generation:
         candidates = [sorted(c, key=lambda x: _rank(x, rerank)) for c in self._candidates(parts)]
-        candidates = [c[:max(1, n_best)] for c in candidates]
+        return self._generation([c[:max(1, n_best)] for c in candidates], names)
+
+    def _generation(self, candidates: list[list[Candidate]], names: list[str]) -> Generation:
+        """The Generation of each image's candidates, ranked, best first."""
         best = [c[0] for c in candidates]
         steps = max([len(c.tokens) for c in best] + [1])
         attention = np.zeros((len(best), steps, self.model.grid_size), np.float32)

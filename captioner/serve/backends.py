@@ -45,13 +45,17 @@ def _rounded(values: np.ndarray, digits: int = 5) -> np.ndarray:
 class RunBackend:
     """A run directory through :class:`~captioner.generate.captioner.Captioner`
     (``decode`` overrides the run's decoding settings, e.g. ``strategy="beam"``;
-    ``crop_margin`` the run's ``decode.crop_margin`` unless ``"run"``)."""
+    ``crop_margin`` the run's ``decode.crop_margin`` unless ``"run"``). Each upload is
+    read once: a run's ``decode.margin_views`` is not used here."""
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "best",
                  crop_margin: float | str | None = "run", **decode: Any):
+        if decode.get("margin_views"):
+            raise ValueError("margin_views cut picture files at each margin; the server reads "
+                             "each upload once (use caption or evaluate for margin_views)")
         self.cap = Captioner.load(run_dir, checkpoint, crop_margin=crop_margin)
         self.crop_margin = self.cap.crop_margin
-        self.decode = decode
+        self.decode = {**decode, "margin_views": ()}  # not the run's decode.margin_views
         self.name = f"run {Path(run_dir).resolve()}"
         self.image_size = self.cap.image_size
         self.grid_hw = tuple(self.cap.grid_hw)

@@ -404,7 +404,8 @@ class Trainer:
             totals += eval_step(tf.constant(val.images[val.pair_image[sel]]),
                                 tf.constant(self.data.val_tokens[sel])).numpy()
         limit = t.val_limit or val.num_images
-        texts = self.captioner().generate(val.images[:limit], strategy="greedy").texts
+        texts = self.captioner().generate(val.images[:limit], strategy="greedy",
+                                          margin_views=()).texts  # pixels, read once
         selfies = self.tokenizer.kind == "selfies"  # its texts are SMILES; re-encoding can fail
         split = SmilesTokenizer().tokenize if selfies else self.tokenizer.tokenize
         metric = validation_metric(self.val_metric_name, texts, val.references[:limit], split)
