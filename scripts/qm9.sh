@@ -14,6 +14,6 @@ source "$(dirname "$0")/lib.sh"
 QM9_CSV="${QM9_CSV:-$DATA/molecules/qm9.csv}"
 need_file "$QM9_CSV" "the QM9 SMILES (qm9.csv)" QM9_CSV
 MARGIN_VIEWS="${MARGIN_VIEWS-0.05,0.1,0.15,0.2,0.25}"
-budget "training 58 min (train.max_minutes: as many steps of 64 new pictures as fit, at most 10 epochs of 1,904; ~6 epochs at 230 pictures/s with bfloat16, far fewer in float32); evaluation ~5 min, ~5 more with OSRA, ~MARGINS_MIN more at five margins"
+budget "training 58 min (train.max_minutes: as many steps of 64 new pictures as fit, at most 10 epochs of 1,904; ~6 epochs at 230 pictures/s with bfloat16, far fewer in float32); evaluation ~5 min, ~5 more with OSRA, ~5 more for the two readings at five margins"
 smiles_recipe qm9 "$QM9_CSV"
 elapsed
