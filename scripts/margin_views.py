@@ -23,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from captioner.data.chem import canonical_smiles
 from captioner.data.images import load_image
@@ -51,15 +50,12 @@ def beam_candidates(cap: Captioner, pixels: np.ndarray, beam: int) -> list[list[
 
 def teacher_forced(cap: Captioner, pixels: np.ndarray, texts: list[list[str]]) -> np.ndarray:
     """(B, N) log-probability of each picture's texts read in ``pixels`` (0 past a row's end)."""
-    width, steps = max(map(len, texts)), cap.config.decode.max_length + 1
-    tokens = np.zeros((len(texts), width, steps), np.int32)  # (B, N, T), pad id 0
-    for i, row in enumerate(texts):
-        for j, text in enumerate(row):
-            ids = cap.tokenizer.encode(text)[1:steps + 1]  # no <start>, <end> kept
-            tokens[i, j, :len(ids)] = ids
-    score = cap.scorer(("identity",))
-    return np.concatenate([score(tf.constant(pixels[s:s + 64]), tf.constant(tokens[s:s + 64]))
-                           .numpy()[:, 0] for s in range(0, len(texts), 64)])
+    rows = [[cap.tokenizer.encode(text)[1:] for text in row] for row in texts]  # <end> kept
+    out = np.zeros((len(rows), max(map(len, rows))), np.float32)  # (B, N)
+    for s in range(0, len(rows), 64):
+        part = cap.read_tokens(pixels[s:s + 64], rows[s:s + 64])["token_scores"].sum(2)
+        out[s:s + 64, :part.shape[1]] = part
+    return out
 
 
 def first_valid(texts: list[str]) -> str | None:

@@ -480,22 +480,26 @@ class Captioner:
         gen.failures = failures
         return gen
 
+    def read_tokens(self, pixels: np.ndarray, rows: Sequence[Sequence[Sequence[int]]]
+                    ) -> dict[str, np.ndarray]:
+        """Teacher-forced reading of each picture's token sequences (``rows[b]``: token
+        ids without ``<start>``, ``<end>`` kept where it came) in one compiled call:
+        ``token_scores`` (B, N, T) and ``attention`` (B, N, T, G), zero past each sequence
+        and past each row's N (:meth:`reader`)."""
+        width, steps = max(map(len, rows)), max((len(t) for r in rows for t in r), default=1)
+        tokens = np.full((len(rows), width, max(steps, 1)), self.tokenizer.pad_id, np.int32)
+        for b, row in enumerate(rows):
+            for n, ids in enumerate(row):
+                tokens[b, n, :len(ids)] = ids  # (B, N, T)
+        out = self.reader()(tf.constant(pixels), tf.constant(tokens))
+        return {k: v.numpy() for k, v in out.items()}
+
     def _pool(self, own: np.ndarray, cut: dict[float, np.ndarray],
               union: list[list[tuple[int, ...]]]) -> list[list[Candidate]]:
         """One batch's union of candidates (token ids, ``<end>`` kept) -> each picture's
         pooled candidates, best first."""
-        width, steps = max(map(len, union)), max(len(t) for u in union for t in u)
-        tokens = np.full((len(union), width, max(steps, 1)), self.tokenizer.pad_id, np.int32)
-        for b, row in enumerate(union):
-            for n, ids in enumerate(row):
-                tokens[b, n, :len(ids)] = ids  # (b, N, T)
-
-        def read(pixels: np.ndarray) -> dict[str, np.ndarray]:
-            out = self.reader()(tf.constant(pixels), tf.constant(tokens))
-            return {k: v.numpy() for k, v in out.items()}  # (b, N, T), (b, N, T, G)
-
-        at = {m: read(pixels) for m, pixels in cut.items()}
-        mine = at.get(self.crop_margin) or read(own)  # the picture as the run reads it
+        at = {m: self.read_tokens(pixels, union) for m, pixels in cut.items()}
+        mine = at.get(self.crop_margin) or self.read_tokens(own, union)  # as the run reads
         logp = np.stack([r["token_scores"].sum(2) for r in at.values()], -1)  # (b, N, M)
         out = []
         for b, row in enumerate(union):
